@@ -1,0 +1,39 @@
+"""gossamer: train models together over a peer-to-peer network.
+
+This module is the SDK surface.  Names are imported lazily so that a node that
+only relays or bootstraps never pays for (or needs) torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> "module:attribute"
+_EXPORTS: dict[str, str] = {
+    "Node": "gossamer.node.node:Node",
+    "NodeConfig": "gossamer.node.config:NodeConfig",
+    "load_config": "gossamer.node.config:load_config",
+    "Identity": "gossamer.node.identity:Identity",
+    "Service": "gossamer.node.rpc:Service",
+    "rpc": "gossamer.node.rpc:rpc",
+    "Refused": "gossamer.node.errors:Refused",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    target = _EXPORTS.get(name)
+    if target is None:
+        raise AttributeError(f"module 'gossamer' has no attribute {name!r}")
+    module_name, attr = target.split(":")
+    value = getattr(importlib.import_module(module_name), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

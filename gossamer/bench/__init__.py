@@ -1,0 +1,1 @@
+"""Benchmarks run by ``gossamer bench <name>``; each prints one JSON object."""

@@ -1,0 +1,1 @@
+"""CRDT layer: the replicated, signed run document."""

@@ -1,0 +1,1 @@
+"""DHT layer: signed, expiring, sub-keyed records and providers over the node."""

@@ -1,0 +1,1 @@
+"""Node layer: libp2p host, identity, RPC, tensor data plane, daemon."""

@@ -1,0 +1,1 @@
+"""Training layer: DiLoCo, compression, state sync, decentralized diffusion."""
