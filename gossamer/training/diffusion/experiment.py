@@ -1,0 +1,241 @@
+"""The local decentralized-diffusion benchmark: routed experts vs one FLOP-matched monolith.
+
+K experts train one after another in this process (on a real network each runs on its own node,
+so wall time divides by ~K), each on its own cluster with a step count proportional to the
+cluster's size; the step counts sum to the monolith's, at the same batch, so both sides spend the
+same training FLOPs. The router's compute is capped at a fraction of that (5% by default) and
+reported. All sampling modes start from the same noise, so their FDs differ by the models, not by
+the draw. ``gossamer bench ddm`` calls ``run_local_comparison``; ``python -m
+gossamer.training.diffusion.experiment --help`` runs it over several seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gossamer.training.diffusion.data import load_digits_split
+from gossamer.training.diffusion.ensemble import sample, sample_by_prior
+from gossamer.training.diffusion.flow import euler_sample, train_expert
+from gossamer.training.diffusion.metrics import (
+    classifier_accuracy,
+    classifier_features,
+    confident_rate,
+    frechet_distance,
+    train_classifier,
+)
+from gossamer.training.diffusion.models import ExpertSpec, count_params, training_flops
+from gossamer.training.diffusion.partition import cluster_sizes, fit_partition
+from gossamer.training.diffusion.router import router_accuracy, train_router
+
+
+@dataclass(frozen=True)
+class ComparisonConfig:
+    """Everything that defines one comparison run; ``asdict`` of it goes into the result."""
+
+    k: int = 4
+    total_steps: int = 5000  # monolith steps = sum of the experts' steps
+    batch: int = 128
+    lr: float = 1e-3
+    expert: ExpertSpec = field(default_factory=ExpertSpec)
+    ema_decay: float = 0.999
+    feature_dim: int = 32
+    whiten: bool = True
+    router_hidden: int = 128
+    router_depth: int = 2
+    router_budget: float = 0.05  # router training FLOPs / experts' training FLOPs
+    router_lr: float = 2e-3
+    temperature: float = 0.5  # applied to the router in every routed mode
+    n_samples: int = 1000
+    sample_steps: int = 50
+    seed: int = 0
+    n_holdout: int = 360
+    classifier_seed: int = 0  # fixed across seeds: the yardstick must not move
+
+
+def split_steps(total: int, sizes: list[int]) -> list[int]:
+    """Steps per expert ∝ cluster size, summing exactly to ``total`` (largest remainders)."""
+    n = sum(sizes)
+    exact = [total * s / n for s in sizes]
+    steps = [math.floor(e) for e in exact]
+    for i in sorted(range(len(sizes)), key=lambda i: steps[i] - exact[i])[: total - sum(steps)]:
+        steps[i] += 1
+    return steps
+
+
+def run_local_comparison(config: ComparisonConfig | None = None) -> dict[str, Any]:
+    """Train K experts + router and a monolith on digits; FD of every sampling mode (lower wins).
+
+    Keys: ``fd_ensemble_top1``, ``fd_ensemble_top2``, ``fd_ensemble_full`` (router at
+    ``config.temperature``), ``fd_ensemble_full_t1`` (temperature 1), ``fd_per_image`` (one
+    expert per image, drawn by cluster size: the mixture without a router), ``fd_monolith``,
+    ``fd_real`` (training images vs held-out: the floor), the matching ``confident_*`` rates,
+    ``classifier_accuracy``, router accuracy by t, FLOPs, parameter counts, wall times.
+    """
+    cfg = config or ComparisonConfig()
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    train, held = load_digits_split(cfg.n_holdout)
+    shape = train.image_shape
+
+    clf = train_classifier(train, seed=cfg.classifier_seed)
+    ref_feats = classifier_features(clf, held.images)
+
+    def score(samples: torch.Tensor) -> tuple[float, float]:
+        x = samples.clamp(-1, 1)
+        return frechet_distance(classifier_features(clf, x), ref_feats), confident_rate(clf, x)
+
+    recipe = fit_partition(train.images, cfg.k, cfg.feature_dim, cfg.whiten, seed=cfg.seed)
+    assign = recipe.assign(train.images)
+    sizes = cluster_sizes(assign, cfg.k)
+    steps = split_steps(cfg.total_steps, sizes)
+
+    timings: dict[str, float] = {}
+    experts = {}
+    for e in range(cfg.k):
+        t0 = time.perf_counter()
+        images = train.images[torch.from_numpy(assign == e)]
+        experts[e] = train_expert(
+            cfg.expert,
+            images,
+            steps[e],
+            cfg.batch,
+            cfg.lr,
+            seed=1000 * cfg.seed + e + 1,
+            ema_decay=cfg.ema_decay,
+        )
+        timings[f"expert_{e}_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    monolith = train_expert(
+        cfg.expert,
+        train.images,
+        cfg.total_steps,
+        cfg.batch,
+        cfg.lr,
+        seed=1000 * cfg.seed,
+        ema_decay=cfg.ema_decay,
+    )
+    timings["monolith_s"] = time.perf_counter() - t0
+
+    expert_flops = training_flops(monolith, shape, cfg.total_steps * cfg.batch)
+    probe = train_router(
+        train.images, assign, cfg.k, 0, hidden=cfg.router_hidden, depth=cfg.router_depth
+    )
+    per_step = training_flops(probe, shape, cfg.batch)
+    router_steps = int(cfg.router_budget * expert_flops // per_step)
+    t0 = time.perf_counter()
+    router = train_router(
+        train.images,
+        assign,
+        cfg.k,
+        router_steps,
+        cfg.batch,
+        cfg.router_lr,
+        seed=1000 * cfg.seed + 999,
+        hidden=cfg.router_hidden,
+        depth=cfg.router_depth,
+    )
+    timings["router_s"] = time.perf_counter() - t0
+
+    noise = torch.randn(
+        (cfg.n_samples, *shape), generator=torch.Generator().manual_seed(10_000 + cfg.seed)
+    )
+    fns = {e: m for e, m in experts.items()}
+    results: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    runs = {
+        "monolith": lambda: euler_sample(monolith, noise, cfg.sample_steps),
+        "ensemble_top1": lambda: sample(
+            router, fns, 0, cfg.sample_steps, "top1", cfg.temperature, noise=noise
+        ),
+        "ensemble_top2": lambda: sample(
+            router, fns, 0, cfg.sample_steps, "top2", cfg.temperature, noise=noise
+        ),
+        "ensemble_full": lambda: sample(
+            router, fns, 0, cfg.sample_steps, "full", cfg.temperature, noise=noise
+        ),
+        "ensemble_full_t1": lambda: sample(
+            router, fns, 0, cfg.sample_steps, "full", 1.0, noise=noise
+        ),
+        "per_image": lambda: sample_by_prior(fns, sizes, noise, cfg.sample_steps, seed=cfg.seed),
+    }
+    for name, run in runs.items():
+        fd, conf = score(run())
+        results[f"fd_{name}"] = fd
+        results[f"confident_{name}"] = conf
+    timings["sampling_s"] = time.perf_counter() - t0
+    results["fd_real"], results["confident_real"] = score(train.images)
+    held_assign = recipe.assign(held.images)
+    results.update(
+        classifier_accuracy=classifier_accuracy(clf, held),
+        router_accuracy={
+            str(t): a for t, a in router_accuracy(router, held.images, held_assign).items()
+        },
+        cluster_sizes=sizes,
+        expert_steps=steps,
+        router_steps=router_steps,
+        params_expert=count_params(monolith),
+        params_router=count_params(router),
+        flops_experts_train=expert_flops,
+        flops_router_train=training_flops(router, shape, router_steps * cfg.batch),
+        partition_digest=recipe.digest(),
+        timings=timings,
+        wall_s=time.perf_counter() - started,
+        config={**asdict(cfg), "expert": cfg.expert.to_dict()},
+    )
+    results["router_flops_fraction"] = results["flops_router_train"] / expert_flops
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the comparison over seeds and print one JSON object (per-seed results and means)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=5000, help="monolith steps (= experts' sum)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--expert", default="mlp", help="registered architecture name")
+    parser.add_argument("--expert-kwargs", default="{}", help="JSON kwargs for the architecture")
+    parser.add_argument("--temperature", type=float, default=0.5)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--no-whiten", action="store_true")
+    parser.add_argument("--out", help="also write the JSON to this file")
+    args = parser.parse_args(argv)
+    spec = ExpertSpec(args.expert, json.loads(args.expert_kwargs))
+    runs = []
+    for seed in args.seeds:
+        cfg = ComparisonConfig(
+            k=args.k,
+            total_steps=args.steps,
+            batch=args.batch,
+            lr=args.lr,
+            expert=spec,
+            temperature=args.temperature,
+            n_samples=args.samples,
+            seed=seed,
+            whiten=not args.no_whiten,
+        )
+        runs.append(run_local_comparison(cfg))
+    fd_keys = [k for k in runs[0] if k.startswith(("fd_", "confident_"))]
+    summary = {
+        k: {"mean": float(np.mean(v)), "std": float(np.std(v))}
+        for k in fd_keys
+        for v in [[r[k] for r in runs]]
+    }
+    text = json.dumps({"summary": summary, "runs": runs}, indent=1)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
