@@ -1,0 +1,226 @@
+"""Node configuration: defaults < one TOML file < ``GOSSAMER_*`` environment < CLI flags.
+
+Every field has a default that works on a laptop.  Unknown keys in the TOML
+file or malformed values raise :class:`ConfigError` with a one-line message
+that names the key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+from gossamer.node.errors import ConfigError
+
+ENV_PREFIX = "GOSSAMER_"
+
+
+def default_data_dir() -> Path:
+    if home := os.environ.get("GOSSAMER_HOME"):
+        return Path(home)
+    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg) / "gossamer"
+
+
+@dataclass
+class NodeConfig:
+    """Everything a node needs to start.  Field docs double as ``--help`` text."""
+
+    data_dir: Path = field(default_factory=default_data_dir)
+    listen: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])
+    announce: list[str] = field(default_factory=list)
+    bootstrap: list[str] = field(default_factory=list)
+
+    # connection management
+    max_connections: int = 256
+    max_connections_per_peer: int = 1
+    max_concurrent_dials: int = 16
+    dial_timeout: float = 10.0
+    bootstrap_backoff_min: float = 0.5
+    bootstrap_backoff_max: float = 60.0
+    ping_interval: float = 30.0
+
+    # rpc
+    rpc_max_request_bytes: int = 1 << 20
+    rpc_max_response_bytes: int = 16 << 20
+    rpc_default_timeout: float = 10.0
+    rpc_max_concurrent_streams_per_peer: int = 64
+
+    # tensor data plane
+    dataplane_listen: str = "0.0.0.0:0"
+    dataplane_announce: str = ""
+    dataplane_direct: bool = True
+    dataplane_chunk_bytes: int = 1 << 20
+    dataplane_max_message_bytes: int = 32 << 30
+    dataplane_unsolicited_budget_bytes: int = 1 << 30
+
+    # daemon control API (always bound to 127.0.0.1)
+    control_port: int = 0
+
+    # discovery that sends multicast: off unless asked for
+    mdns: bool = False
+
+    log_level: str = "info"
+
+    def identity_path(self) -> Path:
+        return self.data_dir / "identity.key"
+
+    def replace(self, **changes: Any) -> NodeConfig:
+        return dataclasses.replace(self, **changes)
+
+
+_FIELD_TYPES = get_type_hints(NodeConfig)
+
+
+def _coerce(name: str, value: Any, from_text: bool) -> Any:
+    """Turn a TOML/env/CLI value into the field's type, or explain why not."""
+    kind = _FIELD_TYPES[name]
+    origin = get_origin(kind)
+    try:
+        if kind is Path:
+            if not isinstance(value, str | Path):
+                raise TypeError
+            return Path(value).expanduser()
+        if origin is list:
+            (item,) = get_args(kind)
+            if from_text and isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list) or not all(isinstance(v, item) for v in value):
+                raise TypeError
+            return list(value)
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if from_text and isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered in ("1", "true", "yes", "on"):
+                    return True
+                if lowered in ("0", "false", "no", "off"):
+                    return False
+            raise TypeError
+        if kind is int:
+            if isinstance(value, bool):
+                raise TypeError
+            if isinstance(value, int):
+                return value
+            if from_text and isinstance(value, str):
+                return int(value.strip())
+            raise TypeError
+        if kind is float:
+            if isinstance(value, bool):
+                raise TypeError
+            if isinstance(value, int | float):
+                return float(value)
+            if from_text and isinstance(value, str):
+                return float(value.strip())
+            raise TypeError
+        if kind is str:
+            if not isinstance(value, str):
+                raise TypeError
+            return value
+    except (TypeError, ValueError):
+        pass
+    else:
+        raise ConfigError(f"config key {name!r} has an unsupported type")
+    raise ConfigError(f"config key {name!r} expects {_type_name(kind)}, got {value!r}")
+
+
+def _type_name(kind: Any) -> str:
+    if get_origin(kind) is list:
+        return f"a list of {get_args(kind)[0].__name__}"
+    return {Path: "a path", bool: "true/false", int: "an integer", float: "a number"}.get(
+        kind, "a string"
+    )
+
+
+def _apply(config: NodeConfig, values: Mapping[str, Any], source: str, from_text: bool) -> None:
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in _FIELD_TYPES:
+            raise ConfigError(f"unknown config key {key!r} in {source}")
+        setattr(config, name, _coerce(name, value, from_text))
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> NodeConfig:
+    """Build a config from defaults, then ``path`` (TOML), then env, then ``overrides``.
+
+    The TOML file may hold the keys at top level or under a ``[node]`` table.
+    ``overrides`` are typed values (from CLI flags); ``None`` values are skipped
+    so unset flags do not clobber the file.
+    """
+    config = NodeConfig()
+    if path is not None:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {path} does not exist") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+        node_table = data.pop("node", {})
+        if not isinstance(node_table, dict):
+            raise ConfigError(f"[node] in {path} must be a table")
+        # other tables ([run], [dht], ...) belong to other layers
+        top_level = {k: v for k, v in data.items() if not isinstance(v, dict)}
+        _apply(config, top_level, str(path), from_text=False)
+        _apply(config, node_table, f"{path} [node]", from_text=False)
+    env = os.environ if env is None else env
+    from_env = {
+        key[len(ENV_PREFIX) :].lower(): value
+        for key, value in env.items()
+        if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX) :].lower() in _FIELD_TYPES
+    }
+    _apply(config, from_env, "the environment", from_text=True)
+    if overrides:
+        _apply(
+            config,
+            {k: v for k, v in overrides.items() if v is not None},
+            "the command line",
+            from_text=True,
+        )
+    validate(config)
+    return config
+
+
+def validate(config: NodeConfig) -> None:
+    """Reject values that would make the node misbehave rather than fail loudly."""
+    positive_ints = (
+        "max_connections",
+        "max_connections_per_peer",
+        "max_concurrent_dials",
+        "rpc_max_request_bytes",
+        "rpc_max_response_bytes",
+        "rpc_max_concurrent_streams_per_peer",
+        "dataplane_chunk_bytes",
+        "dataplane_max_message_bytes",
+    )
+    for name in positive_ints:
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"config key {name!r} must be positive")
+    for name in ("dial_timeout", "rpc_default_timeout", "bootstrap_backoff_min"):
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"config key {name!r} must be positive")
+    if not 0 <= config.control_port < 65536:
+        raise ConfigError("config key 'control_port' must be a TCP port (0 = any)")
+    if config.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError("config key 'log_level' must be debug, info, warning or error")
+    from gossamer.node.addresses import parse_host_port, parse_multiaddr
+
+    for name in ("listen", "announce", "bootstrap"):
+        for addr in getattr(config, name):
+            parse_multiaddr(addr, what=f"{name} address", need_peer_id=name == "bootstrap")
+    if not config.listen:
+        raise ConfigError("config key 'listen' needs at least one address")
+    parse_host_port(config.dataplane_listen, what="dataplane_listen")
+    if config.dataplane_announce:
+        parse_host_port(config.dataplane_announce, what="dataplane_announce")

@@ -1,0 +1,253 @@
+"""Where incoming messages land: receives posted ahead, or memory allocated on arrival.
+
+A receiver that posts its receive (with preallocated buffers) before the
+message arrives gets the bytes decrypted straight into its memory.  A message
+that arrives first is allocated from a bounded per-node budget and waits for
+its receiver; past the budget the channel holds the sender back until a
+receive is posted, and after ``unsolicited_timeout`` the message is refused
+(the sender gets an error), so a peer cannot make us buffer without bound.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from gossamer.node.dataplane.channel import Delivery
+from gossamer.node.dataplane.tensors import BufferSpec, allocate, check_matches, describe
+from gossamer.node.errors import DeadlineExceeded, SpecMismatch, TransferError
+
+log = logging.getLogger("gossamer.node.dataplane")
+
+
+@dataclass
+class Received:
+    """A message that arrived whole and verified."""
+
+    peer_id: str
+    tag: str
+    tensors: dict[str, Any]
+    nbytes: int
+    seconds: float = 0.0
+    path: str = ""
+
+    def __getitem__(self, name: str) -> Any:
+        return self.tensors[name]
+
+
+@dataclass
+class PendingReceive:
+    """A receive posted ahead of its message; ``await wait()`` for the result."""
+
+    peer_id: str | None
+    tag: str
+    into: dict[str, Any] | None
+    _done: trio.Event = field(default_factory=trio.Event)
+    _result: Received | None = None
+    _error: BaseException | None = None
+    _mailbox: Mailbox | None = None
+
+    def _resolve(self, result: Received | None, error: BaseException | None) -> None:
+        if not self._done.is_set():
+            self._result, self._error = result, error
+            self._done.set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    async def wait(self, timeout: float | None = None) -> Received:
+        with trio.move_on_after(float("inf") if timeout is None else timeout):
+            await self._done.wait()
+        if not self._done.is_set():
+            self.cancel()
+            raise DeadlineExceeded(
+                f"no message {self.tag!r} from {(self.peer_id or 'any peer')[-8:]} "
+                f"within {timeout} s"
+            )
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+    def cancel(self) -> None:
+        if self._mailbox is not None:
+            self._mailbox._unpost(self)
+        self._resolve(None, TransferError("receive cancelled"))
+
+
+class Mailbox:
+    def __init__(self, budget_bytes: int, unsolicited_timeout: float = 30.0) -> None:
+        self._posted: dict[tuple[str | None, str], collections.deque[PendingReceive]] = (
+            collections.defaultdict(collections.deque)
+        )
+        self._arrived: dict[tuple[str, str], collections.deque[Received]] = collections.defaultdict(
+            collections.deque
+        )
+        self._budget = budget_bytes
+        self._used = 0
+        self._posted_event = trio.Event()
+        self._unsolicited_timeout = unsolicited_timeout
+
+    @property
+    def unsolicited_bytes(self) -> int:
+        return self._used
+
+    def post(self, peer_id: str | None, tag: str, into: dict[str, Any] | None) -> PendingReceive:
+        pending = PendingReceive(peer_id, tag, into, _mailbox=self)
+        if into is not None:
+            for name, buffer in into.items():
+                describe(name, buffer, writable=True)  # fail now, not when bytes arrive
+        queued = self._take_arrived(peer_id, tag)
+        if queued is not None:
+            self._hand_over(pending, queued)
+            return pending
+        self._posted[(peer_id, tag)].append(pending)
+        self._posted_event.set()
+        self._posted_event = trio.Event()
+        return pending
+
+    def _unpost(self, pending: PendingReceive) -> None:
+        queue = self._posted.get((pending.peer_id, pending.tag))
+        if queue and pending in queue:
+            queue.remove(pending)
+
+    def _take_arrived(self, peer_id: str | None, tag: str) -> Received | None:
+        keys = (
+            [(peer_id, tag)] if peer_id is not None else [k for k in self._arrived if k[1] == tag]
+        )
+        for key in keys:
+            queue = self._arrived.get(key)
+            if queue:
+                received = queue.popleft()
+                if not queue:
+                    del self._arrived[key]
+                self._used -= received.nbytes
+                return received
+        return None
+
+    def _hand_over(self, pending: PendingReceive, received: Received) -> None:
+        """Give an early message to a late receive (one copy if it brought buffers)."""
+        if pending.into is None:
+            pending._resolve(received, None)
+            return
+        try:
+            for name, target in pending.into.items():
+                if name not in received.tensors:
+                    raise SpecMismatch(f"message {received.tag!r} has no buffer {name!r}")
+                src_spec, src = describe(name, received.tensors[name])
+                dst_spec, dst = describe(name, target, writable=True)
+                check_matches(src_spec, dst_spec)
+                dst[:] = src
+        except SpecMismatch as exc:
+            pending._resolve(None, exc)
+            return
+        pending._resolve(
+            Received(
+                received.peer_id,
+                received.tag,
+                dict(pending.into),
+                received.nbytes,
+                received.seconds,
+                received.path,
+            ),
+            None,
+        )
+
+    def _find_posted(self, peer_id: str, tag: str) -> PendingReceive | None:
+        for key in ((peer_id, tag), (None, tag)):
+            queue = self._posted.get(key)
+            while queue:
+                pending = queue.popleft()
+                if not queue:
+                    del self._posted[key]
+                if not pending.done:
+                    return pending
+        return None
+
+    async def claim(self, peer_id: str, msg_id: int, tag: str, specs: list[BufferSpec]) -> Delivery:
+        """Decide where the message ``(peer_id, tag)`` described by ``specs`` lands."""
+        total = sum(s.nbytes for s in specs)
+        pending = self._find_posted(peer_id, tag)
+        if pending is None and self._used + total > self._budget:
+            # Hold the sender back (TCP backpressure) until a receive shows up.
+            with trio.move_on_after(self._unsolicited_timeout):
+                while pending is None:
+                    await self._posted_event.wait()
+                    pending = self._find_posted(peer_id, tag)
+            if pending is None:
+                log.warning(
+                    "refusing %d-byte message %r from %s: nobody received it",
+                    total,
+                    tag,
+                    peer_id[-8:],
+                )
+                return _discarding(f"no receiver for {tag!r} and over the unsolicited budget")
+        if pending is not None:
+            return self._deliver_to(pending, peer_id, tag, specs, total)
+        return self._deliver_unsolicited(peer_id, tag, specs, total)
+
+    def _deliver_to(
+        self, pending: PendingReceive, peer_id: str, tag: str, specs: list[BufferSpec], total: int
+    ) -> Delivery:
+        if pending.into is None:
+            buffers = {spec.name: allocate(spec) for spec in specs}
+        else:
+            buffers = pending.into
+            try:
+                if set(buffers) != {spec.name for spec in specs}:
+                    raise SpecMismatch(
+                        f"message {tag!r} carries {sorted(s.name for s in specs)}, "
+                        f"receiver prepared {sorted(buffers)}"
+                    )
+                for spec in specs:
+                    check_matches(spec, describe(spec.name, buffers[spec.name], writable=True)[0])
+            except SpecMismatch as exc:
+                pending._resolve(None, exc)
+                return _discarding(str(exc))
+        views = [describe(spec.name, buffers[spec.name], writable=True)[1] for spec in specs]
+
+        def finish(seconds: float, path: str) -> None:
+            pending._resolve(Received(peer_id, tag, dict(buffers), total, seconds, path), None)
+
+        return Delivery(views, finish, lambda exc: pending._resolve(None, exc))
+
+    def _deliver_unsolicited(
+        self, peer_id: str, tag: str, specs: list[BufferSpec], total: int
+    ) -> Delivery:
+        buffers = {spec.name: allocate(spec) for spec in specs}
+        views = [describe(spec.name, buffers[spec.name], writable=True)[1] for spec in specs]
+        self._used += total
+        key = (peer_id, tag)
+
+        def finish(seconds: float, path: str) -> None:
+            received = Received(peer_id, tag, buffers, total, seconds, path)
+            pending = self._find_posted(peer_id, tag)
+            if pending is not None:
+                self._used -= total
+                self._hand_over(pending, received)
+            else:
+                self._arrived[key].append(received)
+
+        def fail(exc: BaseException) -> None:
+            self._used -= total
+            pending = self._find_posted(peer_id, tag)
+            if pending is not None:
+                pending._resolve(None, exc)
+            else:
+                log.warning(
+                    "message %r from %s failed before anyone received it: %s",
+                    tag,
+                    peer_id[-8:],
+                    exc,
+                )
+
+        return Delivery(views, finish, fail)
+
+
+def _discarding(reason: str) -> Delivery:
+    return Delivery([], lambda s, p: None, lambda exc: None, discard=True, refusal=reason)

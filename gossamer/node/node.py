@@ -1,0 +1,424 @@
+"""The node: one libp2p host on trio, and the services composed on it.
+
+``async with Node(config) as node:`` starts the host, the RPC server, the
+tensor data plane and the connection manager in the node's own nursery and
+stops all of them on exit.  Protocols register through :meth:`Node.register`
+and :meth:`Node.set_stream_handler`; no service reaches into another.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from typing import Any
+
+import trio
+
+from gossamer.node import addresses
+from gossamer.node._libp2p_compat import Stream, build_host, route_libp2p_logging
+from gossamer.node.config import NodeConfig
+from gossamer.node.errors import GossamerError, PeerUnreachable
+from gossamer.node.identity import Identity, load_or_create
+from gossamer.node.peers import PeerTable
+from gossamer.node.rpc import CallContext, RpcClient, RpcServer, Service, rpc
+
+log = logging.getLogger("gossamer.node")
+
+StreamHandler = Callable[[Stream], Awaitable[None]]
+
+
+class NodeService(Service):
+    """Built-in service every node answers: liveness and self-description."""
+
+    name = "node"
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+
+    @rpc
+    async def ping(self, ctx: CallContext, nonce: int = 0) -> int:
+        return nonce
+
+    @rpc
+    async def info(self, ctx: CallContext) -> dict[str, Any]:
+        return {
+            "peer_id": self._node.peer_id,
+            "addrs": self._node.addrs(),
+            "protocols": self._node.rpc_server.protocols,
+            "agent": "gossamer/0.1.0",
+        }
+
+
+class _Notifee:
+    """Receives py-libp2p connection events and keeps the peer table current."""
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+
+    async def opened_stream(self, network: Any, stream: Any) -> None:
+        return None
+
+    async def closed_stream(self, network: Any, stream: Any) -> None:
+        return None
+
+    async def listen(self, network: Any, multiaddr: Any) -> None:
+        return None
+
+    async def listen_close(self, network: Any, multiaddr: Any) -> None:
+        return None
+
+    async def connected(self, network: Any, conn: Any) -> None:
+        self._node._on_connected(conn)
+
+    async def disconnected(self, network: Any, conn: Any) -> None:
+        self._node._on_disconnected(conn)
+
+
+class Node:
+    """A gossamer node: identity, libp2p host, RPC, data plane and peers."""
+
+    def __init__(self, config: NodeConfig | None = None, identity: Identity | None = None) -> None:
+        self.config = config or NodeConfig()
+        self.identity = identity or load_or_create(self.config.data_dir)
+        self.peer_id = self.identity.peer_id
+        self.peers = PeerTable()
+        self.rpc_server = RpcServer(self)
+        self.rpc = RpcClient(self)
+        self.host: Any = None
+        self.started_at: float | None = None
+        self._dial_limiter = trio.Semaphore(self.config.max_concurrent_dials)
+        self._exit_stack: AsyncExitStack | None = None
+        self._nursery: trio.Nursery | None = None
+        self._connection_events: dict[str, trio.Event] = {}
+        self._dataplane: Any = None
+        self._closers: list[Callable[[], Awaitable[None]]] = []
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def __aenter__(self) -> Node:
+        route_libp2p_logging(logging.DEBUG if self.config.log_level == "debug" else logging.WARNING)
+        listen = [addresses.parse_multiaddr(a, what="listen address") for a in self.config.listen]
+        self.host = build_host(self.identity, self.config, listen)
+        stack = AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            self._nursery = await stack.enter_async_context(trio.open_nursery())
+            await stack.enter_async_context(self.host.run(listen))
+            self.host.get_network().register_notifee(_Notifee(self))
+            self.register(NodeService(self))
+            from gossamer.node.dataplane import DataPlane
+
+            self._dataplane = DataPlane(self)
+            await self._dataplane.start(self._nursery)
+            self._nursery.start_soon(self._ping_loop)
+            for addr in self.config.bootstrap:
+                self._nursery.start_soon(self._keep_bootstrap_connected, addr)
+        except BaseException:
+            self._nursery.cancel_scope.cancel() if self._nursery else None
+            await stack.__aexit__(None, None, None)
+            raise
+        self._exit_stack = stack
+        self.started_at = time.time()
+        log.info("node %s listening on %s", self.peer_id, ", ".join(self.addrs()))
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        assert self._exit_stack is not None and self._nursery is not None
+        self._nursery.cancel_scope.cancel()
+        with trio.CancelScope(shield=True):
+            for closer in reversed(self._closers):
+                try:
+                    await closer()
+                except Exception:
+                    log.warning("error while stopping a service", exc_info=True)
+            if self._dataplane is not None:
+                await self._dataplane.aclose()
+            try:
+                await self.host.close()
+            except Exception:  # py-libp2p close of half-open connections raises assorted errors
+                log.debug("error while closing the libp2p host", exc_info=True)
+        stack, self._exit_stack = self._exit_stack, None
+        return await stack.__aexit__(*exc_info)
+
+    @property
+    def nursery(self) -> trio.Nursery:
+        """The node's nursery, for services that run background tasks."""
+        if self._nursery is None:
+            raise GossamerError("the node is not running")
+        return self._nursery
+
+    def on_close(self, closer: Callable[[], Awaitable[None]]) -> None:
+        """Run ``closer`` when the node stops (services flush state here)."""
+        self._closers.append(closer)
+
+    @property
+    def dataplane(self) -> Any:
+        """The tensor data plane (:class:`gossamer.node.dataplane.DataPlane`)."""
+        if self._dataplane is None:
+            raise GossamerError("the node is not running")
+        return self._dataplane
+
+    # ----------------------------------------------------------------- addresses
+
+    def addrs(self) -> list[str]:
+        """Dialable multiaddrs of this node, each ending in /p2p/<peer id>."""
+        if self.host is None:
+            return []
+        out = []
+        for addr in self.host.get_addrs():
+            text = str(addr)
+            if "/p2p/" not in text:
+                text += f"/p2p/{self.peer_id}"
+            out.append(text)
+        return out
+
+    # --------------------------------------------------------------- connections
+
+    async def connect(self, addr: str) -> str:
+        """Connect to the peer at multiaddr ``addr`` (ending in /p2p/<id>); return its id."""
+        maddr = addresses.parse_multiaddr(addr, what="peer address", need_peer_id=True)
+        peer_id = addresses.peer_id_of(maddr)
+        assert peer_id is not None
+        if peer_id == self.peer_id:
+            raise GossamerError("refusing to connect to ourselves")
+        self.peers.add_addrs(peer_id, [addr])
+        await self._dial(peer_id, [maddr])
+        return peer_id
+
+    async def ensure_connected(self, peer_id: str) -> None:
+        """Connect to ``peer_id`` using the addresses we know, unless already connected."""
+        if self.is_connected(peer_id):
+            return
+        info = self.peers.get(peer_id)
+        known = [addresses.parse_multiaddr(a) for a in info.addrs] if info else []
+        await self._dial(peer_id, known)
+
+    def is_connected(self, peer_id: str) -> bool:
+        from libp2p.peer.id import ID
+
+        try:
+            conns = self.host.get_network().get_connections(ID.from_base58(peer_id))
+        except ValueError:
+            return False
+        return any(not c.is_closed for c in conns)
+
+    def connected_peers(self) -> list[str]:
+        return [str(pid) for pid in self.host.get_network().get_connections_map()]
+
+    async def _dial(self, peer_id: str, maddrs: list[Any]) -> None:
+        from libp2p.peer.id import ID
+        from libp2p.peer.peerinfo import PeerInfo
+
+        if self.is_connected(peer_id):
+            return
+        target = ID.from_base58(peer_id)
+        bare = [_strip_p2p(a) for a in maddrs]
+        try:
+            async with self._dial_limiter:
+                with trio.fail_after(self.config.dial_timeout):
+                    await self.host.connect(PeerInfo(target, bare))
+        except trio.TooSlowError:
+            self.peers.on_dial_failed(peer_id)
+            raise PeerUnreachable(
+                f"dial to {peer_id[-8:]} timed out after {self.config.dial_timeout} s"
+            ) from None
+        except Exception as exc:  # py-libp2p raises SwarmException and friends, deeply nested
+            self.peers.on_dial_failed(peer_id)
+            raise PeerUnreachable(f"cannot connect to {peer_id[-8:]}: {_root_cause(exc)}") from None
+
+    async def disconnect(self, peer_id: str) -> None:
+        from libp2p.peer.id import ID
+
+        try:
+            await self.host.disconnect(ID.from_base58(peer_id))
+        except Exception:  # already gone
+            log.debug("disconnect %s", peer_id[-8:], exc_info=True)
+
+    async def wait_connected(self, peer_id: str) -> None:
+        """Wait until some connection to ``peer_id`` exists (inbound or outbound)."""
+        while not self.is_connected(peer_id):
+            event = self._connection_events.setdefault(peer_id, trio.Event())
+            await event.wait()
+
+    def _on_connected(self, conn: Any) -> None:
+        peer_id = conn.muxed_conn.peer_id.to_base58()
+        direction = "outbound" if getattr(conn.muxed_conn, "is_initiator", False) else "inbound"
+        remote = ""
+        try:
+            transport_addrs = conn.get_transport_addresses()
+            remote = str(transport_addrs[0]) if transport_addrs else ""
+        except Exception:  # not every connection type knows its address
+            remote = ""
+        total = sum(len(c) for c in self.host.get_network().get_connections_map().values())
+        info = self.peers.get(peer_id)
+        if total > self.config.max_connections and not (info and info.bootstrap):
+            log.info("connection cap %d reached: closing %s", self.config.max_connections, peer_id)
+            self.nursery.start_soon(_close_quietly, conn)
+            return
+        self.peers.on_connected(peer_id, direction, remote)
+        event = self._connection_events.pop(peer_id, None)
+        if event is not None:
+            event.set()
+
+    def _on_disconnected(self, conn: Any) -> None:
+        peer_id = conn.muxed_conn.peer_id.to_base58()
+        self.peers.on_disconnected(peer_id)
+        if not self.is_connected(peer_id):
+            self.rpc.forget_peer(peer_id)
+            if self._dataplane is not None:
+                self._dataplane.forget_peer(peer_id)
+
+    async def _keep_bootstrap_connected(self, addr: str) -> None:
+        """Stay connected to a bootstrap peer: reconnect with capped, jittered backoff."""
+        maddr = addresses.parse_multiaddr(addr, what="bootstrap address", need_peer_id=True)
+        peer_id = addresses.peer_id_of(maddr)
+        assert peer_id is not None
+        if peer_id == self.peer_id:
+            return
+        self.peers.add_addrs(peer_id, [addr])
+        self.peers.entry(peer_id).bootstrap = True
+        delay = self.config.bootstrap_backoff_min
+        while True:
+            if not self.is_connected(peer_id):
+                try:
+                    await self._dial(peer_id, [maddr])
+                    log.info("connected to bootstrap peer %s", peer_id[-8:])
+                    delay = self.config.bootstrap_backoff_min
+                except PeerUnreachable as exc:
+                    log.info("bootstrap %s unreachable (%s); retry in %.1f s", addr, exc, delay)
+                    await trio.sleep(delay * random.uniform(0.8, 1.2))
+                    delay = min(delay * 2, self.config.bootstrap_backoff_max)
+                    continue
+            await self._wait_disconnected(peer_id)
+
+    async def _wait_disconnected(self, peer_id: str) -> None:
+        # The notifee has no "last connection closed" event for a given peer;
+        # poll cheaply (a dict lookup) at a pace well under any reconnect delay.
+        while self.is_connected(peer_id):
+            await trio.sleep(0.25)
+
+    async def _ping_loop(self) -> None:
+        """Measure round trips to connected peers for the peer table."""
+        while True:
+            await trio.sleep(self.config.ping_interval)
+            for peer_id in self.connected_peers():
+                self.nursery.start_soon(self._ping_quietly, peer_id)
+
+    async def _ping_quietly(self, peer_id: str) -> None:
+        try:
+            await self.ping(peer_id)
+        except GossamerError as exc:
+            log.debug("ping %s failed: %s", peer_id[-8:], exc)
+
+    async def ping(self, peer_id: str, timeout: float = 5.0) -> float:
+        """Round trip time to ``peer_id`` in milliseconds (also recorded in the peer table)."""
+        start = time.perf_counter()
+        await self.rpc.call(peer_id, NodeService, "ping", {"nonce": 1}, timeout=timeout)
+        rtt = (time.perf_counter() - start) * 1000
+        self.peers.record_latency(peer_id, rtt)
+        return rtt
+
+    # ------------------------------------------------------------------ protocols
+
+    def register(self, service: Service) -> None:
+        """Serve an RPC service on ``/gossamer/<name>/<version>``."""
+        self.rpc_server.register(service)
+
+    def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
+        """Run ``handler(stream)`` for each inbound stream of ``protocol``.
+
+        The handler runs guarded: an exception is logged and the stream reset;
+        it never reaches py-libp2p (whose task group would tear the
+        connection down with it).
+        """
+
+        async def guarded(raw_stream: Any) -> None:
+            try:
+                stream = Stream(raw_stream)
+            except Exception:  # a stream without a peer id: nothing to serve
+                log.debug("inbound stream without a usable peer", exc_info=True)
+                return
+            try:
+                await handler(stream)
+            except Exception:
+                log.warning(
+                    "handler for %s from %s failed", protocol, stream.peer_id[-8:], exc_info=True
+                )
+                await stream.reset()
+
+        self.host.set_stream_handler(protocol, guarded)
+
+    async def open_stream(self, peer_id: str, protocol: str) -> Stream:
+        """Open a stream to ``peer_id`` speaking ``protocol`` (connecting first if needed)."""
+        from libp2p.peer.id import ID
+
+        await self.ensure_connected(peer_id)
+        try:
+            raw = await self.host.new_stream(ID.from_base58(peer_id), [protocol])
+        except Exception as exc:  # multiselect and swarm failures come in many types
+            raise PeerUnreachable(
+                f"cannot open {protocol} to {peer_id[-8:]}: {_root_cause(exc)}"
+            ) from None
+        return Stream(raw)
+
+    async def call(
+        self,
+        peer_id: str,
+        service: str | type[Service],
+        method: str,
+        params: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Any:
+        """Shorthand for ``node.rpc.call(...)``."""
+        return await self.rpc.call(peer_id, service, method, params, timeout=timeout)
+
+    # ------------------------------------------------------------------- status
+
+    def status(self) -> dict[str, Any]:
+        connected = self.peers.connected()
+        return {
+            "peer_id": self.peer_id,
+            "addrs": self.addrs(),
+            "uptime_s": round(time.time() - self.started_at, 1) if self.started_at else 0.0,
+            "peers_connected": len(connected),
+            "peers_known": len(self.peers),
+            "protocols": self.rpc_server.protocols,
+            "dataplane": self._dataplane.status() if self._dataplane else {},
+            "reachability": "unknown",
+        }
+
+
+def _strip_p2p(maddr: Any) -> Any:
+    """The transport part of a multiaddr (py-libp2p's peerstore wants it bare)."""
+    import multiaddr
+
+    text = str(maddr)
+    if "/p2p-circuit" in text:
+        return maddr
+    idx = text.rfind("/p2p/")
+    return multiaddr.Multiaddr(text[:idx]) if idx > 0 else maddr
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost message of py-libp2p's nested exception groups and chains."""
+    seen = 0
+    while seen < 20:
+        seen += 1
+        if isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+            exc = exc.exceptions[0]
+        elif exc.__cause__ is not None:
+            exc = exc.__cause__
+        else:
+            break
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+async def _close_quietly(conn: Any) -> None:
+    try:
+        await conn.close()
+    except Exception:  # closing a connection that is already closing
+        log.debug("closing connection", exc_info=True)
