@@ -95,6 +95,10 @@ class Node:
         self._connection_events: dict[str, trio.Event] = {}
         self._dataplane: Any = None
         self._closers: list[Callable[[], Awaitable[None]]] = []
+        # name -> handler(params) for the daemon's local control API; layers
+        # above the node (dht, crdt, training) add their own methods here.
+        self.control_methods: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {}
+        self._register_builtin_control()
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -375,6 +379,43 @@ class Node:
     ) -> Any:
         """Shorthand for ``node.rpc.call(...)``."""
         return await self.rpc.call(peer_id, service, method, params, timeout=timeout)
+
+    # ------------------------------------------------------------ control API
+
+    def register_control(
+        self, name: str, handler: Callable[[dict[str, Any]], Awaitable[Any]]
+    ) -> None:
+        """Expose ``handler(params) -> JSON-able result`` on the local control API."""
+        if name in self.control_methods:
+            raise ValueError(f"control method {name!r} is already registered")
+        self.control_methods[name] = handler
+
+    def _register_builtin_control(self) -> None:
+        async def status(params: dict[str, Any]) -> Any:
+            return self.status()
+
+        async def peers(params: dict[str, Any]) -> Any:
+            return [p.to_dict() for p in self.peers.all()]
+
+        async def connect(params: dict[str, Any]) -> Any:
+            addr = params.get("addr")
+            if not isinstance(addr, str):
+                raise GossamerError("connect needs 'addr', a multiaddr ending in /p2p/<id>")
+            return {"peer_id": await self.connect(addr)}
+
+        async def ping(params: dict[str, Any]) -> Any:
+            peer_id = params.get("peer_id")
+            if not isinstance(peer_id, str):
+                raise GossamerError("ping needs 'peer_id'")
+            return {"rtt_ms": await self.ping(peer_id)}
+
+        for name, handler in (
+            ("node.status", status),
+            ("node.peers", peers),
+            ("node.connect", connect),
+            ("node.ping", ping),
+        ):
+            self.register_control(name, handler)
 
     # ------------------------------------------------------------------- status
 
