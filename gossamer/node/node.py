@@ -95,6 +95,8 @@ class Node:
         self._connection_events: dict[str, trio.Event] = {}
         self._dataplane: Any = None
         self._closers: list[Callable[[], Awaitable[None]]] = []
+        # callback(peer_id, connected) when a connection opens / the last one closes
+        self._connection_listeners: list[Callable[[str, bool], None]] = []
         # name -> handler(params) for the daemon's local control API; layers
         # above the node (dht, crdt, training) add their own methods here.
         self.control_methods: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {}
@@ -145,7 +147,13 @@ class Node:
             except Exception:  # py-libp2p close of half-open connections raises assorted errors
                 log.debug("error while closing the libp2p host", exc_info=True)
         stack, self._exit_stack = self._exit_stack, None
-        return await stack.__aexit__(*exc_info)
+        suppressed = await stack.__aexit__(*exc_info)
+        # The host's cleanup checkpoints inside the (cancelled) node nursery, so
+        # an error raised in the ``async with`` body would come back replaced by
+        # a Cancelled that the nursery then absorbs: never swallow the body's error.
+        if exc_info[1] is not None and not isinstance(exc_info[1], trio.Cancelled):
+            return False
+        return suppressed
 
     @property
     def nursery(self) -> trio.Nursery:
@@ -153,6 +161,18 @@ class Node:
         if self._nursery is None:
             raise GossamerError("the node is not running")
         return self._nursery
+
+    def add_connection_listener(self, listener: Callable[[str, bool], None]) -> None:
+        """Call ``listener(peer_id, True)`` when a connection to a peer opens and
+        ``(peer_id, False)`` when its last one closes (synchronously: start tasks for I/O)."""
+        self._connection_listeners.append(listener)
+
+    def _notify_connection(self, peer_id: str, connected: bool) -> None:
+        for listener in self._connection_listeners:
+            try:
+                listener(peer_id, connected)
+            except Exception:
+                log.warning("connection listener failed", exc_info=True)
 
     def on_close(self, closer: Callable[[], Awaitable[None]]) -> None:
         """Run ``closer`` when the node stops (services flush state here)."""
@@ -266,6 +286,7 @@ class Node:
         event = self._connection_events.pop(peer_id, None)
         if event is not None:
             event.set()
+        self._notify_connection(peer_id, True)
 
     def _on_disconnected(self, conn: Any) -> None:
         peer_id = conn.muxed_conn.peer_id.to_base58()
@@ -274,6 +295,7 @@ class Node:
             self.rpc.forget_peer(peer_id)
             if self._dataplane is not None:
                 self._dataplane.forget_peer(peer_id)
+            self._notify_connection(peer_id, False)
 
     async def _keep_bootstrap_connected(self, addr: str) -> None:
         """Stay connected to a bootstrap peer: reconnect with capped, jittered backoff."""
