@@ -1,0 +1,76 @@
+"""Decentralized diffusion, the network-free core (McAllister et al. 2025).
+
+The data set is clustered (``partition``); one flow-matching expert trains on each cluster in
+isolation (``models``, ``flow``); a router learns p(cluster | x_t, t) (``router``); sampling
+combines the experts' velocities with the router's weights (``ensemble``). Convention everywhere:
+t = 0 is noise, t = 1 is data, x_t = t·x1 + (1 − t)·x0.
+
+Nothing here touches a socket: the network layer supplies remote experts as callables
+``velocity(x_t, t) -> v`` over the rows ``plan_requests`` assigns them, and ships recipes and
+weights as bytes (``PartitionRecipe.to_bytes``, ``expert_to_bytes``). Names load lazily, like the
+top-level SDK surface, so importing the package does not import torch until a name needs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    "ImageSet": "data",
+    "load_digits_split": "data",
+    "load_image_folder": "data",
+    "PartitionRecipe": "partition",
+    "fit_partition": "partition",
+    "cluster_sizes": "partition",
+    "ExpertSpec": "models",
+    "register_expert": "models",
+    "registered_experts": "models",
+    "count_params": "models",
+    "forward_flops": "models",
+    "training_flops": "models",
+    "expert_to_bytes": "models",
+    "expert_from_bytes": "models",
+    "flow_path": "flow",
+    "flow_matching_loss": "flow",
+    "train_expert": "flow",
+    "euler_sample": "flow",
+    "Router": "router",
+    "train_router": "router",
+    "router_accuracy": "router",
+    "router_to_bytes": "router",
+    "router_from_bytes": "router",
+    "RoutingMode": "ensemble",
+    "ExpertUnavailable": "ensemble",
+    "NoExpertForRows": "ensemble",
+    "routing_weights": "ensemble",
+    "plan_requests": "ensemble",
+    "combine": "ensemble",
+    "ensemble_velocity": "ensemble",
+    "sample": "ensemble",
+    "sample_by_prior": "ensemble",
+    "train_classifier": "metrics",
+    "classifier_accuracy": "metrics",
+    "frechet_distance": "metrics",
+    "sample_quality": "metrics",
+    "save_image_grid": "images",
+    "encode_png": "images",
+    "decode_png": "images",
+    "ComparisonConfig": "experiment",
+    "run_local_comparison": "experiment",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

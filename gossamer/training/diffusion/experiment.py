@@ -34,7 +34,11 @@ from gossamer.training.diffusion.metrics import (
 )
 from gossamer.training.diffusion.models import ExpertSpec, count_params, training_flops
 from gossamer.training.diffusion.partition import cluster_sizes, fit_partition
-from gossamer.training.diffusion.router import router_accuracy, train_router
+from gossamer.training.diffusion.router import (
+    router_accuracy,
+    router_steps_for_budget,
+    train_router,
+)
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,7 @@ class ComparisonConfig:
     seed: int = 0
     n_holdout: int = 360
     classifier_seed: int = 0  # fixed across seeds: the yardstick must not move
+    classifier_steps: int = 3000
 
 
 def split_steps(total: int, sizes: list[int]) -> list[int]:
@@ -86,7 +91,7 @@ def run_local_comparison(config: ComparisonConfig | None = None) -> dict[str, An
     train, held = load_digits_split(cfg.n_holdout)
     shape = train.image_shape
 
-    clf = train_classifier(train, seed=cfg.classifier_seed)
+    clf = train_classifier(train, steps=cfg.classifier_steps, seed=cfg.classifier_seed)
     ref_feats = classifier_features(clf, held.images)
 
     def score(samples: torch.Tensor) -> tuple[float, float]:
@@ -126,11 +131,14 @@ def run_local_comparison(config: ComparisonConfig | None = None) -> dict[str, An
     timings["monolith_s"] = time.perf_counter() - t0
 
     expert_flops = training_flops(monolith, shape, cfg.total_steps * cfg.batch)
-    probe = train_router(
-        train.images, assign, cfg.k, 0, hidden=cfg.router_hidden, depth=cfg.router_depth
+    router_steps = router_steps_for_budget(
+        cfg.router_budget * expert_flops,
+        shape,
+        cfg.k,
+        cfg.batch,
+        cfg.router_hidden,
+        cfg.router_depth,
     )
-    per_step = training_flops(probe, shape, cfg.batch)
-    router_steps = int(cfg.router_budget * expert_flops // per_step)
     t0 = time.perf_counter()
     router = train_router(
         train.images,

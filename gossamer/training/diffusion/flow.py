@@ -119,7 +119,7 @@ def train_expert(
         if ema is not None:
             ema.update(model)
         if on_step is not None:
-            on_step(step, float(loss))
+            on_step(step, loss.item())
     return ema.model if ema is not None else model.eval()
 
 

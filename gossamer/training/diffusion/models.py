@@ -180,8 +180,8 @@ register_expert("unet", TinyUNet)
 
 
 def count_params(model: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """Number of parameters (frozen ones too: an EMA copy has requires_grad off)."""
+    return sum(p.numel() for p in model.parameters())
 
 
 def forward_flops(model: nn.Module, image_shape: tuple[int, int, int]) -> int:
@@ -217,16 +217,24 @@ def expert_to_bytes(model: nn.Module, spec: ExpertSpec, image_shape: tuple[int, 
 
 def expert_from_bytes(data: bytes) -> tuple[nn.Module, ExpertSpec, tuple[int, int, int]]:
     """Rebuild an expert from ``expert_to_bytes`` output; strict key and shape check."""
-    header_len = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
-    if header_len < 2 or header_len > len(data) - 8:
-        raise ValueError("not safetensors data")
-    header = json.loads(data[8 : 8 + header_len])
     try:
-        info = json.loads(header["__metadata__"]["gossamer"])
+        info = json.loads(safetensors_metadata(data)["gossamer"])
         spec = ExpertSpec.from_dict(info["spec"])
         c, h, w = (int(v) for v in info["image_shape"])
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"expert weights without a valid gossamer spec: {exc}") from exc
     model = spec.build((c, h, w))
     model.load_state_dict(st_load(data), strict=True)
-    return model, spec, (c, h, w)
+    return model.eval(), spec, (c, h, w)
+
+
+def safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` map of safetensors bytes, read before any tensor is built."""
+    header_len = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    if header_len < 2 or header_len > len(data) - 8:
+        raise ValueError("not safetensors data")
+    header = json.loads(data[8 : 8 + header_len])
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict):
+        raise ValueError("safetensors data without metadata")
+    return meta

@@ -14,14 +14,17 @@ between, and sharpening with a temperature below 1 made sampling better (LIBP2P-
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 from torch import nn
 
 from gossamer.training.diffusion.flow import flow_path, lr_at
-from gossamer.training.diffusion.models import MLPVelocity
+from gossamer.training.diffusion.models import MLPVelocity, safetensors_metadata, training_flops
 
 
 class Router(nn.Module):
@@ -114,3 +117,38 @@ def router_accuracy(
             correct += int((router(flow_path(images, x0, t), t).argmax(1) == labels).sum())
         out[float(tv)] = correct / (repeats * images.shape[0])
     return out
+
+
+def router_steps_for_budget(
+    flops: float,
+    image_shape: tuple[int, int, int],
+    k: int,
+    batch: int = 128,
+    hidden: int = 128,
+    depth: int = 2,
+) -> int:
+    """How many router training steps of ``batch`` fit in ``flops`` (counted training FLOPs).
+
+    The experiment passes 5% of the experts' training FLOPs: the router must stay cheap next to
+    the experts, or the decentralized method stops being the cheaper one.
+    """
+    per_step = training_flops(Router(image_shape, k, hidden, depth), image_shape, batch)
+    return int(flops // per_step)
+
+
+def router_to_bytes(router: Router) -> bytes:
+    """safetensors bytes of the router, its constructor arguments in the metadata (no pickle)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in router.state_dict().items()}
+    return st_save(state, metadata={"gossamer_router": json.dumps(router.config)})
+
+
+def router_from_bytes(data: bytes) -> Router:
+    """Rebuild a router from ``router_to_bytes`` output; strict key and shape check."""
+    try:
+        cfg = json.loads(safetensors_metadata(data)["gossamer_router"])
+        c, h, w = (int(v) for v in cfg["image_shape"])
+        router = Router((c, h, w), int(cfg["k"]), int(cfg["hidden"]), int(cfg["depth"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"not gossamer router weights: {exc}") from exc
+    router.load_state_dict(st_load(data), strict=True)
+    return router.eval()
