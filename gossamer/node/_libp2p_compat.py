@@ -139,7 +139,25 @@ def build_host(identity: Identity, config: NodeConfig, listen_addrs: Sequence[An
         enable_upnp=False,
     )
     _disable_auto_connector(host)
+    _leave_dial_retries_to_us(host)
     return host
+
+
+def _leave_dial_retries_to_us(host: Any) -> None:
+    """One dial attempt per call; the node's connection manager owns retries.
+
+    Defect (not in the notes): after every address of a peer fails once, the
+    swarm refuses to dial that peer again for 60 s ("negative cache"), and each
+    dial is itself retried 3 times with backoff inside the swarm.  A bootstrap
+    peer that restarts would stay unreachable for a minute, and a dead one
+    costs 0.7 s per attempt.  We disable both; reconnect backoff lives in
+    Node._keep_bootstrap_connected.
+    """
+    from libp2p.network.config import RetryConfig
+
+    swarm = host.get_network()
+    swarm.retry_config = RetryConfig(max_retries=0)
+    swarm._negative_peer_cache._ttl = 0.0
 
 
 async def _no_auto_connect() -> None:

@@ -52,6 +52,9 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 SERVER_DEFAULT_TIMEOUT_S = 30.0
 SERVER_MAX_TIMEOUT_S = 600.0
 IDLE_STREAMS_PER_KEY = 8
+# Once a request frame has begun, the rest must follow within this time: an
+# idle stream may wait forever for its next request, a half-sent one may not.
+FRAME_COMPLETION_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -244,7 +247,14 @@ class RpcServer:
         try:
             while True:
                 try:
-                    payload = await reader.read_frame(limit, "request")
+                    if not await reader.wait_readable():
+                        return
+                    with trio.fail_after(FRAME_COMPLETION_TIMEOUT_S):
+                        payload = await reader.read_frame(limit, "request")
+                except trio.TooSlowError:
+                    log.info("rpc %s from %s: request frame stalled", service.name, peer[-8:])
+                    await stream.reset()
+                    return
                 except FrameTooLarge as exc:
                     log.info("rpc %s from %s: %s", service.name, peer[-8:], exc)
                     await self._send_error(stream, 0, "too_large", str(exc))

@@ -111,13 +111,19 @@ class FrameReader:
         del self._buffer[:n]
         return out
 
-    async def read_frame(self, limit: int, what: str = "frame") -> bytes | None:
-        """Next frame's payload, or None on a clean end of stream between frames."""
+    async def wait_readable(self) -> bool:
+        """Wait until at least one byte is buffered; False on a clean end of stream."""
         if not self._buffer:
             chunk = await self._stream.read(self._read_size)
             if not chunk:
-                return None
+                return False
             self._buffer += chunk
+        return True
+
+    async def read_frame(self, limit: int, what: str = "frame") -> bytes | None:
+        """Next frame's payload, or None on a clean end of stream between frames."""
+        if not await self.wait_readable():
+            return None
         (size,) = LENGTH.unpack(await self.read_exactly(LENGTH.size))
         if size > limit:
             raise FrameTooLarge(size, limit, what)
