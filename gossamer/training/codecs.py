@@ -59,6 +59,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from gossamer.node.errors import ProtocolError
+
 __all__ = [
     "BLOCK",
     "CODEC_NAMES",
@@ -83,8 +85,12 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 
 
-class CodecError(ValueError):
-    """An encoding that cannot be produced, or received bytes that do not decode."""
+class CodecError(ProtocolError, ValueError):
+    """An encoding that cannot be produced, or received bytes that do not decode.
+
+    A ``ProtocolError`` (hence a ``GossamerError``) because on the receiving side it means a peer
+    sent bytes that break the format; also a ``ValueError`` for callers outside the node.
+    """
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,12 @@ This is the model the DiLoCo calibration runs use (see LIBP2P-NOTES.md, "Calibra
 vocabulary 256 (raw bytes, so no tokenizer to ship or agree on), 4 layers, d_model 128, 4 heads,
 context 128, biases on and the output head tied to the token embedding: 842,496 parameters.
 
-Initialisation is a pure function of a seed, drawn from a private ``torch.Generator`` in the
-parameters' registration order, so two peers that build ``GPT(config, seed=s)`` hold bit-identical
-weights without exchanging them, whatever else the process has done with the global RNG.
+Initialisation is a pure function of a seed, so two peers that build ``GPT(config, seed=s)`` hold
+bit-identical weights without exchanging them. That takes care: ``torch.randn`` is *not* portable
+(its CPU kernel gives different bits under ``ATEN_CPU_CAPABILITY=default`` and ``avx2``, measured
+with torch 2.13), so weights come from ``portable_normal``: integers from a private
+``torch.Generator`` (integer sampling is the same on every CPU) turned into approximately normal
+values with exactly rounded float64 arithmetic only.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GPT", "GPTConfig", "init_weights"]
+__all__ = ["GPT", "GPTConfig", "init_weights", "portable_normal"]
 
 
 @dataclass(frozen=True)
@@ -121,13 +124,27 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
 
 
+def portable_normal(shape: tuple[int, ...], std: float, generator: torch.Generator) -> torch.Tensor:
+    """Approximately N(0, std²) fp32 samples, bit-identical on every CPU and torch build.
+
+    Irwin-Hall with four uniforms: u_i = (k_i + ½)/2²⁴ from 24-bit random integers, then
+    (Σu_i − 2)·√3·std. The u_i and their sums are exact in float64, the one multiply and the
+    cast to fp32 are correctly rounded IEEE operations, so no libm or vector-width dependence
+    enters. Mean 0, variance std², support ±2√3·std (a truncated bell, like trunc_normal_ init).
+    """
+    k = torch.randint(0, 1 << 24, (4, *shape), generator=generator, dtype=torch.int64)
+    u = (k.to(torch.float64) + 0.5) / float(1 << 24)
+    return ((u.sum(dim=0) - 2.0) * (std * math.sqrt(3.0))).to(torch.float32)
+
+
 @torch.no_grad()
 def init_weights(model: GPT, seed: int) -> None:
     """Re-initialise ``model`` deterministically from ``seed`` (GPT-2 scheme).
 
-    Linear and embedding weights ~ N(0, 0.02), residual projections scaled by 1/sqrt(2·n_layer),
-    biases 0, LayerNorm weights 1. Parameters are visited in registration order, drawing from a
-    private CPU generator, so the result does not depend on the global RNG or the device.
+    Linear and embedding weights ~ N(0, 0.02) (see ``portable_normal``), residual projections
+    with std 0.02/sqrt(2·n_layer), biases 0, LayerNorm weights 1. Parameters are visited in
+    registration order and drawn from a private CPU generator, so the result depends on neither
+    the global RNG, nor the device, nor the CPU's vector instructions.
     """
     gen = torch.Generator(device="cpu").manual_seed(seed)
     residual_std = 0.02 / math.sqrt(2 * model.config.n_layer)
@@ -138,4 +155,4 @@ def init_weights(model: GPT, seed: int) -> None:
             p.fill_(1.0)
         else:
             std = residual_std if name.endswith("proj.weight") else 0.02
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
+            p.copy_(portable_normal(tuple(p.shape), std, gen))

@@ -40,6 +40,8 @@ from typing import NamedTuple
 
 import torch
 
+from gossamer.node.errors import GossamerError
+
 __all__ = [
     "BadContribution",
     "Contribution",
@@ -59,7 +61,7 @@ __all__ = [
 Params = Mapping[str, torch.Tensor]
 
 
-class BadContribution(ValueError):
+class BadContribution(GossamerError, ValueError):
     """A peer's pseudo-gradient that must not enter the average; says who, which tensor, why."""
 
     def __init__(self, reason: str, *, peer_id: str | None = None, tensor: str | None = None):
