@@ -131,7 +131,7 @@ def test_outer_step_is_pure_and_repeatable() -> None:
     assert state_digest(p1, s1) != state_digest(params, state)
     # first step: momentum buffer is the gradient itself (as in torch), then accumulates
     assert torch.equal(s1.momentum_buffers["emb"], grad["emb"])
-    p3, s3 = apply_outer_step(p1, grad, s1)
+    _, s3 = apply_outer_step(p1, grad, s1)
     assert s3.step == 2
     assert torch.equal(s3.momentum_buffers["emb"], grad["emb"] * 0.9 + grad["emb"])
 
