@@ -271,7 +271,12 @@ def _combine(cfg: SimConfig, diloco: dict[str, Any], ddp: dict[str, Any]) -> dic
         "loss_ratio": diloco["eval_loss"] / ddp["eval_loss"],
         "bytes_per_worker_diloco": diloco["bytes_per_worker"],
         "bytes_per_worker_ddp": ddp["bytes_per_worker"],
-        "bytes_reduction": ddp["bytes_per_worker"] / diloco["bytes_per_worker"],
+        # undefined (None) for a single worker, which sends nothing either way
+        "bytes_reduction": (
+            ddp["bytes_per_worker"] / diloco["bytes_per_worker"]
+            if diloco["bytes_per_worker"]
+            else None
+        ),
         "bytes_per_worker_diloco_if_ring": diloco["bytes_per_worker_if_ring"],
         "collective_diloco": diloco["collective"],
         "collective_ddp": ddp["collective"],
