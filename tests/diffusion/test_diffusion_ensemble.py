@@ -159,6 +159,42 @@ def test_full_routing_with_exact_experts_reproduces_the_mixture():
     assert abs(float((prior.mean((1, 2, 3)) > 0).float().mean()) - 0.25) < 0.04
 
 
+@pytest.mark.parametrize("sticky_from", [0.0, 0.5])
+def test_sticky_routing_with_exact_experts_reproduces_the_mixture(sticky_from):
+    calls = {0: 0, 1: 0}
+
+    def counting(e: int):
+        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            calls[e] += x.shape[0]
+            return point_mass_expert(e)(x, t)
+
+        return velocity
+
+    experts = {e: counting(e) for e in (0, 1)}
+    x = sample(exact_posterior, experts, 2000, steps=40, mode="full", seed=3,
+               image_shape=(1, 2, 2), sticky_from=sticky_from)  # fmt: skip
+    near = torch.stack([(x - MU[e]).flatten(1).norm(dim=1) for e in (0, 1)])
+    assert float(near.min(0).values.max()) < 1e-3
+    assert abs(float((near[0] < near[1]).float().mean()) - 0.25) < 0.04
+    full_steps = round(40 * sticky_from)  # both experts see every row before the switch
+    assert calls[0] + calls[1] == 2000 * (2 * full_steps + (40 - full_steps))
+
+
+def test_sticky_rows_redraw_when_their_expert_dies():
+    state = {"steps": 0}
+
+    def dies_after_three_steps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        state["steps"] += 1
+        if state["steps"] > 3:
+            raise ExpertUnavailable("peer left")
+        return point_mass_expert(0)(x, t)
+
+    experts = {0: dies_after_three_steps, 1: point_mass_expert(1)}
+    x = sample(exact_posterior, experts, 200, steps=10, seed=0, image_shape=(1, 2, 2),
+               sticky_from=0.0)  # fmt: skip
+    assert torch.allclose(x, MU[1].expand_as(x), atol=1e-4)
+
+
 def test_top1_routing_collapses_towards_the_larger_cluster():
     # At t = 0 the exact posterior is the prior, so argmax sends every row to the larger cluster
     # and only rows that drift far enough switch later: the small cluster is under-sampled. This

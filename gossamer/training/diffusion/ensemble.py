@@ -29,6 +29,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.nn import functional as nn_functional
 
 from gossamer.training.diffusion.router import Router
 
@@ -230,11 +231,20 @@ def sample(
     seed: int = 0,
     image_shape: tuple[int, int, int] | None = None,
     noise: torch.Tensor | None = None,
+    sticky_from: float | None = None,
 ) -> torch.Tensor:
     """Draw ``n`` images from the routed ensemble with ``steps`` Euler steps from t = 0 to 1.
 
     The noise comes from ``seed`` (or is passed as ``noise``, so several modes can be compared
     on the same starting points). Experts are callables, so local modules and remote peers mix.
+
+    ``sticky_from``: from the first step with t ≥ this value, each row *draws* one expert from
+    the router's probabilities and keeps it to the end (``mode`` applies before). With an exact
+    router and exact experts this is still exact — x_t is a mixture sample, k ~ p(k | x_t)
+    makes x_t a sample of cluster k, and expert k's flow carries it to cluster k's data — but each
+    expert only ever sees inputs from its own cluster's path, where it was trained, and every row
+    costs one expert call per step (top-1's price). ``sticky_from=0`` draws from the router at
+    pure noise, i.e. from the cluster prior. A row whose expert dies redraws among the living.
     """
     from gossamer.training.diffusion.flow import euler_sample
 
@@ -244,9 +254,32 @@ def sample(
             raise ValueError("pass image_shape or noise")
         noise = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
     alive = set(experts)
+    chosen = torch.full((noise.shape[0],), -1, dtype=torch.long)
+    draw_gen = torch.Generator().manual_seed(seed + 1)
+
+    def route(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if isinstance(router, Router):
+            return router.probs(x, t, temperature)
+        return router(x, t)
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return ensemble_velocity(router, experts, x, t, mode, temperature, alive)
+        if sticky_from is None or float(t[0]) < sticky_from:
+            return ensemble_velocity(route, experts, x, t, mode, 1.0, alive)
+        probs = route(x, t)
+        k = probs.shape[1]
+        living = torch.zeros(k, dtype=torch.bool)
+        living[[e for e in alive if 0 <= e < k]] = True
+        if not bool(living.any()):
+            raise NoExpertForRows(torch.arange(x.shape[0]))
+        redraw = (chosen < 0) | ~living[chosen.clamp(min=0)]
+        if bool(redraw.any()):
+            p = torch.where(living, probs[redraw].double(), 0.0)
+            p = torch.where(p.sum(1, keepdim=True) > 0, p, living.double().expand_as(p))
+            chosen[redraw] = torch.multinomial(p, 1, generator=draw_gen).flatten()
+        # the chosen expert outranks every probability (≤ 1); if it fails mid-step, the
+        # router's next choice answers for this step and the row redraws at the next one
+        sticky = 2 * nn_functional.one_hot(chosen, k).to(probs.dtype) + probs
+        return ensemble_velocity(lambda *_: sticky, experts, x, t, "top1", 1.0, alive)
 
     return euler_sample(velocity, noise, steps)
 

@@ -156,24 +156,24 @@ def run_local_comparison(config: ComparisonConfig | None = None) -> dict[str, An
     noise = torch.randn(
         (cfg.n_samples, *shape), generator=torch.Generator().manual_seed(10_000 + cfg.seed)
     )
-    fns = {e: m for e, m in experts.items()}
     results: dict[str, Any] = {}
     t0 = time.perf_counter()
+
+    def routed(mode: str, temperature: float, sticky_from: float | None = None):
+        return lambda: sample(
+            router, experts, 0, cfg.sample_steps, mode, temperature, seed=cfg.seed,
+            noise=noise, sticky_from=sticky_from,
+        )  # fmt: skip
+
     runs = {
         "monolith": lambda: euler_sample(monolith, noise, cfg.sample_steps),
-        "ensemble_top1": lambda: sample(
-            router, fns, 0, cfg.sample_steps, "top1", cfg.temperature, noise=noise
-        ),
-        "ensemble_top2": lambda: sample(
-            router, fns, 0, cfg.sample_steps, "top2", cfg.temperature, noise=noise
-        ),
-        "ensemble_full": lambda: sample(
-            router, fns, 0, cfg.sample_steps, "full", cfg.temperature, noise=noise
-        ),
-        "ensemble_full_t1": lambda: sample(
-            router, fns, 0, cfg.sample_steps, "full", 1.0, noise=noise
-        ),
-        "per_image": lambda: sample_by_prior(fns, sizes, noise, cfg.sample_steps, seed=cfg.seed),
+        "ensemble_top1": routed("top1", cfg.temperature),
+        "ensemble_top2": routed("top2", cfg.temperature),
+        "ensemble_full": routed("full", cfg.temperature),
+        "ensemble_full_t1": routed("full", 1.0),
+        "ensemble_sticky": routed("full", 1.0, sticky_from=0.0),
+        "ensemble_sticky_mid": routed("full", 1.0, sticky_from=0.4),
+        "per_image": lambda: sample_by_prior(experts, sizes, noise, cfg.sample_steps, cfg.seed),
     }
     for name, run in runs.items():
         fd, conf = score(run())
