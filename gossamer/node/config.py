@@ -58,6 +58,7 @@ class NodeConfig:
     dataplane_chunk_bytes: int = 1 << 20
     dataplane_max_message_bytes: int = 32 << 30
     dataplane_unsolicited_budget_bytes: int = 1 << 30
+    dataplane_unsolicited_timeout: float = 30.0
 
     # daemon control API (always bound to 127.0.0.1)
     control_port: int = 0

@@ -134,20 +134,27 @@ class Node:
     async def __aexit__(self, *exc_info: Any) -> bool | None:
         assert self._exit_stack is not None and self._nursery is not None
         self._nursery.cancel_scope.cancel()
-        with trio.CancelScope(shield=True):
-            for closer in reversed(self._closers):
-                try:
-                    await closer()
-                except Exception:
-                    log.warning("error while stopping a service", exc_info=True)
-            if self._dataplane is not None:
-                await self._dataplane.aclose()
-            try:
-                await self.host.close()
-            except Exception:  # py-libp2p close of half-open connections raises assorted errors
-                log.debug("error while closing the libp2p host", exc_info=True)
         stack, self._exit_stack = self._exit_stack, None
-        suppressed = await stack.__aexit__(*exc_info)
+        try:
+            with trio.CancelScope(shield=True):
+                for closer in reversed(self._closers):
+                    try:
+                        await closer()
+                    except Exception:
+                        log.warning("error while stopping a service", exc_info=True)
+                if self._dataplane is not None:
+                    try:
+                        await self._dataplane.aclose()
+                    except Exception:
+                        log.warning("error while stopping the data plane", exc_info=True)
+                try:
+                    await self.host.close()
+                except Exception:  # py-libp2p close of half-open connections raises assorted errors
+                    log.debug("error while closing the libp2p host", exc_info=True)
+        finally:
+            # Whatever happened above, the nursery and host.run() must be exited
+            # here, in this task, or trio's nursery stack is corrupted.
+            suppressed = await stack.__aexit__(*exc_info)
         # The host's cleanup checkpoints inside the (cancelled) node nursery, so
         # an error raised in the ``async with`` body would come back replaced by
         # a Cancelled that the nursery then absorbs: never swallow the body's error.

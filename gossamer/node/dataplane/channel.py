@@ -45,6 +45,10 @@ MAX_CONTROL_FRAME = 4 << 20  # BEGIN with many specs stays far below this
 STALL_TIMEOUT_S = 30.0  # a peer that reads nothing for this long is gone
 
 
+class StaleChannel(ChannelClosed):
+    """The channel was already dead when a message started: nothing of it was delivered."""
+
+
 class Transport:
     """A reliable byte pipe: a direct socket or a libp2p stream."""
 
@@ -189,18 +193,24 @@ class Channel:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._ack_writer)
                 try:
-                    await self._read_loop()
+                    await self._read_until_closed()
                 finally:
                     nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._shutdown()
+
+    async def _read_until_closed(self) -> None:
+        # Errors are handled here, inside the nursery body, so that they are
+        # not wrapped in an exception group on their way out.
+        try:
+            await self._read_loop()
         except (IntegrityError, ProtocolError) as exc:
             log.warning("data channel %d from %s closed: %s", self.number, self.peer_id[-8:], exc)
             self.close_reason = str(exc)
         except (EOFError, ChannelClosed) as exc:
             log.debug("data channel %d to %s ended: %s", self.number, self.peer_id[-8:], exc)
             self.close_reason = self.close_reason or str(exc)
-        finally:
-            with trio.CancelScope(shield=True):
-                await self._shutdown()
 
     async def aclose(self, reason: str = "closed locally") -> None:
         if self.closed.is_set():
@@ -208,8 +218,11 @@ class Channel:
         self.close_reason = self.close_reason or reason
         with trio.move_on_after(1) as scope:
             scope.shield = True
-            async with self._send_lock:
-                await self._write_frame(self._sealer.seal(sealing.CLOSE, b""))
+            try:
+                async with self._send_lock:
+                    await self._write_frame(self._sealer.seal(sealing.CLOSE, b""))
+            except ChannelClosed:
+                pass  # the other side went first; nothing to say goodbye to
         await self._shutdown()
 
     async def _shutdown(self) -> None:
@@ -233,7 +246,12 @@ class Channel:
         # shielded, with its own stall deadline.
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + self._stall_timeout
-            await self.transport.send_all(data)
+            try:
+                await self.transport.send_all(data)
+            except ChannelClosed as exc:
+                self.close_reason = self.close_reason or str(exc)
+                await self._shutdown()
+                raise
         if scope.cancelled_caught:
             self.close_reason = f"peer read nothing for {self._stall_timeout:.0f} s"
             await self._shutdown()
@@ -254,7 +272,10 @@ class Channel:
         try:
             async with self._send_lock:
                 begin = {"i": msg_id, "t": tag, "s": [spec.to_wire() for spec, _ in items]}
-                await self._write_frame(self._sealer.seal(sealing.BEGIN, wire.pack(begin)))
+                try:
+                    await self._write_frame(self._sealer.seal(sealing.BEGIN, wire.pack(begin)))
+                except ChannelClosed as exc:
+                    raise StaleChannel(str(exc)) from None
                 out = memoryview(self._out)
                 try:
                     for _spec, view in items:
@@ -283,9 +304,12 @@ class Channel:
         return SendReport(total, time.perf_counter() - start, self.path, frames)
 
     async def _ack_writer(self) -> None:
-        async for payload in self._ack_recv:
-            async with self._send_lock:
-                await self._write_frame(self._sealer.seal(sealing.ACK, payload))
+        try:
+            async for payload in self._ack_recv:
+                async with self._send_lock:
+                    await self._write_frame(self._sealer.seal(sealing.ACK, payload))
+        except ChannelClosed as exc:
+            log.debug("data channel %d: cannot acknowledge: %s", self.number, exc)
 
     # ------------------------------------------------------------------ reading
 

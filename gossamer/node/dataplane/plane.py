@@ -34,6 +34,7 @@ from gossamer.node.dataplane.channel import (
     Libp2pTransport,
     SendReport,
     SocketTransport,
+    StaleChannel,
     Transport,
 )
 from gossamer.node.dataplane.mailbox import Mailbox, PendingReceive, Received
@@ -87,7 +88,9 @@ class DataPlane:
     def __init__(self, node: Node) -> None:
         self._node = node
         config = node.config
-        self._mailbox = Mailbox(config.dataplane_unsolicited_budget_bytes)
+        self._mailbox = Mailbox(
+            config.dataplane_unsolicited_budget_bytes, config.dataplane_unsolicited_timeout
+        )
         self._channels: defaultdict[str, list[Channel]] = defaultdict(list)
         self._open_locks: defaultdict[str, trio.Lock] = defaultdict(trio.Lock)
         self._pending_direct: dict[bytes, _PendingDirect] = {}
@@ -152,7 +155,12 @@ class DataPlane:
         items = [describe(name, obj) for name, obj in normalize(tensors)]
         with trio.move_on_after(float("inf") if timeout is None else timeout) as scope:
             channel = await self._channel_to(peer_id)
-            report = await channel.send(tag, items)
+            try:
+                report = await channel.send(tag, items)
+            except StaleChannel:
+                # The peer closed this channel while it sat idle; nothing of the
+                # message left us, so one retry on a fresh channel is safe.
+                report = await (await self._channel_to(peer_id)).send(tag, items)
             self.bytes_sent += report.nbytes
             return report
         assert scope.cancelled_caught
