@@ -1,0 +1,64 @@
+"""Helpers shared by the benchmarks: child processes, percentiles, temp nodes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from gossamer.node.config import NodeConfig
+
+
+@contextlib.contextmanager
+def peer_process(*args: str, timeout: float = 60.0) -> Iterator[dict[str, Any]]:
+    """Start ``python -m gossamer.bench._peer ARGS``; yield its ready line (parsed JSON).
+
+    The child exits when its stdin closes, so leaving the block always ends it.
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gossamer.bench._peer", *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        if not line:
+            raise RuntimeError(f"benchmark peer {args[0]} exited before it was ready")
+        yield json.loads(line)
+    finally:
+        if proc.stdin:
+            proc.stdin.close()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def median(values: list[float]) -> float:
+    return percentile(values, 50)
+
+
+def temp_node_config(**overrides: Any) -> NodeConfig:
+    """A loopback-only node in a fresh temporary data dir."""
+    config = NodeConfig(
+        data_dir=Path(tempfile.mkdtemp(prefix="gossamer-bench-")),
+        listen=["/ip4/127.0.0.1/tcp/0"],
+        dataplane_listen="127.0.0.1:0",
+        log_level="warning",
+    )
+    return config.replace(**overrides)
