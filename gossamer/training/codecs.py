@@ -34,16 +34,21 @@ do not modify the input until the buffer has been sent. ``EncodedTensor.header()
 msgpack-friendly metadata; ``EncodedTensor.from_header(header, buffers)`` rebuilds one on the
 receiving side (accepting tensors, numpy arrays, bytes or memoryviews).
 
-Speed, 25M floats (100 MB fp32, randn), 1 torch thread, the 2-core dev machine (best of 3, ms):
+Speed, 25M floats (100 MB fp32, randn, 25M is not a multiple of 256), 1 torch thread, the 2-core
+dev machine while quiet (load 0.3; best of 3, ms):
 
     codec   encode  decode   encoded MB
-    none        12       9     100.0
-    fp16        35      27      50.0
-    bf16        33      29      50.0
-    int8       174     108      25.2
-    int4       212     114      12.7
+    none         3      48     100.0
+    fp16        29      46      50.0
+    bf16        31      48      50.0
+    int8        78      48      25.2
+    int4        81      60      12.7
 
-(encode includes the finiteness check; measured with ``python -m gossamer.training.codecs``.)
+(encode includes the finiteness check; decode the validation and one fresh fp32 output, whose page
+faults are most of the 48 ms). Under load from other processes (load 3.8) the same run gave up to
+2× these figures, while a bare ``x.half()`` took 29 ms and ``bytes(memoryview(x.numpy()))``
+47 ms. LIBP2P-NOTES.md measured fp16 38 ms, int8 ~160 ms, 4-bit ~250 ms to encode.
+Reproduce with ``python -m gossamer.training.codecs``.)
 """
 
 from __future__ import annotations
@@ -313,10 +318,12 @@ class _Blockwise(Codec):
         absmax = torch.cat(parts) if parts else torch.empty(0)
         if not bool(torch.isfinite(absmax).all()):
             raise CodecError(f"{self.name}: input has non-finite values")
-        want = absmax / self.qmax
+        # float64: absmax/qmax of an fp32 subnormal would underflow to 0 in fp32 (found by
+        # hypothesis), and then a zero scale would decode a non-zero block as zeros.
+        want = absmax.to(torch.float64) / self.qmax
         s16 = want.to(torch.float16)
         # Positive fp16 bit patterns are ordered like the values: +1 is the next value up.
-        low = s16.to(torch.float32) < want
+        low = s16.to(torch.float64) < want
         s16 = (s16.view(torch.int16) + low.to(torch.int16)).view(torch.float16)
         if not bool(torch.isfinite(s16).all()):
             worst = float(absmax.max())

@@ -159,6 +159,15 @@ def test_scale_is_rounded_up_so_nothing_clips() -> None:
 
 
 @pytest.mark.parametrize("name", CODEC_NAMES)
+def test_fp32_subnormals_are_not_lost(name: str) -> None:
+    # absmax/127 underflows to 0 in fp32 for a subnormal block; the scale must still be > 0.
+    x = torch.zeros(2 * BLOCK + 1)
+    x[0] = 1.401298464324817e-45  # the smallest fp32 subnormal, alone in its block
+    x[BLOCK] = -3e-42
+    _roundtrip_ok(name, x)
+
+
+@pytest.mark.parametrize("name", CODEC_NAMES)
 def test_encoding_is_deterministic_and_buffers_are_flat_uint8(name: str) -> None:
     x = torch.randn(3, 333, generator=torch.Generator().manual_seed(5))
     a, b = get_codec(name).encode(x), get_codec(name).encode(x.clone())
