@@ -1,1 +1,60 @@
-"""CRDT layer: the replicated, signed run document."""
+"""CRDT layer: the replicated, signed run document.
+
+Training code uses :class:`RunDocument` (typed accessors, no pycrdt) through a
+:class:`Run` that :class:`CrdtService` keeps in sync with the run's members::
+
+    crdt = await CrdtService.start(node)
+    run = await crdt.host_run("tiny-gpt", config={"model": {...}, "hparams": {...}})
+    # elsewhere: run = await crdt.join_run(run_id, bootstrap=[host_multiaddr])
+    run.doc.enter_round(3, "training")
+    run.doc.report_metrics(step=3, loss=2.1, tokens=65536)
+    print(run.doc.round().participants, run.doc.metrics())
+
+Modules: ``rules`` (layout and permissions), ``replica`` (checks + pycrdt +
+signed log, no I/O), ``document`` (typed view), ``envelope`` / ``charter``
+(signatures), ``store`` (disk), ``sync`` (the libp2p protocol).
+Imported lazily: ``import gossamer.crdt`` costs nothing until a name is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "RunDocument": "gossamer.crdt.document",
+    "RunConfig": "gossamer.crdt.document",
+    "Member": "gossamer.crdt.document",
+    "RoundEntry": "gossamer.crdt.document",
+    "RoundPlan": "gossamer.crdt.document",
+    "RoundView": "gossamer.crdt.document",
+    "Fragment": "gossamer.crdt.document",
+    "Metrics": "gossamer.crdt.document",
+    "Charter": "gossamer.crdt.charter",
+    "CharterError": "gossamer.crdt.charter",
+    "Envelope": "gossamer.crdt.envelope",
+    "Replica": "gossamer.crdt.replica",
+    "Receipt": "gossamer.crdt.replica",
+    "Verdict": "gossamer.crdt.replica",
+    "Limits": "gossamer.crdt.replica",
+    "WriteError": "gossamer.crdt.replica",
+    "CrdtService": "gossamer.crdt.sync",
+    "Run": "gossamer.crdt.sync",
+    "SyncOptions": "gossamer.crdt.sync",
+    "RunAccessError": "gossamer.crdt.sync",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gossamer.crdt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
