@@ -1,7 +1,8 @@
 """Single-process DiLoCo vs data-parallel simulator: same model, same tokens, honest byte counts.
 
 This is what ``gossamer bench diloco`` calls (``run_comparison``). N workers are simulated one after
-the other in one process (1 torch thread), so the result is deterministic for a seed and needs no
+the other in one process (``run_ddp``/``run_diloco`` call ``torch.set_num_threads(1)``: these
+machines are shared), so the result is deterministic for a seed and needs no
 network; it answers "how much loss does DiLoCo with codec X and sync interval H cost against
 synchronous training, for how many fewer bytes".
 

@@ -6,8 +6,9 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -37,19 +38,17 @@ def _tensors(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
     return {k: torch.randn(s, generator=g) * scale for k, s in SHAPES.items()}
 
 
-# The same trajectory, computed by torch.optim.SGD and by apply_outer_step; run in a child process
-# so that the child can pin ATEN_CPU_CAPABILITY (see test below).
-_PARITY = textwrap.dedent(
+def _parity(nesterov: bool) -> dict:
+    """The same trajectory through torch.optim.SGD and through apply_outer_step.
+
+    Inputs come from numpy's generator, not torch.randn: torch's normal_ kernel itself gives
+    different bits under different CPU capabilities, and both sides must see the same inputs.
     """
-    import json, sys, numpy, torch
-    torch.set_num_threads(1)
-    from gossamer.training.outer import apply_outer_step, init_outer_state, state_digest
-    nesterov = sys.argv[1] == "1"
-    # numpy's generator, not torch.randn: torch's normal_ kernel itself differs between CPU
-    # capabilities, and the inputs must be the same bits in both children.
-    rng = numpy.random.default_rng(0)
-    def randn(shape):
-        return torch.from_numpy(rng.standard_normal(shape).astype(numpy.float32))
+    rng = np.random.default_rng(0)
+
+    def randn(shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
+
     shapes = {"a": (300, 37), "b": (513,), "c": ()}
     params = {k: randn(s) for k, s in shapes.items()}
     leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
@@ -66,35 +65,27 @@ _PARITY = textwrap.dedent(
             theirs = leaves[k].detach()
             equal = equal and torch.equal(mine[k], theirs)
             worst = max(worst, float((mine[k] - theirs).abs().max()))
-    print(json.dumps({"equal": equal, "worst": worst, "digest": state_digest(mine, state)}))
-    """
-)
-
-
-def _run_parity(nesterov: bool, capability: str | None) -> dict:
-    env = dict(os.environ)
-    env.pop("ATEN_CPU_CAPABILITY", None)
-    if capability is not None:
-        env["ATEN_CPU_CAPABILITY"] = capability
-    out = subprocess.run(
-        [sys.executable, "-c", _PARITY, "1" if nesterov else "0"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return {"equal": equal, "worst": worst, "digest": state_digest(mine, state)}
 
 
 def test_outer_step_equals_torch_sgd_nesterov_bit_for_bit_and_is_cpu_independent() -> None:
     # With ATEN_CPU_CAPABILITY=default torch's kernels do not fuse multiply-adds, so
     # torch.optim.SGD(nesterov=True) rounds exactly like apply_outer_step: equal bit for bit.
-    # Our own result must then be the same on this CPU's native (AVX2/AVX-512) kernels too, where
-    # torch's SGD itself may differ in the last bit because it uses FMA.
-    pinned = _run_parity(nesterov=True, capability="default")
+    # Our own result must be the same bits on this CPU's native (AVX2/AVX-512) kernels, in this
+    # process, where torch's SGD itself may differ in the last bit because it uses FMA.
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (
+        f"import json, sys; sys.path.insert(0, {here!r}); import {Path(__file__).stem} as t; "
+        "import torch; torch.set_num_threads(1); print(json.dumps(t._parity(True)))"
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    pinned = json.loads(out.stdout.strip().splitlines()[-1])
     assert pinned["equal"], pinned
-    native = _run_parity(nesterov=True, capability=None)
+    native = _parity(True)
     assert native["digest"] == pinned["digest"]
     assert native["worst"] < 1e-6  # torch with FMA: at most last-bit differences
 
