@@ -35,7 +35,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse that raises :class:`CliError` instead of printing usage and exiting."""
 
     def error(self, message: str) -> NoReturn:
-        raise CliError(f"{self.prog}: {one_line(message)} (see {self.prog} --help)")
+        raise CliError(f"{one_line(message)} (see `{self.prog} --help`)")
 
 
 def add_verbose(parser: argparse.ArgumentParser, *, top_level: bool = False) -> None:
