@@ -34,6 +34,7 @@ class Received:
     nbytes: int
     seconds: float = 0.0
     path: str = ""
+    arrived_at: float = field(default_factory=lambda: trio.current_time())
 
     def __getitem__(self, name: str) -> Any:
         return self.tensors[name]
@@ -110,6 +111,43 @@ class Mailbox:
         self._posted_event.set()
         self._posted_event = trio.Event()
         return pending
+
+    def drop(self, tag_prefix: str) -> int:
+        """Forget everything under ``tag_prefix``: posted receives fail, early arrivals are freed.
+
+        A protocol that abandons an attempt (a collective retried without a
+        dead member) calls this so stragglers of the old attempt do not sit in
+        memory.  Returns how many arrived messages were freed.
+        """
+        for key in [k for k in self._posted if k[1].startswith(tag_prefix)]:
+            for pending in self._posted.pop(key):
+                pending._resolve(None, TransferError(f"receive {pending.tag!r} was dropped"))
+        freed = 0
+        for key in [k for k in self._arrived if k[1].startswith(tag_prefix)]:
+            for received in self._arrived.pop(key):
+                self._used -= received.nbytes
+                freed += 1
+        return freed
+
+    def expire(self, max_age: float) -> int:
+        """Free early arrivals nobody received within ``max_age`` seconds."""
+        now = trio.current_time()
+        freed = 0
+        for key in list(self._arrived):
+            queue = self._arrived[key]
+            while queue and now - queue[0].arrived_at > max_age:
+                received = queue.popleft()
+                self._used -= received.nbytes
+                freed += 1
+                log.warning(
+                    "dropping message %r from %s: nobody received it in %.0f s",
+                    received.tag,
+                    received.peer_id[-8:],
+                    max_age,
+                )
+            if not queue:
+                del self._arrived[key]
+        return freed
 
     def _unpost(self, pending: PendingReceive) -> None:
         queue = self._posted.get((pending.peer_id, pending.tag))

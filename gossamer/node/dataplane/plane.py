@@ -108,6 +108,7 @@ class DataPlane:
         self._listeners = await trio.open_tcp_listeners(port, host=host or None)
         self.listen_port = self._listeners[0].socket.getsockname()[1]
         nursery.start_soon(trio.serve_listeners, self._serve_direct, self._listeners)
+        nursery.start_soon(self._expire_unclaimed)
         self._node.set_stream_handler(PROTOCOL, self._serve_handshake)
 
     async def aclose(self) -> None:
@@ -185,6 +186,16 @@ class DataPlane:
     ) -> Received:
         """Wait for the message ``tag`` from ``peer_id``; see :meth:`post_recv`."""
         return await self.post_recv(peer_id, tag, into).wait(timeout)
+
+    def drop(self, tag_prefix: str) -> int:
+        """Abandon every receive and early arrival whose tag starts with ``tag_prefix``."""
+        return self._mailbox.drop(tag_prefix)
+
+    async def _expire_unclaimed(self) -> None:
+        max_age = 2 * self._node.config.dataplane_unsolicited_timeout
+        while True:
+            await trio.sleep(max_age / 4)
+            self._mailbox.expire(max_age)
 
     # ------------------------------------------------------------ channel setup
 
