@@ -73,6 +73,7 @@ __all__ = [
     "CodecError",
     "EncodedTensor",
     "ErrorFeedback",
+    "as_uint8",
     "get_codec",
     "max_abs_error_bound",
 ]

@@ -78,7 +78,15 @@ from gossamer.training.outer import (
     weighted_average,
 )
 
-__all__ = ["SimConfig", "lr_at", "run_comparison", "run_ddp", "run_diloco"]
+__all__ = [
+    "SimConfig",
+    "allgather_bytes",
+    "lr_at",
+    "ring_allreduce_bytes",
+    "run_comparison",
+    "run_ddp",
+    "run_diloco",
+]
 
 
 @dataclass(frozen=True)
