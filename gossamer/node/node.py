@@ -241,7 +241,6 @@ class Node:
 
     async def _dial(self, peer_id: str, maddrs: list[Any]) -> None:
         from libp2p.peer.id import ID
-        from libp2p.peer.peerinfo import PeerInfo
 
         if self.is_connected(peer_id):
             return
@@ -250,7 +249,7 @@ class Node:
         try:
             async with self._dial_limiter:
                 with trio.fail_after(self.config.dial_timeout):
-                    await self.host.connect(PeerInfo(target, bare))
+                    await self._connect_any(target, bare)
         except trio.TooSlowError:
             self.peers.on_dial_failed(peer_id)
             raise PeerUnreachable(
@@ -259,6 +258,31 @@ class Node:
         except Exception as exc:  # py-libp2p raises SwarmException and friends, deeply nested
             self.peers.on_dial_failed(peer_id)
             raise PeerUnreachable(f"cannot connect to {peer_id[-8:]}: {_root_cause(exc)}") from None
+
+    async def _connect_any(self, target: Any, bare: list[Any]) -> None:
+        """Dial ``bare`` addresses one at a time, newest (last) first.
+
+        py-libp2p 0.8.1 dials only the first address per transport class that
+        its peerstore holds for a peer, and keeps every address it ever saw: a
+        peer that restarted on a new port would be dialed at its dead old port
+        forever.  So each attempt leaves exactly one address in the peerstore.
+        """
+        from libp2p.peer.peerinfo import PeerInfo
+
+        if not bare:
+            await self.host.connect(PeerInfo(target, []))
+            return
+        peerstore = self.host.get_peerstore()
+        failure: Exception | None = None
+        for addr in reversed(bare):
+            peerstore.clear_addrs(target)
+            try:
+                await self.host.connect(PeerInfo(target, [addr]))
+                return
+            except Exception as exc:  # try the next address
+                failure = exc
+        assert failure is not None
+        raise failure
 
     async def disconnect(self, peer_id: str) -> None:
         from libp2p.peer.id import ID
