@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -166,6 +167,35 @@ async def test_second_daemon_on_same_data_dir_is_refused(tmp_path: Path) -> None
         )
         assert a.control_file.exists(), "the refused second daemon must not touch the first"
         assert await a.stop(signal.SIGTERM) == 0
+
+
+async def test_ports_in_use_fail_in_one_line(tmp_path: Path) -> None:
+    env = clean_env(tmp_path)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cases = {
+            "libp2p": ["--listen", f"/ip4/127.0.0.1/tcp/{port}"],
+            "control": [*LOOPBACK, "--control-port", str(port)],
+        }
+        results = {}
+
+        async def run(name: str, args: list[str]) -> None:
+            results[name] = await gossamer(
+                "node", "start", "--data-dir", tmp_path / name, *args, env=env
+            )
+
+        async with trio.open_nursery() as nursery:
+            for name, args in cases.items():
+                nursery.start_soon(run, name, args)
+    for name, expected in (("libp2p", "could not listen on"), ("control", "control API")):
+        done = results[name]
+        last = done.stderr.decode().strip().splitlines()[-1]
+        assert done.returncode == 1, (name, done.stderr.decode())
+        assert last.startswith("gossamer: error: ") and expected in last, (name, last)
+        assert "Traceback" not in done.stderr.decode()
+        assert not (tmp_path / name / "control.json").exists()
 
 
 async def test_client_commands_without_daemon(tmp_path: Path) -> None:

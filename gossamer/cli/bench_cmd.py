@@ -41,7 +41,8 @@ def register(subparsers: Any) -> None:
         f"Available: {', '.join(names) or '(none installed)'}.",
     )
     parser.add_argument("name", metavar="NAME", help=f"one of: {', '.join(names) or '(none)'}")
-    parser.add_argument("bench_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    rest = parser.add_argument("bench_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    rest.required = False  # argparse marks REMAINDER required: "NAME, bench_args" otherwise
     parser.set_defaults(handler=cmd_bench)
 
 

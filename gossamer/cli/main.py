@@ -72,15 +72,17 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def _gossamer_error_in(exc: BaseException) -> BaseException | None:
-    """The GossamerError inside ``exc`` (itself or a leaf of a trio exception group)."""
+def _expected_error_in(exc: BaseException) -> BaseException | None:
+    """The error worth one line inside ``exc``: a GossamerError or an OSError
+    (a port in use, a directory we may not write), itself or a leaf of a trio
+    exception group; None for anything else, which is a bug."""
     from gossamer.node.errors import GossamerError
 
-    if isinstance(exc, GossamerError):
+    if isinstance(exc, GossamerError | OSError):
         return exc
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:
-            found = _gossamer_error_in(inner)
+            found = _expected_error_in(inner)
             if found is not None:
                 return found
     return None
@@ -114,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(str(exc))
         return CliError.exit_code
     except Exception as exc:
-        error = _gossamer_error_in(exc)
+        error = _expected_error_in(exc)
         if verbose:
             traceback.print_exception(exc)
         if error is None:
