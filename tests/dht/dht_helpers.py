@@ -1,0 +1,102 @@
+"""Helpers shared by the DHT tests: a few real nodes on 127.0.0.1 with a DHT each."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from gossamer.dht import DHT, DHTConfig
+from gossamer.node.config import NodeConfig
+from gossamer.node.node import Node
+
+
+def fast_config(**overrides: Any) -> DHTConfig:
+    """Test-sized timings: short deadlines, no slow background cycles."""
+    values: dict[str, Any] = {
+        "op_timeout": 5.0,
+        "refresh_interval": 600.0,
+        "republish_interval": 600.0,
+        "flush_interval": 0.05,
+        # small swarms: the join lookup of our own id already finds everyone
+        "refresh_buckets_on_join": False,
+        "publish_peer_record": False,
+    }
+    values.update(overrides)
+    return DHTConfig(**values)
+
+
+def loopback(data_dir: Path) -> NodeConfig:
+    return NodeConfig(
+        data_dir=data_dir,
+        listen=["/ip4/127.0.0.1/tcp/0"],
+        dataplane_listen="127.0.0.1:0",
+        mdns=False,
+    )
+
+
+@contextlib.asynccontextmanager
+async def started(data_dir: Path, config: DHTConfig | None = None) -> AsyncIterator[Node]:
+    """One node with its DHT (``node.dht``)."""
+    async with Node(loopback(data_dir)) as node:
+        await DHT.start(node, config or fast_config())
+        yield node
+
+
+async def wait_for(predicate: Any, timeout: float = 5.0, what: str = "condition") -> None:
+    with trio.move_on_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)
+        return
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Swarm(list):
+    """The nodes of a test swarm, each running in its own task so any one can stop early."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        super().__init__()
+        self._nursery = nursery
+        self._stops: dict[str, tuple[trio.CancelScope, trio.Event]] = {}
+
+    async def add(self, data_dir: Path, config: DHTConfig | None = None) -> Node:
+        stopped = trio.Event()
+
+        async def run(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            try:
+                with trio.CancelScope() as scope:
+                    async with started(data_dir, config) as node:
+                        task_status.started((node, scope))
+                        await trio.sleep_forever()
+            finally:
+                stopped.set()
+
+        node, scope = await self._nursery.start(run)
+        self._stops[node.peer_id] = (scope, stopped)
+        self.append(node)
+        return node
+
+    async def kill(self, node: Node) -> None:
+        """Stop ``node`` without a word to anyone (its sockets just close)."""
+        self.remove(node)
+        scope, stopped = self._stops.pop(node.peer_id)
+        scope.cancel()
+        await stopped.wait()
+
+
+@contextlib.asynccontextmanager
+async def chain(
+    tmp_path: Path, count: int, config: DHTConfig | None = None
+) -> AsyncIterator[Swarm]:
+    """``count`` nodes, node i connected only to node i-1; tables fill on their own."""
+    async with trio.open_nursery() as nursery:
+        swarm = Swarm(nursery)
+        for i in range(count):
+            node = await swarm.add(tmp_path / f"n{i}", config)
+            if len(swarm) > 1:
+                await node.connect(swarm[-2].addrs()[0])
+        yield swarm
+        nursery.cancel_scope.cancel()

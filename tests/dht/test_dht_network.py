@@ -1,0 +1,294 @@
+"""The DHT between real nodes on 127.0.0.1: routing, put/get, sub-keys, ownership,
+expiry, size bounds, persistence and rejoining after a restart."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import trio
+from dht_helpers import chain, fast_config, loopback, started, wait_for
+
+from gossamer.dht import (
+    DHT,
+    MAX_RECORD_BYTES,
+    InvalidRecord,
+    RecordTooLarge,
+)
+from gossamer.dht._records import Entry, make_entry
+from gossamer.dht._routing import key_id, peer_key
+from gossamer.node.errors import RemoteError
+from gossamer.node.identity import Identity
+from gossamer.node.node import Node
+
+
+def _storers(nodes: list[Node], key: str) -> list[Node]:
+    return [n for n in nodes if n.dht.store.get(key, time.time())]
+
+
+async def test_routing_tables_fill_from_connections_alone(tmp_path: Path) -> None:
+    # Each node dials only its predecessor; nobody calls add_peer.  Production
+    # join settings: own-id lookup, bucket refreshes, peer record.
+    config = fast_config(refresh_buckets_on_join=True, publish_peer_record=True)
+    async with chain(tmp_path, 6, config) as nodes:
+        await wait_for(lambda: all(len(n.dht.table) == 5 for n in nodes), 15, "full tables")
+        for node in nodes:
+            assert node.dht in (node.dht,) and node.dht.node is node  # node.dht attached
+            for other in nodes:
+                if other is not node:
+                    contact = node.dht.table.get(other.peer_id)
+                    assert contact is not None and contact.addrs, "contact without addresses"
+
+
+async def test_put_get_when_the_getter_never_met_the_storer(tmp_path: Path) -> None:
+    # Only the two nodes nearest the key store it.
+    config = fast_config(replicas=2)
+    async with chain(tmp_path, 6, config) as nodes:
+        await wait_for(lambda: all(len(n.dht.table) == 5 for n in nodes), 15, "full tables")
+        key = "/gossamer/test/not-connected"
+        stored = await nodes[0].dht.put(key, {"answer": 42}, time.time() + 60)
+        assert stored == 2
+        storers = _storers(nodes, key)
+        assert len(storers) == 2
+        relay = next(n for n in nodes if n not in storers)
+        # A fresh node that only knows `relay` and has not looked anything up yet.
+        quiet = fast_config(replicas=2, bootstrap_on_join=False)
+        async with started(tmp_path / "getter", quiet) as getter:
+            await getter.connect(relay.addrs()[0])
+            await wait_for(lambda: relay.peer_id in getter.dht.table, 5, "getter knows relay")
+            assert not any(getter.is_connected(s.peer_id) for s in storers)
+            record = await getter.dht.get(key)
+            assert record is not None and record.value == {"answer": 42}
+            assert record.items[""].signer == nodes[0].peer_id
+            # It reached a storer through addresses learned in the lookup.
+            assert any(getter.is_connected(s.peer_id) for s in storers)
+
+
+async def test_concurrent_subkey_writers_merge_on_every_replica(tmp_path: Path) -> None:
+    async with chain(tmp_path, 5) as nodes:
+        await wait_for(lambda: all(len(n.dht.table) == 4 for n in nodes), 15, "full tables")
+        key = "/gossamer/run/r1/members"
+        expires = time.time() + 60
+        async with trio.open_nursery() as nursery:
+            # Each writer owns the sub-key named after itself...
+            for node in nodes[:4]:
+                nursery.start_soon(
+                    node.dht.put, key, {"joined": node.peer_id[-4:]}, expires, node.peer_id
+                )
+            # ...and two writers race on one shared sub-key.
+            nursery.start_soon(nodes[0].dht.put, key, "from-0", expires, "shared")
+            nursery.start_soon(nodes[1].dht.put, key, "from-1", expires, "shared")
+        record = await nodes[4].dht.get(key)
+        assert record is not None
+        assert set(record.subkeys) == {n.peer_id for n in nodes[:4]} | {"shared"}
+        for node in nodes[:4]:
+            assert record.subkeys[node.peer_id].value == {"joined": node.peer_id[-4:]}
+            assert record.subkeys[node.peer_id].signer == node.peer_id
+        winner = record.subkeys["shared"].value
+        assert winner in ("from-0", "from-1")
+        # Every replica settled on the same winner for the contested sub-key.
+        now = time.time()
+        held = {n.dht.store.get(key, now)["shared"].value for n in _storers(nodes, key)}
+        assert len(held) == 1
+        # A newer write replaces the old value for that sub-key everywhere.
+        await nodes[2].dht.put(key, "later", time.time() + 60, "shared")
+        record = await nodes[3].dht.get(key)
+        assert record is not None and record.subkeys["shared"].value == "later"
+
+
+async def test_expired_records_are_never_returned_and_are_purged(tmp_path: Path) -> None:
+    config = fast_config(purge_interval=0.1)
+    async with chain(tmp_path, 3, config) as nodes:
+        await wait_for(lambda: all(len(n.dht.table) == 2 for n in nodes), 15, "full tables")
+        key = "/gossamer/test/short-lived"
+        await nodes[0].dht.put(key, "soon gone", time.time() + 0.6)
+        await nodes[0].dht.put(key, "stays", time.time() + 60, "keeper")
+        record = await nodes[2].dht.get(key)
+        assert record is not None and record.value == "soon gone"
+        await trio.sleep(0.7)
+        record = await nodes[2].dht.get(key)
+        assert record is not None and record.value is None
+        assert set(record.subkeys) == {"keeper"}
+        await trio.sleep(0.3)  # a purge cycle ran
+        for node in nodes:
+            held = node.dht.store.stored(key, "")
+            assert held is None
+        with pytest.raises(InvalidRecord, match="expired"):
+            await nodes[0].dht.put(key, "already dead", time.time() - 1)
+
+
+async def test_forged_owner_records_are_refused_everywhere(tmp_path: Path) -> None:
+    async with chain(tmp_path, 4) as nodes:
+        await wait_for(lambda: all(len(n.dht.table) == 3 for n in nodes), 15, "full tables")
+        victim = nodes[0]
+        key = f"/gossamer/profile/{victim.peer_id}"
+        await victim.dht.put(key, {"addrs": ["genuine"]}, time.time() + 60)
+        attacker_identity = Identity.generate()
+        now = time.time()
+        forged = [
+            # unsigned, newer than the genuine one
+            make_entry(key, {"addrs": ["evil"]}, ts=now + 1, expires_at=now + 60),
+            # signed by the wrong key
+            make_entry(
+                key,
+                {"addrs": ["evil"]},
+                ts=now + 1,
+                expires_at=now + 60,
+                identity=attacker_identity,
+            ),
+        ]
+        genuine = make_entry(
+            key, {"addrs": ["x"]}, ts=now + 1, expires_at=now + 60, identity=victim.identity
+        )
+        # signer claims to be the victim, signature from a valid entry, value swapped
+        forged.append(
+            Entry("", forged[0].value, genuine.ts, genuine.expires_at, victim.peer_id, genuine.sig)
+        )
+        # a sub-key naming the victim, written by someone else
+        forged_sub = make_entry(
+            "/gossamer/run/r1/members",
+            "evil",
+            ts=now,
+            expires_at=now + 60,
+            subkey=victim.peer_id,
+            identity=attacker_identity,
+        )
+        for storer in nodes[1:]:
+            sender = nodes[1] if storer is not nodes[1] else nodes[2]
+            for entry, target_key in [(e, key) for e in forged] + [
+                (forged_sub, "/gossamer/run/r1/members")
+            ]:
+                with pytest.raises(RemoteError) as caught:
+                    await sender.call(
+                        storer.peer_id,
+                        "dht",
+                        "store",
+                        {"key": target_key, "entries": [entry.encode()]},
+                    )
+                assert caught.value.code in ("not_owner", "bad_signature")
+        # The API refuses to publish what would be refused.
+        with pytest.raises(InvalidRecord, match="must be signed"):
+            await nodes[1].dht.put(key, {"addrs": ["evil"]}, time.time() + 60)
+        # A storer that kept a forgery anyway (bypassing its own checks) cannot
+        # make a getter return it.
+        nodes[2].dht.store.put(key, forged[0], nodes[3].peer_id, time.time())
+        record = await nodes[3].dht.get(key)
+        assert record is not None and record.value == {"addrs": ["genuine"]}
+
+
+async def test_oversize_records_are_refused_with_a_clear_error(tmp_path: Path) -> None:
+    async with chain(tmp_path, 2) as nodes:
+        await wait_for(lambda: all(len(n.dht.table) == 1 for n in nodes), 15, "full tables")
+        big = b"x" * (MAX_RECORD_BYTES + 1)
+        with pytest.raises(RecordTooLarge, match=f"the limit is {MAX_RECORD_BYTES} bytes"):
+            await nodes[0].dht.put("/gossamer/test/big", big, time.time() + 60)
+        # Just under the limit is fine.
+        ok = b"x" * (MAX_RECORD_BYTES - 1024)
+        assert await nodes[0].dht.put("/gossamer/test/ok", ok, time.time() + 60) >= 1
+        # A peer that sends one anyway is refused by the storer.
+        now = time.time()
+        entry = Entry("", b"\xc6" + len(big).to_bytes(4, "big") + big, now, now + 60)
+        with pytest.raises(RemoteError) as caught:
+            await nodes[0].call(
+                nodes[1].peer_id,
+                "dht",
+                "store",
+                {"key": "/gossamer/test/big", "entries": [entry.encode()]},
+            )
+        assert caught.value.code == "too_large"
+
+
+async def test_records_survive_a_restart(tmp_path: Path) -> None:
+    key_stored, key_own = "/gossamer/test/stored-by-b", "/gossamer/test/own-of-a"
+    config = fast_config()
+    async with started(tmp_path / "a", config) as a, started(tmp_path / "b", config) as b:
+        await a.connect(b.addrs()[0])
+        await wait_for(lambda: len(a.dht.table) == 1 and len(b.dht.table) == 1, 5, "tables")
+        await a.dht.put(key_stored, "kept by b", time.time() + 60)
+        await b.dht.put(key_own, "b's own", time.time() + 60, "sub")
+        await wait_for(lambda: b.dht.store.get(key_stored, time.time()), 5, "b stores it")
+    # b alone, restarted from the same data dir: what it stored and what it owns.
+    async with started(tmp_path / "b", config) as b:
+        record = await b.dht.get(key_stored, latest=False)
+        assert record is not None and record.value == "kept by b"
+        assert (key_own, "sub") in b.dht._own
+        record = await b.dht.get(key_own, latest=False)
+        assert record is not None and record.subkeys["sub"].value == "b's own"
+
+
+async def test_restarted_node_rejoins_and_is_found(tmp_path: Path) -> None:
+    config = fast_config(publish_peer_record=True)
+    async with chain(tmp_path, 5, config) as nodes:
+        await wait_for(lambda: all(len(n.dht.table) == 4 for n in nodes), 15, "full tables")
+        # Node "x" knew the whole swarm; then it stopped.
+        async with started(tmp_path / "x", config) as x:
+            x_id = x.peer_id
+            await x.connect(nodes[2].addrs()[0])
+            await wait_for(lambda: len(x.dht.table) == 5, 15, "x joined")
+            old_addrs = set(x.addrs())
+        # Back with the same identity on a new port and no bootstrap address: it
+        # greets one contact it saved, and nodes it never dialed can find it.
+        rejoin = fast_config(reconnect_saved_contacts=1, bootstrap_on_join=False)
+        async with started(tmp_path / "x", rejoin) as x:
+            assert x.peer_id == x_id
+            assert set(x.addrs()).isdisjoint(old_addrs)
+            await wait_for(lambda: len(x.dht.table) >= 1, 10, "x greeted a saved contact")
+            finder = next(n for n in nodes if not n.is_connected(x_id))
+            addrs = await finder.dht.find_peer(x_id)
+            assert addrs is not None and set(addrs) & set(x.addrs())
+            await finder.ensure_connected(x_id)
+            assert finder.is_connected(x_id)
+
+
+async def test_providers_are_deduplicated_and_carry_addresses(tmp_path: Path) -> None:
+    async with chain(tmp_path, 4) as nodes:
+        await wait_for(lambda: all(len(n.dht.table) == 3 for n in nodes), 15, "full tables")
+        cid = "sha256-" + "ab" * 32
+        for _ in range(2):  # announcing twice still yields one provider per peer
+            await nodes[0].dht.provide(cid)
+        await nodes[1].dht.provide(cid)
+        providers = await nodes[3].dht.find_providers(cid)
+        assert sorted(p.peer_id for p in providers) == sorted([nodes[0].peer_id, nodes[1].peer_id])
+        for provider in providers:
+            assert provider.addrs and all(a.endswith(provider.peer_id) for a in provider.addrs)
+        assert await nodes[3].dht.find_providers("sha256-nothing") == []
+
+
+async def test_dead_peers_are_evicted_and_lookups_route_around_them(tmp_path: Path) -> None:
+    config = fast_config(replicas=2)
+    async with chain(tmp_path, 6, config) as nodes:
+        await wait_for(lambda: all(len(n.dht.table) == 5 for n in nodes), 15, "full tables")
+        key = "/gossamer/test/churn"
+        await nodes[0].dht.put(key, "still here", time.time() + 60)
+        storers = _storers(nodes, key)
+        assert len(storers) == 2
+        victim = storers[0]
+        getter = next(n for n in nodes if n not in storers)
+        await nodes.kill(victim)  # without a word to anyone
+        record = await getter.dht.get(key)
+        assert record is not None and record.value == "still here"
+        # Whoever tried the dead storer dropped it from its routing table.
+        tried = [n for n in nodes if victim.peer_id not in n.dht.table]
+        assert tried, "nobody evicted the dead peer"
+
+
+def test_keyspace_is_sha256_of_the_key_and_peer_id() -> None:
+    import hashlib
+
+    import base58
+
+    pid = Identity.generate().peer_id
+    assert peer_key(pid) == int.from_bytes(hashlib.sha256(base58.b58decode(pid)).digest(), "big")
+    assert key_id("/gossamer/a/b") == int.from_bytes(
+        hashlib.sha256(b"/gossamer/a/b").digest(), "big"
+    )
+
+
+async def test_a_lone_node_stores_locally_and_is_attached(tmp_path: Path) -> None:
+    async with Node(loopback(tmp_path / "solo")) as node, DHT(node, fast_config()) as dht:
+        assert node.dht is dht  # type: ignore[attr-defined]
+        assert await dht.put("/gossamer/test/solo", 1, time.time() + 5) == 1
+        record = await dht.get("/gossamer/test/solo")
+        assert record is not None and record.value == 1
+        assert await dht.find_peer(node.peer_id) == list(dht.own_addrs())
