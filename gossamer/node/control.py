@@ -22,10 +22,11 @@ that does not finish a request within ``request_timeout`` is closed; at most
 message; anything else is logged and answered ``internal``.  No request can
 stop the daemon.
 
-The request/response encoding (:func:`decode_request`, :func:`encode_ok`,
-:func:`encode_error`) is pure; :class:`ControlServer` (trio) and
-:class:`ControlClient` (blocking sockets, for the synchronous CLI) only move
-lines.
+The request/response encoding (:func:`decode_request`, :func:`validate_call`,
+:func:`encode_ok`, :func:`encode_error`) is pure; :class:`ControlServer`
+(trio) and :class:`ControlClient` (blocking sockets, for the synchronous CLI)
+only move lines.  trio is imported inside the server's methods so that the
+CLI's client commands, which import this module, do not pay for it.
 """
 
 from __future__ import annotations
@@ -79,13 +80,12 @@ class ControlError(GossamerError):
 
 
 class _Reject(Exception):
-    """Internal: a request the server answers with an error (and maybe closes)."""
+    """Internal: a request the server answers with an error."""
 
-    def __init__(self, type: str, message: str, *, close: bool = False) -> None:
+    def __init__(self, type: str, message: str) -> None:
         super().__init__(message)
         self.type = type
         self.message = message
-        self.close = close
 
 
 # ------------------------------------------------------------- pure encoding
@@ -93,32 +93,42 @@ class _Reject(Exception):
 
 @dataclass(frozen=True)
 class Request:
-    token: str
     method: str
     params: dict[str, Any]
     id: Any = None
 
 
-def decode_request(line: bytes) -> Request:
-    """Parse and validate one request line (without its newline); raises ``_Reject``."""
+def decode_request(line: bytes) -> tuple[str, dict[str, Any]]:
+    """Parse one request line (without its newline): its token and the whole body.
+
+    Only what authentication needs is checked here; the rest of the body is
+    looked at (:func:`validate_call`) after the token matched, so an
+    unauthenticated client learns nothing and keeps no connection open.
+    Raises ``_Reject``.
+    """
     try:
-        data = json.loads(line)
+        body = json.loads(line)
     except (ValueError, RecursionError):  # RecursionError: absurdly nested input
-        raise _Reject("bad_request", "request is not valid JSON", close=True) from None
-    if not isinstance(data, dict):
-        raise _Reject("bad_request", "request must be a JSON object", close=True)
-    token = data.get("token")
+        raise _Reject("bad_request", "request is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise _Reject("bad_request", "request must be a JSON object")
+    token = body.get("token")
     if not isinstance(token, str):
-        raise _Reject("unauthorized", "request has no token", close=True)
-    method = data.get("method")
+        raise _Reject("unauthorized", "request has no token")
+    return token, body
+
+
+def validate_call(body: dict[str, Any]) -> Request:
+    """The method call in an authenticated request body; raises ``_Reject``."""
+    method = body.get("method")
     if not isinstance(method, str) or not method:
         raise _Reject("bad_request", "request needs 'method', a string")
-    params = data.get("params", {})
+    params = body.get("params")
     if params is None:
         params = {}
     if not isinstance(params, dict):
         raise _Reject("bad_request", "'params' must be a JSON object")
-    return Request(token=token, method=method, params=params, id=data.get("id"))
+    return Request(method=method, params=params, id=body.get("id"))
 
 
 def _json_default(value: Any) -> Any:
@@ -315,8 +325,8 @@ class ControlServer:
                     await self._serve_requests(stream)
                 finally:
                     self._active -= 1
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            log.debug("control client went away")
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+            log.debug("control client went away or stopped reading")
         except Exception:
             log.warning("control connection failed", exc_info=True)
 
@@ -341,18 +351,21 @@ class ControlServer:
             if line is None:
                 return
             try:
-                request = decode_request(line)
+                token, body = decode_request(line)
             except _Reject as reject:
                 await self._send(stream, encode_error(reject.type, reject.message))
-                if reject.close:
-                    return
-                continue
-            if not tokens_match(request.token, self.token):
+                return
+            if not tokens_match(token, self.token):
                 log.warning("control request with a wrong token: refused")
                 await self._send(
-                    stream, encode_error("unauthorized", "wrong control token", request.id)
+                    stream, encode_error("unauthorized", "wrong control token", body.get("id"))
                 )
                 return
+            try:
+                request = validate_call(body)
+            except _Reject as reject:
+                await self._send(stream, encode_error(reject.type, reject.message, body.get("id")))
+                continue
             await self._send(stream, await self._dispatch(request))
 
     async def _dispatch(self, request: Request) -> bytes:
@@ -390,9 +403,10 @@ class ControlServer:
             )
 
     async def _send(self, stream: Any, line: bytes) -> None:
+        """Send one answer; a client that does not read it in time is dropped."""
         import trio
 
-        with trio.move_on_after(self.request_timeout):
+        with trio.fail_after(self.request_timeout):
             await stream.send_all(line)
 
 
@@ -403,12 +417,12 @@ async def _read_line(stream: Any, buffer: bytearray, limit: int) -> bytes | None
         index = buffer.find(b"\n", scanned)
         if index >= 0:
             if index > limit:
-                raise _Reject("too_large", f"request exceeds {limit} bytes", close=True)
+                raise _Reject("too_large", f"request exceeds {limit} bytes")
             line = bytes(buffer[:index])
             del buffer[: index + 1]
             return line
         if len(buffer) > limit:
-            raise _Reject("too_large", f"request exceeds {limit} bytes", close=True)
+            raise _Reject("too_large", f"request exceeds {limit} bytes")
         scanned = len(buffer)
         chunk = await stream.receive_some(_READ_CHUNK)
         if not chunk:
