@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gossamer.cli.common import print_json
+from gossamer.cli.common import CliError, print_json
 from gossamer.node.errors import GossamerError
 
 TAG = "gossamer-demo"
@@ -51,8 +51,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import trio
 
     if not 0 < args.size_mb <= 4096:
-        from gossamer.cli.common import CliError
-
         raise CliError("--size-mb must be between 1 and 4096")
     say = (lambda *a: None) if args.json else print
     result = trio.run(_demo, args.size_mb << 20, say)
