@@ -138,3 +138,12 @@ def test_flop_count_of_the_mlp_is_twice_its_matmul_weights():
     weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     assert forward_flops(model, (1, 8, 8)) == 2 * weights
     assert count_params(model) == 182_848
+
+
+def test_every_name_on_the_package_surface_resolves():
+    import gossamer.training.diffusion as ddm
+
+    for name in ddm.__all__:
+        assert getattr(ddm, name) is not None, name
+    with pytest.raises(AttributeError):
+        ddm.no_such_name  # noqa: B018

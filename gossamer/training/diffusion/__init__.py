@@ -28,6 +28,8 @@ _EXPORTS: dict[str, str] = {
     "registered_experts": "models",
     "count_params": "models",
     "forward_flops": "models",
+    "MLPVelocity": "models",
+    "TinyUNet": "models",
     "training_flops": "models",
     "expert_to_bytes": "models",
     "expert_from_bytes": "models",
@@ -38,6 +40,7 @@ _EXPORTS: dict[str, str] = {
     "Router": "router",
     "train_router": "router",
     "router_accuracy": "router",
+    "router_steps_for_budget": "router",
     "router_to_bytes": "router",
     "router_from_bytes": "router",
     "RoutingMode": "ensemble",
@@ -53,11 +56,15 @@ _EXPORTS: dict[str, str] = {
     "classifier_accuracy": "metrics",
     "frechet_distance": "metrics",
     "sample_quality": "metrics",
+    "confident_rate": "metrics",
+    "make_grid": "images",
+    "write_png": "images",
     "save_image_grid": "images",
     "encode_png": "images",
     "decode_png": "images",
     "ComparisonConfig": "experiment",
     "run_local_comparison": "experiment",
+    "split_steps": "experiment",
 }
 
 __all__ = sorted(_EXPORTS)

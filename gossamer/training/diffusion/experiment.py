@@ -80,10 +80,13 @@ def run_local_comparison(config: ComparisonConfig | None = None) -> dict[str, An
     """Train K experts + router and a monolith on digits; FD of every sampling mode (lower wins).
 
     Keys: ``fd_ensemble_top1``, ``fd_ensemble_top2``, ``fd_ensemble_full`` (router at
-    ``config.temperature``), ``fd_ensemble_full_t1`` (temperature 1), ``fd_per_image`` (one
-    expert per image, drawn by cluster size: the mixture without a router), ``fd_monolith``,
-    ``fd_real`` (training images vs held-out: the floor), the matching ``confident_*`` rates,
-    ``classifier_accuracy``, router accuracy by t, FLOPs, parameter counts, wall times.
+    ``config.temperature``), ``fd_ensemble_full_t1`` (temperature 1), ``fd_ensemble_sticky``
+    (each sample draws one expert from the router at t = 0 and keeps it; one expert call per
+    sample per step, like top-1), ``fd_ensemble_sticky_mid`` (full mixture until t = 0.4, then
+    sticky), ``fd_per_image`` (one expert per image drawn by cluster size, no router at all),
+    ``fd_monolith``, ``fd_real`` (training images vs held-out: the floor), the matching
+    ``confident_*`` rates, ``classifier_accuracy``, router accuracy by t, FLOPs, parameter
+    counts, wall times.
     """
     cfg = config or ComparisonConfig()
     torch.set_num_threads(1)
