@@ -216,8 +216,6 @@ class Replica:
                 envelope, "client id already held by another key", Severity.MALFORMED
             )
         author = envelope.author_peer_id
-        if client in self._blocked:
-            return self._refuse(envelope, f"author {author[-8:]} broke the rules before")
         start, end = decoded.ranges[client]
         clock = self._clock.get(client, 0)
         if end <= clock:
@@ -230,6 +228,8 @@ class Replica:
             )
         if not verified and not envelope.verify(self.run_id):
             return self._refuse(envelope, "signature does not verify", Severity.MALFORMED)
+        if client in self._blocked:
+            return self._refuse(envelope, f"author {author[-8:]} broke the rules before")
         if len(self._authors) >= self.limits.max_authors and client not in self._authors:
             return self._refuse(envelope, "too many authors in this run")
         if start > clock:

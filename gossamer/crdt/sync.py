@@ -198,6 +198,7 @@ class Link:
         self.queued_bytes = 0
         self.closed = False
         self.cancel_scope = trio.CancelScope()
+        self.drained = trio.Event()
         self.waiters: dict[int, trio.Event] = {}
         self.last_sent = time.monotonic()
         self.last_gap_request = 0.0
@@ -227,7 +228,10 @@ class Link:
             self.close()
             return
         self.queued_bytes += len(data)
-        self._send.send_nowait(data)
+        try:
+            self._send.send_nowait(data)
+        except trio.ClosedResourceError:
+            self.closed = True
 
     def close(self) -> None:
         self.closed = True
@@ -236,9 +240,14 @@ class Link:
     async def writer(self) -> None:
         options = self.run.options
         async for data in self._recv:
-            timeout = options.write_timeout + len(data) / (1 << 20)
-            with trio.fail_after(timeout):
+            # Shielded: cancelling a write half-way through would leave a torn
+            # yamux frame on the connection and kill it for every protocol.
+            # The deadline still bounds it (a stuck peer loses its connection).
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + options.write_timeout + len(data) / (1 << 20)
                 await self.stream.write(data)
+            if scope.cancelled_caught:
+                raise trio.TooSlowError
             self.queued_bytes -= len(data)
             self.last_sent = time.monotonic()
 
@@ -394,12 +403,20 @@ class Run:
             raise RunAccessError(f"{peer_id[-8:]} is not admitted to run {self.run_id}")
         link = Link(self, stream, reader, initiator=True)
         await self.nursery.start(self._serve_link, link, sv)
+        if link.closed:
+            raise RunAccessError(f"{peer_id[-8:]} is banned or filtered")
         return link
 
     async def _serve_link(
         self, link: Link, peer_sv: dict[int, int], task_status: Any = trio.TASK_STATUS_IGNORED
     ) -> None:
         peer = link.peer_id
+        if not self.service.may_talk(peer):  # banned or filtered during the hello
+            link.closed = True
+            task_status.started()
+            with trio.CancelScope(shield=True):
+                await link.stream.reset()
+            return
         self.links.setdefault(peer, []).append(link)
         link.hello_sv = dict(peer_sv)
         link.known = dict(peer_sv)
@@ -415,6 +432,10 @@ class Run:
                     nursery.start_soon(self._guard_writer, link)
                     nursery.start_soon(link.keepalive)
                     await self._read_loop(link)
+                    # Let queued frames (an ERROR, say) go out before closing.
+                    link._send.close()
+                    with trio.move_on_after(1.0):
+                        await link.drained.wait()
                     nursery.cancel_scope.cancel()
         finally:
             link.closed = True
@@ -433,7 +454,11 @@ class Run:
             await link.writer()
         except (ConnectionError, trio.TooSlowError) as exc:
             log.info("crdt: writing to %s failed (%r); closing the link", link.peer_id[-8:], exc)
-        link.close()
+            link.close()
+        except trio.ClosedResourceError:
+            pass
+        finally:
+            link.drained.set()
 
     async def _read_loop(self, link: Link) -> None:
         options = self.options
@@ -458,7 +483,6 @@ class Run:
             except ProtocolError as exc:
                 self.service.penalise(link.peer_id, PENALTY_FORBIDDEN, f"protocol error: {exc}")
                 link.send_raw(error_message("protocol", str(exc)))
-                await trio.sleep(0)  # let the writer try to deliver the error
                 return
             if link.closed:
                 return
