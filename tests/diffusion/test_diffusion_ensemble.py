@@ -24,6 +24,7 @@ from gossamer.training.diffusion.experiment import (
     run_local_comparison,
     split_steps,
 )
+from gossamer.training.diffusion.images import decode_png
 from gossamer.training.diffusion.models import ExpertSpec
 
 PROBS = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25]])
@@ -242,8 +243,9 @@ def test_split_steps_is_proportional_and_exact():
         assert all(abs(s - total * n / 12) < 1 for s, n in zip(steps, [5, 3, 3, 1], strict=True))
 
 
-def test_local_comparison_runs_end_to_end_and_reports_every_figure():
+def test_local_comparison_runs_end_to_end_and_reports_every_figure(tmp_path):
     cfg = ComparisonConfig(
+        grid_dir=str(tmp_path),
         total_steps=40, batch=32, n_samples=120, sample_steps=4, classifier_steps=150,
         expert=ExpertSpec("mlp", {"hidden": 32, "depth": 1}), router_hidden=16, router_depth=1,
     )  # fmt: skip
@@ -254,3 +256,5 @@ def test_local_comparison_runs_end_to_end_and_reports_every_figure():
     assert sum(r["expert_steps"]) == 40
     assert 0 < r["router_flops_fraction"] <= 0.05
     assert 0 <= r["confident_ensemble_full"] <= 1 and r["classifier_accuracy"] > 0.5
+    grid = decode_png((tmp_path / "seed0_ensemble_sticky.png").read_bytes())
+    assert grid.shape == (4 * (10 * 9 + 1), 4 * (10 * 9 + 1))  # 10×10 digits of 8 px, ×4

@@ -255,6 +255,7 @@ def sample(
         noise = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
     alive = set(experts)
     chosen = torch.full((noise.shape[0],), -1, dtype=torch.long)
+    n_experts = max(experts) + 1 if experts else 0
     draw_gen = torch.Generator().manual_seed(seed + 1)
 
     def route(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -265,21 +266,20 @@ def sample(
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if sticky_from is None or float(t[0]) < sticky_from:
             return ensemble_velocity(route, experts, x, t, mode, 1.0, alive)
-        probs = route(x, t)
-        k = probs.shape[1]
-        living = torch.zeros(k, dtype=torch.bool)
-        living[[e for e in alive if 0 <= e < k]] = True
+        living = torch.zeros(n_experts, dtype=torch.bool)
+        living[[e for e in alive if 0 <= e < n_experts]] = True
         if not bool(living.any()):
             raise NoExpertForRows(torch.arange(x.shape[0]))
         redraw = (chosen < 0) | ~living[chosen.clamp(min=0)]
-        if bool(redraw.any()):
-            p = torch.where(living, probs[redraw].double(), 0.0)
+        if bool(redraw.any()):  # the router runs only here: at the switch and after a death
+            p = torch.where(living, route(x[redraw], t[redraw]).double(), 0.0)
             p = torch.where(p.sum(1, keepdim=True) > 0, p, living.double().expand_as(p))
             chosen[redraw] = torch.multinomial(p, 1, generator=draw_gen).flatten()
-        # the chosen expert outranks every probability (≤ 1); if it fails mid-step, the
-        # router's next choice answers for this step and the row redraws at the next one
-        sticky = 2 * nn_functional.one_hot(chosen, k).to(probs.dtype) + probs
-        return ensemble_velocity(lambda *_: sticky, experts, x, t, "top1", 1.0, alive)
+        # one-hot "probabilities": top-1 asks exactly the chosen expert; if it fails mid-step,
+        # the row falls back to the lowest-numbered living expert for this step and redraws
+        # from the router at the next one
+        onehot = nn_functional.one_hot(chosen, n_experts).float()
+        return ensemble_velocity(lambda *_: onehot, experts, x, t, "top1", 1.0, alive)
 
     return euler_sample(velocity, noise, steps)
 

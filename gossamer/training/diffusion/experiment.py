@@ -25,6 +25,7 @@ import torch
 from gossamer.training.diffusion.data import load_digits_split
 from gossamer.training.diffusion.ensemble import sample, sample_by_prior
 from gossamer.training.diffusion.flow import euler_sample, train_expert
+from gossamer.training.diffusion.images import save_image_grid
 from gossamer.training.diffusion.metrics import (
     classifier_accuracy,
     classifier_features,
@@ -64,6 +65,7 @@ class ComparisonConfig:
     n_holdout: int = 360
     classifier_seed: int = 0  # fixed across seeds: the yardstick must not move
     classifier_steps: int = 3000
+    grid_dir: str | None = None  # if set, a 10×10 PNG grid of each mode's samples goes here
 
 
 def split_steps(total: int, sizes: list[int]) -> list[int]:
@@ -179,7 +181,11 @@ def run_local_comparison(config: ComparisonConfig | None = None) -> dict[str, An
         "per_image": lambda: sample_by_prior(experts, sizes, noise, cfg.sample_steps, cfg.seed),
     }
     for name, run in runs.items():
-        fd, conf = score(run())
+        samples = run()
+        if cfg.grid_dir is not None:
+            Path(cfg.grid_dir).mkdir(parents=True, exist_ok=True)
+            save_image_grid(samples[:100], Path(cfg.grid_dir) / f"seed{cfg.seed}_{name}.png")
+        fd, conf = score(samples)
         results[f"fd_{name}"] = fd
         results[f"confident_{name}"] = conf
     timings["sampling_s"] = time.perf_counter() - t0
@@ -203,6 +209,10 @@ def run_local_comparison(config: ComparisonConfig | None = None) -> dict[str, An
         config={**asdict(cfg), "expert": cfg.expert.to_dict()},
     )
     results["router_flops_fraction"] = results["flops_router_train"] / expert_flops
+    # the bench convention: measured figure, the reference from the same run, their ratio
+    results["ratio_fd_vs_monolith"] = {
+        name: results[f"fd_{name}"] / results["fd_monolith"] for name in runs if name != "monolith"
+    }
     return results
 
 
@@ -220,6 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--no-whiten", action="store_true")
     parser.add_argument("--out", help="also write the JSON to this file")
+    parser.add_argument("--grids", help="directory for PNG grids of every mode's samples")
     args = parser.parse_args(argv)
     spec = ExpertSpec(args.expert, json.loads(args.expert_kwargs))
     runs = []
@@ -234,6 +245,7 @@ def main(argv: list[str] | None = None) -> None:
             n_samples=args.samples,
             seed=seed,
             whiten=not args.no_whiten,
+            grid_dir=args.grids,
         )
         runs.append(run_local_comparison(cfg))
     fd_keys = [k for k in runs[0] if k.startswith(("fd_", "confident_"))]

@@ -51,9 +51,9 @@ def lr_at(step: int, steps: int, lr: float) -> float:
 class EMA:
     """Exponential moving average of a model's parameters, with the usual warm-up of the decay.
 
-    Samples from the averaged weights are markedly better than from the last iterate at the small
-    budgets used here; the warm-up ((1+n)/(10+n)) keeps a short run from averaging in its random
-    initialisation.
+    Averaged weights are the standard choice for sampling diffusion and flow models (the last
+    iterate jitters with the gradient noise); the warm-up ((1+n)/(10+n)) keeps a short run from
+    averaging in its random initialisation.
     """
 
     def __init__(self, model: nn.Module, decay: float) -> None:

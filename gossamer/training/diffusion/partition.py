@@ -6,9 +6,9 @@ that holds the data derives its cluster from the recipe with plain float64 numpy
 re-fitting, no randomness — so all nodes agree on which image belongs to which expert without
 exchanging the data or a per-image list. ``digest()`` names the recipe in the run document.
 
-Why whitened PCA-32 by default: on digits, k-means on raw pixels groups images by ink mass and
-stroke width; whitening the top 32 components weighs shape directions equally, and the clusters
-come out more digit-like (the calibration measured 1–2 FD better ensembles; LIBP2P-NOTES.md).
+Why whitened PCA-32 by default: raw-pixel distances are dominated by the few highest-variance
+directions; whitening the top 32 components weighs them equally, and on digits the clusters came
+out more digit-like and the ensembles 1–2 FD better (the calibration in LIBP2P-NOTES.md).
 """
 
 from __future__ import annotations
