@@ -10,6 +10,7 @@ modules (:mod:`._records`, :mod:`._routing`, :mod:`._lookup`, :mod:`._store`,
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -65,7 +66,7 @@ class DHTConfig:
     rpc_timeout_floor: float = 0.25  # adaptive per-call deadline: srtt + 4·rttvar, clamped
     rpc_timeout_cap: float = 5.0
     dial_allowance: float = 2.0  # added to a call's deadline when we must dial first
-    stall_floor: float = 0.02  # a lookup asks another peer after max(this, 2·srtt)
+    stall_floor: float = 0.02  # a lookup asks another peer after max(this, srtt + 4·rttvar)
     refresh_interval: float = 600.0  # buckets not looked up this long get a refresh lookup
     republish_interval: float = 600.0  # we re-store our own records this often
     purge_interval: float = 30.0
@@ -103,7 +104,9 @@ class DHT:
             dial_allowance=self.config.dial_allowance,
             stall_floor=self.config.stall_floor,
         )
-        self._own: dict[tuple[str, str], Entry] = {}
+        self._signer = _Signer(node.peer_id, node.identity.private_key)
+        self._own: dict[tuple[str, str], Entry] = {}  # what we published, by (key, sub-key)
+        self._own_by_key: dict[str, dict[str, Entry]] = {}
         self._own_dirty: set[tuple[str, str]] = set()
         self._providing: dict[str, float] = {}  # content id -> ttl, re-provided on republish
         self._last_ts: dict[tuple[str, str], float] = {}
@@ -184,6 +187,23 @@ class DHT:
             raise DHTError("the DHT is not running")
         return self._nursery
 
+    def _own_set(self, slot: tuple[str, str], entry: Entry) -> None:
+        self._own[slot] = entry
+        self._own_by_key.setdefault(slot[0], {})[slot[1]] = entry
+        self._own_dirty.add(slot)
+
+    def _own_del(self, slot: tuple[str, str]) -> None:
+        if self._own.pop(slot, None) is None:
+            return
+        subs = self._own_by_key[slot[0]]
+        del subs[slot[1]]
+        if not subs:
+            del self._own_by_key[slot[0]]
+        self._own_dirty.add(slot)
+
+    def _validate(self, key: str, entry: Entry, now: float) -> None:
+        self.validators.validate(key, entry, now)
+
     def register_validator(self, kind: str, validator: Validator | Callable[..., None]) -> None:
         """Add a check for records under ``/gossamer/<kind>/``.
 
@@ -216,12 +236,12 @@ class DHT:
         slot = (key, subkey)
         ts = max(time.time(), self._last_ts.get(slot, 0.0) + 1e-6)
         entry = make_entry(
-            key, value, ts=ts, expires_at=expires_at, subkey=subkey, identity=self.node.identity
+            key, value, ts=ts, expires_at=expires_at, subkey=subkey, identity=self._signer
         )
-        self.validators.validate(key, entry, time.time())
+        self.validators.trust(key, entry)  # we just signed it: no need to verify
+        self._validate(key, entry, time.time())
         self._last_ts[slot] = ts
-        self._own[slot] = entry
-        self._own_dirty.add(slot)
+        self._own_set(slot, entry)
         return await self._store_entries(key, [entry], self._deadline(timeout))
 
     async def get(
@@ -236,7 +256,7 @@ class DHT:
         check_key(key)
         now = time.time()
         local = list(self.store.get(key, now).values())
-        local += [e for (k, _), e in self._own.items() if k == key and e.expires_at > now]
+        local += [e for e in self._own_by_key.get(key, {}).values() if e.expires_at > now]
         if local and not latest:
             return to_record(key, merge(local, now))
         found: list[Entry] = list(local)
@@ -251,9 +271,18 @@ class DHT:
                 holders += 1
                 if holders >= quorum:
                     lookup.stop()
+                # Keep only as many queries in flight as answers are still needed.
+                lookup.alpha = min(self.config.alpha, quorum - holders) or 1
 
         deadline = self._deadline(timeout)
-        lookup = await self._lookup(key_id(key), "find_value", {"key": key}, deadline, on_answer)
+        lookup = await self._lookup(
+            key_id(key),
+            "find_value",
+            {"key": key},
+            deadline,
+            on_answer,
+            alpha=min(self.config.alpha, max(1, quorum - holders)),
+        )
         merged = merge(found, time.time())
         if not merged and not lookup.finished and trio.current_time() >= deadline:
             raise DeadlineExceeded(f"get {key[:80]} found nothing before its deadline")
@@ -282,8 +311,7 @@ class DHT:
         """Stop re-announcing ``content_id`` (the record expires on its own)."""
         self._providing.pop(content_id, None)
         slot = (provider_key(content_id), self.peer_id)
-        if self._own.pop(slot, None) is not None:
-            self._own_dirty.add(slot)
+        self._own_del(slot)
 
     async def find_providers(
         self, content_id: str, *, timeout: float | None = None
@@ -380,19 +408,30 @@ class DHT:
         params: dict[str, Any],
         deadline: float,
         on_answer: Callable[[str, Any, Lookup], None] | None = None,
+        *,
+        alpha: int | None = None,
+        width: int | None = None,
     ) -> Lookup:
-        """Run one iterative lookup to completion, a stop, or the deadline."""
-        seeds = [(c.peer_id, c.addrs) for c in self.table.closest(target, self.config.k)]
+        """Run one iterative lookup to completion, a stop, or the deadline.
+
+        Queries run in the DHT's nursery: when the lookup is done, the ones
+        still in flight finish in the background (each under its own deadline)
+        instead of being cancelled, because a cancelled RPC resets its stream
+        and the next call to that peer would pay for a new one.
+        """
+        nursery = self._nursery_or_raise()
+        width = width or self.config.k
+        seeds = [(c.peer_id, c.addrs) for c in self.table.closest(target, width)]
         lookup = Lookup(
             target,
             seeds,
-            k=self.config.k,
-            alpha=self.config.alpha,
+            k=width,
+            alpha=alpha or self.config.alpha,
             self_peer_id=self.peer_id,
             stall_after=self.rtt.stall_after(),
         )
         send, receive = trio.open_memory_channel[tuple[str, bool, Any]](math.inf)
-        async with trio.open_nursery() as nursery:
+        with receive:
             while True:
                 now = trio.current_time()
                 for peer_id, addrs in lookup.next_queries(now):
@@ -407,7 +446,6 @@ class DHT:
                             answer = receive.receive_nowait()
                         except trio.WouldBlock:
                             break
-            nursery.cancel_scope.cancel()
         self.table.mark_refreshed(target, time.time())
         return lookup
 
@@ -420,6 +458,8 @@ class DHT:
         peer_id, ok, result = answer
         if not ok:
             lookup.on_failure(peer_id)
+            if on_answer is not None and isinstance(result, RemoteError):
+                on_answer(peer_id, result, lookup)
             return
         lookup.on_response(peer_id, parse_contacts(result.get("peers")))
         if on_answer is not None:
@@ -436,7 +476,8 @@ class DHT:
     ) -> None:
         result = await self._call(peer_id, addrs, method, params, deadline)
         ok = isinstance(result, dict)
-        send.send_nowait((peer_id, ok, result if ok else None))
+        with contextlib.suppress(trio.BrokenResourceError):  # the lookup already ended
+            send.send_nowait((peer_id, ok, result))
 
     async def _call(
         self,
@@ -494,7 +535,7 @@ class DHT:
         for blob in raw[: self.config.limits.max_subkeys_per_key]:
             try:
                 entry = decode_entry(blob)
-                self.validators.validate(key, entry, now)
+                self._validate(key, entry, now)
             except (InvalidRecord, InvalidKey) as exc:
                 log.info(
                     "dht: %s returned an invalid entry for %s: %s", peer_id[-8:], key[:80], exc
@@ -506,49 +547,50 @@ class DHT:
     # ---------------------------------------------------------------- storing
 
     async def _store_entries(self, key: str, entries: list[Entry], deadline: float) -> int:
-        """Find the k nodes nearest ``key`` and store ``entries`` on each of them."""
+        """Store ``entries`` on the nodes nearest ``key``; how many stored them.
+
+        The store *is* the lookup: every store answer also names the nodes the
+        storer knows nearest the key, and the lookup goes on storing until the
+        ``replicas`` nearest it knows of have all stored (or refused).  When our
+        routing table already holds the nearest nodes, that is one round of
+        parallel stores instead of a lookup followed by the stores.  Nodes that
+        turn out not to be among the nearest keep a copy, as a path cache would.
+        """
         target = key_id(key)
-        lookup = await self._lookup(
-            target, "find_node", {"target": _target_bytes(target)}, deadline
-        )
         replicas = min(self.config.replicas, self.config.k)
-        closest = lookup.closest(replicas)
-        stored = 0
-        reasons: list[str] = []
-        if len(closest) < replicas or (
-            peer_key(self.peer_id) ^ target < peer_key(closest[-1][0]) ^ target
-        ):
-            closest = closest[: replicas - 1]
-            now = time.time()
-            for entry in entries:
-                try:
-                    self.store.put(key, entry, self.peer_id, now)
-                except InvalidRecord as exc:
-                    reasons.append(f"self: {exc}")
-                    break
-            else:
-                stored += 1
+        # Are we ourselves among the nodes nearest the key (as far as we know)?
+        known = self.table.closest(target, replicas)
+        ourselves = len(known) < replicas or (
+            peer_key(self.peer_id) ^ target < known[-1].id ^ target
+        )
         blobs = [e.encode() for e in entries]
-        results: list[Any] = []
-
-        async def store_one(peer_id: str, addrs: tuple[str, ...]) -> None:
-            results.append(
-                (
-                    peer_id,
-                    await self._call(
-                        peer_id, addrs, "store", {"key": key, "entries": blobs}, deadline
-                    ),
-                )
-            )
-
-        async with trio.open_nursery() as nursery:
-            for peer_id, addrs in closest:
-                nursery.start_soon(store_one, peer_id, addrs)
-        for peer_id, result in results:
-            if isinstance(result, dict):
+        reasons: list[str] = []
+        stored = 0
+        if ourselves:
+            now = time.time()
+            try:
+                for entry in entries:
+                    self.store.put(key, entry, self.peer_id, now)
                 stored += 1
-            else:
-                reasons.append(f"{peer_id[-8:]}: {result}")
+            except InvalidRecord as exc:
+                reasons.append(f"self: {exc}")
+
+        def on_answer(peer_id: str, result: Any, lookup: Lookup) -> None:
+            if isinstance(result, RemoteError):
+                reasons.append(f"{peer_id[-8:]}: {result.code}: {result.message}")
+
+        width = replicas - 1 if ourselves else replicas
+        if width > 0:
+            lookup = await self._lookup(
+                target,
+                "store",
+                {"key": key, "entries": blobs},
+                deadline,
+                on_answer,
+                alpha=width,
+                width=width,
+            )
+            stored += lookup.answers
         if stored == 0:
             if trio.current_time() >= deadline:
                 raise DeadlineExceeded(f"store of {key[:80]} did not finish before its deadline")
@@ -564,13 +606,14 @@ class DHT:
         entries = list(self.store.get(key, now).values())
         return entries, self.table.closest(key_id(key), exclude=caller)
 
-    def serve_store(self, key: str, entries: list[Entry], caller: str) -> int:
+    def serve_store(self, key: str, entries: list[Entry], caller: str) -> list[Contact]:
+        """Validate and keep ``entries``; the contacts we know nearest ``key``."""
         now = time.time()
         for entry in entries:
-            self.validators.validate(key, entry, now)
+            self._validate(key, entry, now)
         for entry in entries:
             self.store.put(key, entry, caller, now)
-        return len(entries)
+        return self.table.closest(key_id(key), exclude=caller)
 
     def note_caller(self, peer_id: str) -> None:
         """An RPC from ``peer_id``: it is alive; learn its addresses if it is new."""
@@ -736,8 +779,7 @@ class DHT:
                 self.store.purge(wall)
                 for slot, entry in list(self._own.items()):
                     if entry.expires_at <= wall:
-                        del self._own[slot]
-                        self._own_dirty.add(slot)
+                        self._own_del(slot)
             if self._persist is not None:
                 try:
                     self._flush(contacts=now - last_purge < self.config.flush_interval)
@@ -755,23 +797,24 @@ class DHT:
         for key, blob, origin in self._persist.records(now):
             try:
                 entry = decode_entry(blob)
-                self.validators.validate(key, entry, now)
+                self._validate(key, entry, now)
                 self.store.put(key, entry, origin, now)
             except (DHTError, ValueError):
                 dropped += 1
         for key, blob in self._persist.own(now):
             try:
                 entry = decode_entry(blob)
-                self.validators.validate(key, entry, now)
+                self._validate(key, entry, now)
             except (DHTError, ValueError):
                 dropped += 1
                 continue
-            self._own[(key, entry.subkey)] = entry
+            self._own_set((key, entry.subkey), entry)
             self._last_ts[(key, entry.subkey)] = entry.ts
             if key.startswith(f"/gossamer/{PROVIDERS_KIND}/") and entry.subkey == self.peer_id:
                 content_id = key[len(f"/gossamer/{PROVIDERS_KIND}/") :]
                 self._providing[content_id] = self.config.provider_ttl
         self.store.dirty.clear()
+        self._own_dirty.clear()
         if dropped:
             log.warning("dht: dropped %d invalid persisted records", dropped)
 
@@ -864,6 +907,17 @@ class DHT:
         ):
             if name not in self.node.control_methods:
                 self.node.register_control(name, handler)
+
+
+@dataclass(frozen=True)
+class _Signer:
+    """The node key, loaded once (Identity.sign rebuilds it from the seed each call)."""
+
+    peer_id: str
+    private_key: Any
+
+    def sign(self, data: bytes) -> bytes:
+        return self.private_key.sign(data)
 
 
 def provider_key(content_id: str) -> str:

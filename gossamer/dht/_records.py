@@ -21,8 +21,9 @@ from __future__ import annotations
 import functools
 import math
 import re
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from typing import Any, Protocol
 
 from gossamer.dht.errors import InvalidKey, InvalidRecord, RecordTooLarge
@@ -38,6 +39,7 @@ MAX_TTL_S = 7 * 24 * 3600.0
 MAX_CLOCK_SKEW_S = 300.0
 _KIND = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,31}$")
 _SIGNING_DOMAIN = "gossamer/dht/record/1"
+VERIFIED_CACHE_SIZE = 8192
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,15 @@ def signing_bytes(key: str, entry: Entry) -> bytes:
     return wire.pack([_SIGNING_DOMAIN, key, entry.subkey, entry.value, entry.ts, entry.expires_at])
 
 
+class Signer(Protocol):
+    """What signs entries: an :class:`Identity`, or anything with its two members."""
+
+    @property
+    def peer_id(self) -> str: ...
+
+    def sign(self, data: bytes) -> bytes: ...
+
+
 def make_entry(
     key: str,
     value: Any,
@@ -156,7 +167,7 @@ def make_entry(
     ts: float,
     expires_at: float,
     subkey: str = "",
-    identity: Identity | None = None,
+    identity: Identity | Signer | None = None,
 ) -> Entry:
     """Build (and sign, when ``identity`` is given) the entry a writer publishes."""
     check_key(key)
@@ -200,6 +211,9 @@ class Validators:
         self._by_kind: dict[str, list[Validator]] = {}
         self.max_ttl_s = max_ttl_s
         self.max_clock_skew_s = max_clock_skew_s
+        # Signatures already checked (the same entry comes back from every
+        # replica and with every republish): verifying costs ~100 µs each.
+        self._verified: OrderedDict[tuple[Any, ...], None] = OrderedDict()
 
     def register(self, kind: str, validator: Validator | Callable[[str, Entry], None]) -> None:
         """Add a check for keys ``/gossamer/<kind>/...`` (an object with
@@ -239,15 +253,29 @@ class Validators:
                 f"and must be signed by it",
                 "not_owner",
             )
-        if entry.signer or entry.sig:
+        if (entry.signer or entry.sig) and not self._known_good(key, entry):
             try:
                 public_key = public_key_from_peer_id(entry.signer)
             except ValueError:
                 raise InvalidRecord("signer is not an Ed25519 peer id", "bad_signature") from None
             if not verify_signature(public_key, entry.sig, signing_bytes(key, entry)):
                 raise InvalidRecord(f"signature on {key} does not verify", "bad_signature")
+            self.trust(key, entry)
         for validator in self._by_kind.get(kind, ()):
             validator.validate(key, entry)
+
+    def trust(self, key: str, entry: Entry) -> None:
+        """Remember that ``entry``'s signature is good (we verified or made it)."""
+        self._verified[(key, *astuple(entry))] = None
+        if len(self._verified) > VERIFIED_CACHE_SIZE:
+            self._verified.popitem(last=False)
+
+    def _known_good(self, key: str, entry: Entry) -> bool:
+        slot = (key, *astuple(entry))
+        if slot in self._verified:
+            self._verified.move_to_end(slot)
+            return True
+        return False
 
 
 @dataclass(frozen=True)

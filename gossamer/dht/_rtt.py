@@ -5,7 +5,7 @@ trip ``srtt`` and its mean deviation ``rttvar`` per peer, timeout
 ``srtt + 4·rttvar`` clamped to ``[floor, cap]``.  A peer never measured gets
 the swarm-wide estimate, plus a dial allowance when we are not connected to
 it yet.  A lookup treats a query as stalled (and asks someone else) after
-``2·srtt`` of the swarm estimate, with its own floor.
+``srtt + 4·rttvar`` of the swarm estimate, with its own floor.
 """
 
 from __future__ import annotations
@@ -79,10 +79,13 @@ class RttEstimator:
         return base if connected else base + self.dial_allowance
 
     def stall_after(self) -> float:
-        """How long a lookup waits on one query before asking another peer too."""
+        """How long a lookup waits on one query before asking another peer too:
+        a swarm-wide round trip plus four deviations (a query slower than that
+        is unusual, not merely sharing the CPU with its siblings)."""
         if self._swarm is None:
             return max(self.stall_floor, self.floor / 2)
-        return max(self.stall_floor, 2 * self._swarm.srtt)
+        swarm = self._swarm
+        return min(self.cap, max(self.stall_floor, swarm.srtt + 4 * swarm.rttvar))
 
     def srtt(self, peer_id: str | None = None) -> float | None:
         estimate = self._swarm if peer_id is None else self._peers.get(peer_id)

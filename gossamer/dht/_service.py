@@ -8,8 +8,10 @@ Methods, all small msgpack maps over the node's RPC layer:
   contacts nearest the 32-byte ``target``.
 - ``find_value(key)`` → ``{"entries": [entry, ...], "peers": [...]}``: what we
   store under ``key`` plus the k contacts nearest it.
-- ``store(key, entries)`` → ``{"stored": n}``: keep entries (each validated;
-  any invalid one refuses the whole request with a typed code).
+- ``store(key, entries)`` → ``{"stored": n, "peers": [...]}``: keep entries
+  (each validated; any invalid one refuses the whole request with a typed
+  code) and name the k contacts nearest the key, so a store doubles as a
+  lookup step.
 
 Everything from the network is checked here before the DHT sees it; the
 handlers never trust a field they did not check.
@@ -146,13 +148,13 @@ class DHTService(Service):
             raise Refused(str(exc), "bad_key") from None
         self._dht.note_caller(ctx.peer_id)
         try:
-            stored = self._dht.serve_store(key, decoded, ctx.peer_id)
+            contacts = self._dht.serve_store(key, decoded, ctx.peer_id)
         except InvalidRecord as exc:
             log.info("refused a record for %s from %s: %s", key[:80], ctx.peer_id[-8:], exc)
             raise Refused(exc.message, exc.code) from None
         except DHTError as exc:
             raise Refused(str(exc), "bad_key") from None
-        return {"stored": stored}
+        return {"stored": len(decoded), "peers": encode_contacts(contacts)}
 
 
 __all__ = ["MAX_RECORD_BYTES", "DHTService", "clean_addrs", "encode_contacts", "parse_contacts"]

@@ -268,9 +268,11 @@ async def test_dead_peers_are_evicted_and_lookups_route_around_them(tmp_path: Pa
         await nodes.kill(victim)  # without a word to anyone
         record = await getter.dht.get(key)
         assert record is not None and record.value == "still here"
-        # Whoever tried the dead storer dropped it from its routing table.
-        tried = [n for n in nodes if victim.peer_id not in n.dht.table]
-        assert tried, "nobody evicted the dead peer"
+        # Whoever tried the dead storer dropped it from its routing table (a
+        # refused connection) or holds it as failed once (a timeout; a second
+        # failure evicts).
+        contact = getter.dht.table.get(victim.peer_id)
+        assert contact is None or contact.failures > 0
 
 
 def test_keyspace_is_sha256_of_the_key_and_peer_id() -> None:
