@@ -20,6 +20,10 @@ _EXPORTS: dict[str, str] = {
     "Service": "gossamer.node.rpc:Service",
     "rpc": "gossamer.node.rpc:rpc",
     "Refused": "gossamer.node.errors:Refused",
+    # training (needs torch): bring your own model and join a DiLoCo run
+    "Worker": "gossamer.training.sdk:Worker",
+    "DiLoCoConfig": "gossamer.training.diloco:DiLoCoConfig",
+    "TrainResult": "gossamer.training.diloco:TrainResult",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,10 +90,16 @@ def reduce_piece(
     total = math.fsum(contributions[p][1] for p in peers)
     if total <= 0:
         raise ValueError("contribution weights must sum to a positive number")
-    acc = torch.zeros_like(contributions[peers[0]][0], dtype=torch.float32)
+    # The same arithmetic as outer.weighted_average, so a network all-reduce (codec none)
+    # gives the single-process reference's bits: fp32 weights w/total, then one multiply and
+    # one add per contributor, each rounded (no fused ``add_(alpha=...)``, which some CPUs
+    # compute with an FMA and others without).
+    acc: torch.Tensor | None = None
     for peer in peers:
         tensor, weight = contributions[peer]
-        acc.add_(tensor, alpha=weight / total)
+        term = tensor * torch.tensor(weight / total, dtype=torch.float32)
+        acc = term if acc is None else acc.add_(term)
+    assert acc is not None
     return acc, total
 
 
@@ -127,7 +133,8 @@ class Status:
 
     ok: bool
     missing_parts: list[str] = field(default_factory=list)  # owners whose part never came
-    contributors: list[str] = field(default_factory=list)  # summed in every piece it saw
+    # owner -> contributors summed in every piece of that owner's part this member holds
+    contributors: dict[str, list[str]] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)  # contributor -> why (as an owner)
 
     def pack(self) -> bytes:
@@ -142,29 +149,41 @@ class Status:
         if not isinstance(raw, dict) or not isinstance(raw.get("ok"), bool):
             raise ValueError("malformed status")
         missing, contributors, refused = raw.get("m"), raw.get("c"), raw.get("r")
-        if not (isinstance(missing, list) and isinstance(contributors, list)):
-            raise ValueError("malformed status lists")
+        if not isinstance(missing, list) or not isinstance(contributors, dict):
+            raise ValueError("malformed status fields")
         if not isinstance(refused, dict):
             raise ValueError("malformed status refusals")
-        names = [*missing, *contributors, *refused]
+        if not all(isinstance(v, list) for v in contributors.values()):
+            raise ValueError("malformed contributor lists")
+        names = [*missing, *contributors, *refused, *(p for v in contributors.values() for p in v)]
         if not all(isinstance(p, str) and p in known for p in names):
             raise ValueError("status names peers outside the attempt")
-        return cls(raw["ok"], missing, contributors, {k: str(v)[:200] for k, v in refused.items()})
+        return cls(
+            raw["ok"],
+            missing,
+            {k: list(v) for k, v in contributors.items()},
+            {k: str(v)[:200] for k, v in refused.items()},
+        )
 
 
 def decide(members: Sequence[str], statuses: dict[str, Status]) -> tuple[bool, list[str]]:
     """(commit?, next membership) from the statuses a member collected, itself included.
 
-    Deterministic: members that collected the same statuses decide the same.
+    Out: members that went silent, owners some member lacks a part from, and
+    contributors an owner refused.  Then, among the parts of owners still in,
+    any contributor missing from a part (it was too late for that owner) is
+    out too.  Deterministic: members that collected the same statuses decide
+    the same.
     """
-    silent = {p for p in members if p not in statuses}
-    out = set(silent)
     full = set(members)
+    out = {p for p in members if p not in statuses}
     for status in statuses.values():
         out.update(status.missing_parts)
         out.update(status.refused)
-        if status.contributors:
-            out.update(full - set(status.contributors))
+    for status in statuses.values():
+        for owner, contributors in status.contributors.items():
+            if owner not in out:
+                out.update(full - set(contributors))
     commit = not out and all(s.ok for s in statuses.values())
     return commit, sorted(full - out)
 
@@ -215,6 +234,7 @@ class AllReduce:
         phase_timeout: float | None = None,
         error_feedback: ErrorFeedback | None = None,
         join_deadline: float | None = None,
+        on_attempt: Callable[[int, list[str]], Awaitable[None]] | None = None,
     ) -> None:
         self.node = node
         self.key = key
@@ -227,6 +247,7 @@ class AllReduce:
         self.phase_timeout = phase_timeout
         self.error_feedback = error_feedback
         self.join_deadline = join_deadline
+        self.on_attempt = on_attempt
         self.bytes_sent = 0
 
     async def run(self, flat: torch.Tensor, weight: float) -> AllReduceResult:
@@ -237,7 +258,8 @@ class AllReduce:
         start = time.perf_counter()
         # The error-feedback residual is applied once, whatever attempt commits.
         if self.error_feedback is not None:
-            encoded = self.error_feedback.encode(self.key, flat)
+            # One residual per vector, carried across rounds (keys change every round).
+            encoded = self.error_feedback.encode("flat", flat)
             flat = self.codec.decode(encoded).reshape(-1)
         # Candidates come from each member's own view of the run; agree first.
         members = await self._agree(
@@ -257,6 +279,8 @@ class AllReduce:
                     refused_all,
                 )
             prefix = f"ar/{self.key}/{attempt}/"
+            if self.on_attempt is not None:
+                await self.on_attempt(attempt, list(members))
             try:
                 outcome = await self._attempt(prefix, members, flat, weight)
             finally:
@@ -350,11 +374,26 @@ class AllReduce:
         mine = Status(
             ok=not state.missing_parts,
             missing_parts=sorted(state.missing_parts),
-            contributors=sorted(state.contributors_everywhere(members)),
+            contributors={o: sorted(c) for o, c in state.contributors_by_owner.items()},
             refused=state.refused,
         )
         statuses = await self._exchange_statuses(prefix, members, mine)
         commit, proposal = decide(members, statuses)
+        if not commit:
+            log.info(
+                "all-reduce %s %s: statuses %s",
+                self.key,
+                prefix,
+                {
+                    p[-8:]: (
+                        st.ok,
+                        [m[-8:] for m in st.missing_parts],
+                        {o[-8:]: len(c) for o, c in st.contributors.items()},
+                        [r[-8:] for r in st.refused],
+                    )
+                    for p, st in statuses.items()
+                },
+            )
         if commit:
             return True, members, out, state.total_weight, state.refused
         agreed = await self._agree(prefix, members, proposal)
@@ -380,6 +419,21 @@ class AllReduce:
         except (GossamerError, trio.TooSlowError) as exc:
             log.info("all-reduce %s: sending %s to %s failed: %s", self.key, tag, peer[-8:], exc)
             return False
+
+    async def _send_all(
+        self, peers: list[str], tag: str, payload: dict[str, Any], deadline: float
+    ) -> set[str]:
+        """Send ``payload`` to every peer at once; return those it could not reach."""
+        failed: set[str] = set()
+
+        async def one(peer: str) -> None:
+            if not await self._send(peer, tag, payload, deadline):
+                failed.add(peer)
+
+        async with trio.open_nursery() as nursery:
+            for peer in peers:
+                nursery.start_soon(one, peer)
+        return failed
 
     async def _send_contributions(
         self,
@@ -431,6 +485,14 @@ class AllReduce:
                     pieces[peer] = _decode(self.codec, b - a, received.tensors)
                     weights[peer] = piece_weight
                 except (CodecError, KeyError, ValueError) as exc:
+                    log.warning(
+                        "all-reduce %s: refusing %s's contribution to piece %d/%d: %s",
+                        self.key,
+                        peer[-8:],
+                        j,
+                        k,
+                        exc,
+                    )
                     state.refused[peer] = f"undecodable contribution: {exc}"
             for peer, why in screen(pieces).items():
                 log.warning(
@@ -452,7 +514,7 @@ class AllReduce:
             )
             encoded = await trio.to_thread.run_sync(self.codec.encode, reduced)
             out[a:b] = self.codec.decode(encoded).reshape(-1)
-            state.record(j, contributors, total)
+            state.record(self.me, contributors, total)
             mask = torch.tensor([p in pieces for p in members], dtype=torch.uint8)
             message = {
                 **_buffers(encoded),
@@ -493,7 +555,7 @@ class AllReduce:
             )
             state.missing_parts.add(owner)
             return
-        state.record(j, contributors, total)
+        state.record(owner, contributors, total)
 
     async def _exchange_statuses(
         self, prefix: str, members: list[str], mine: Status
@@ -505,11 +567,10 @@ class AllReduce:
         pending = {
             p: self.node.dataplane.post_recv(p, f"{prefix}st") for p in members if p != self.me
         }
-        async with trio.open_nursery() as nursery:
-            for peer in pending:
-                nursery.start_soon(self._send, peer, f"{prefix}st", payload, deadline)
+        unreachable = await self._send_all(list(pending), f"{prefix}st", payload, deadline)
         for peer, receive in pending.items():
-            received = await _wait(receive, deadline)
+            # A peer we could not reach (its process is gone) will not answer either.
+            received = None if peer in unreachable else await _wait(receive, deadline)
             if received is None:
                 continue
             try:
@@ -527,13 +588,18 @@ class AllReduce:
     ) -> list[str]:
         """Converge on a membership with the peers we propose to keep.
 
-        Each round, every member sends its proposal (a sorted list of peer ids)
-        to every peer in it and intersects what it hears back; a peer that does
-        not answer by the deadline is left out.  Views that started different
-        (a member not yet visible to some) converge in a round or two.
+        Every member runs the same two rounds, with no early exit: in each it
+        sends its current set (a sorted list of peer ids) to the peers in it and
+        intersects what it hears back; a peer that does not answer by the
+        deadline is left out.  Round 2 spreads what round 1 learned, so a peer
+        that reached only some members before it died is dropped by all of
+        them.  (A member that stopped after round 1 because its views agreed
+        would leave the others waiting for it in round 2.)  Two faults within
+        one exchange can still split the views; the attempt's status exchange
+        then fails and the next attempt agrees again.
         """
         proposal = sorted(set(proposal))
-        for round_ in range(4):
+        for round_ in range(2):
             if proposal == [self.me] or self.me not in proposal:
                 return proposal
             tag = f"{prefix}mv/{round_}"
@@ -541,20 +607,24 @@ class AllReduce:
             if deadline is None or round_ > 0:
                 deadline = trio.current_time() + 2.0 + self.node.config.dial_timeout / 2
             pending = {p: self.node.dataplane.post_recv(p, tag) for p in proposal if p != self.me}
-            async with trio.open_nursery() as nursery:
-                for peer in pending:
-                    nursery.start_soon(self._send, peer, tag, payload, deadline)
+            unreachable = await self._send_all(list(pending), tag, payload, deadline)
             views = [set(proposal)]
             for peer, receive in pending.items():
-                received = await _wait(receive, deadline)
+                received = None if peer in unreachable else await _wait(receive, deadline)
                 view = _peer_list(received["m"]) if received is not None else None
                 if view is None or self.me not in view:
                     views.append(set(proposal) - {peer})
                 else:
                     views.append(view)
             agreed = sorted(set.intersection(*views))
-            if all(view == set(agreed) for view in views):
-                return agreed
+            log.debug(
+                "all-reduce %s %s: proposal %s, views %s, unreachable %s",
+                self.key,
+                tag,
+                [p[-8:] for p in proposal],
+                [sorted(p[-8:] for p in v) for v in views],
+                [p[-8:] for p in unreachable],
+            )
             proposal = agreed
         return proposal
 
@@ -574,17 +644,16 @@ class _AttemptState:
     missing_parts: set[str] = field(default_factory=set)
     unreachable: set[str] = field(default_factory=set)
     refused: dict[str, str] = field(default_factory=dict)
-    contributors_by_piece: list[set[str]] = field(default_factory=list)
+    contributors_by_owner: dict[str, set[str]] = field(default_factory=dict)
     totals: set[float] = field(default_factory=set)
 
-    def record(self, part: int, contributors: list[str], total: float) -> None:
-        self.contributors_by_piece.append(set(contributors))
+    def record(self, owner: str, contributors: list[str], total: float) -> None:
+        """A piece of ``owner``'s part, summed over ``contributors``, is in hand."""
+        seen = self.contributors_by_owner.get(owner)
+        self.contributors_by_owner[owner] = (
+            set(contributors) if seen is None else (seen & set(contributors))
+        )
         self.totals.add(total)
-
-    def contributors_everywhere(self, members: list[str]) -> set[str]:
-        if not self.contributors_by_piece:
-            return set(members)
-        return set.intersection(*self.contributors_by_piece)
 
     @property
     def total_weight(self) -> float:
@@ -611,6 +680,7 @@ async def all_reduce(
     phase_timeout: float | None = None,
     error_feedback: ErrorFeedback | None = None,
     join_deadline: float | None = None,
+    on_attempt: Callable[[int, list[str]], Awaitable[None]] | None = None,
 ) -> AllReduceResult:
     """Tokens-weighted mean of ``flat`` across ``members``; see the module docstring.
 
@@ -627,6 +697,7 @@ async def all_reduce(
         phase_timeout=phase_timeout,
         error_feedback=error_feedback,
         join_deadline=join_deadline,
+        on_attempt=on_attempt,
     )
     return await collective.run(flat, weight)
 

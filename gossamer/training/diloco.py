@@ -1,0 +1,759 @@
+"""DiLoCo over the network: one member's training loop, readable top to bottom.
+
+Every member of a run runs :meth:`DiLoCoWorker.train`::
+
+    state = enter the run                      (own checkpoint, own fresh model, or download)
+    while the run has rounds left:
+        inner steps until the round closes     (H steps, or fewer if others closed it first)
+        pseudo-gradient  Δ = θ_start − θ_local (flat fp32)
+        all-reduce Δ among the round's members (tokens-weighted; compressed; dead peers dropped)
+        outer step       θ, momentum ← Nesterov SGD(θ_start, mean Δ)   (same bits everywhere)
+        parity           publish digest(θ, momentum) in the run document, compare; re-fetch if off
+
+The network sits behind four calls: the run document (:mod:`gossamer.crdt`: round entries,
+heartbeats, metrics), :func:`gossamer.training.collective.all_reduce`,
+:func:`gossamer.training.statesync.fetch_state` and the state service that serves our state to
+others. The round rules (who is in a round, when it closes, how to enter a run, what parity
+means) are pure functions in :mod:`gossamer.training.rounds`; the arithmetic is
+:mod:`gossamer.training.outer`. Inner steps run in a worker thread so the node keeps serving
+the network meanwhile; the inner loop itself is pluggable (:class:`InnerLoop`): a plain model +
+optimizer (:class:`LocalInnerLoop`) or several GPUs under torch.distributed
+(:mod:`gossamer.training.ddp`).
+
+The shared state — parameters and outer optimizer state, fp32 on the CPU — is the ground truth;
+the model (maybe on a GPU) is loaded from it after every outer step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import trio
+
+from gossamer.node.errors import GossamerError
+from gossamer.training import rounds
+from gossamer.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from gossamer.training.codecs import ErrorFeedback, get_codec
+from gossamer.training.collective import AllReduceResult, CollectiveError, all_reduce
+from gossamer.training.outer import OuterState, apply_outer_step, init_outer_state, state_digest
+from gossamer.training.statesync import (
+    StateService,
+    StateSyncError,
+    fetch_state,
+    layout_of,
+    make_snapshot,
+)
+
+log = logging.getLogger("gossamer.training.diloco")
+
+__all__ = [
+    "DiLoCoConfig",
+    "DiLoCoWorker",
+    "InnerLoop",
+    "LocalInnerLoop",
+    "RoundRecord",
+    "State",
+    "TrainResult",
+    "flat_pseudo_gradient",
+    "unflatten",
+]
+
+
+# ------------------------------------------------------------------------------ configuration
+
+
+@dataclass(frozen=True)
+class DiLoCoConfig:
+    """The algorithm's settings; the host publishes them in the run document (``hparams``)."""
+
+    inner_steps: int = 50  # H: the most inner steps a member takes per round
+    min_inner_steps: int | None = None  # None: = H. Fewer: close early when others have
+    round_seconds: float | None = None  # close a round after this long (once min steps done)
+    rounds: int | None = None  # outer steps in the run; None: until stopped
+    codec: str = "none"  # none/fp32, fp16, bf16, int8, int4
+    error_feedback: bool = True  # carry the codec's error into the next round (lossy codecs)
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    min_workers: int = 1  # the host waits for this many members before round 0
+    gather_timeout: float = 120.0  # ... but not longer than this (seconds)
+    join_timeout: float | None = None  # wait for slower members; None: max(10 s, 2× our round)
+    parity_timeout: float = 10.0  # wait this long for the others' digests after an outer step
+    heartbeat_max_age: float = 60.0  # a member silent for longer is not counted live
+    checkpoint_every: int = 1  # rounds between checkpoints (0: never)
+
+    def __post_init__(self) -> None:
+        rounds.RoundPolicy(self.inner_steps, self.min_inner_steps, self.round_seconds)
+        get_codec(self.codec)
+        if self.rounds is not None and self.rounds < 1:
+            raise ValueError("rounds must be >= 1")
+        if self.min_workers < 1:
+            raise ValueError("min_workers must be >= 1")
+
+    @property
+    def policy(self) -> rounds.RoundPolicy:
+        return rounds.RoundPolicy(self.inner_steps, self.min_inner_steps, self.round_seconds)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> DiLoCoConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown DiLoCo setting(s): {', '.join(unknown)}")
+        return cls(**dict(values))
+
+
+# ------------------------------------------------------------------------------ state and math
+
+
+@dataclass(frozen=True)
+class State:
+    """What all members agree on at the start of a round: S_r (fp32, CPU)."""
+
+    params: dict[str, torch.Tensor]
+    outer: OuterState
+    digest: str
+
+    @property
+    def round(self) -> int:
+        return self.outer.step
+
+    @classmethod
+    def of(cls, params: Mapping[str, torch.Tensor], outer: OuterState) -> State:
+        params = dict(params)
+        return cls(params, outer, state_digest(params, outer))
+
+
+def flat_pseudo_gradient(
+    start: Mapping[str, torch.Tensor], local: Mapping[str, torch.Tensor]
+) -> torch.Tensor:
+    """θ_start − θ_local as one flat fp32 vector, names sorted (outer.pseudo_gradient's bits)."""
+    if set(start) != set(local):
+        raise ValueError(f"parameter names differ: {sorted(set(start) ^ set(local))[:5]}")
+    total = sum(t.numel() for t in start.values())
+    out = torch.empty(total, dtype=torch.float32)
+    offset = 0
+    for name in sorted(start):
+        a = start[name].reshape(-1)
+        b = local[name].detach().to("cpu", torch.float32).reshape(-1)
+        torch.sub(a, b, out=out[offset : offset + a.numel()])
+        offset += a.numel()
+    return out
+
+
+def unflatten(flat: torch.Tensor, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Views of ``flat`` shaped like ``like`` (names sorted)."""
+    out, offset = {}, 0
+    for name in sorted(like):
+        n = like[name].numel()
+        out[name] = flat[offset : offset + n].view(like[name].shape)
+        offset += n
+    if offset != flat.numel():
+        raise ValueError(f"flat vector has {flat.numel()} values, the parameters {offset}")
+    return out
+
+
+# ------------------------------------------------------------------------------ inner loops
+
+
+class InnerLoop(Protocol):
+    """The compute side of a member: takes inner steps, holds the live parameters."""
+
+    def step(self, step: int) -> tuple[float, int]:
+        """One inner step (``step``: index in the run's schedule); returns (loss, tokens)."""
+        ...
+
+    def parameters(self) -> Mapping[str, torch.Tensor]:
+        """The live parameters by name (each distinct tensor once)."""
+        ...
+
+    def load(self, params: Mapping[str, torch.Tensor]) -> None:
+        """Copy the agreed parameters into the model."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def count_tokens(batch: Any) -> int:
+    """Default token count of a batch: the size of its first tensor (inputs)."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.numel())
+    if isinstance(batch, Mapping):
+        batch = list(batch.values())
+    if isinstance(batch, list | tuple):
+        for item in batch:
+            if isinstance(item, torch.Tensor):
+                return int(item.numel())
+    raise TypeError("cannot count tokens in this batch: pass tokens_fn=")
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+class LocalInnerLoop:
+    """A model, its inner optimizer, a batch iterator and a loss, on one device.
+
+    ``loss_fn(model, batch) -> scalar tensor``; ``lr_schedule(step) -> lr`` (optional) sets the
+    learning rate of every parameter group before each step. On CUDA the forward pass runs
+    under bf16 autocast (``autocast=False`` to turn it off); parameters stay fp32.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        batches: Iterator[Any],
+        loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
+        *,
+        tokens_fn: Callable[[Any], int] = count_tokens,
+        lr_schedule: Callable[[int], float] | None = None,
+        autocast: bool | None = None,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.batches = batches
+        self.loss_fn = loss_fn
+        self.tokens_fn = tokens_fn
+        self.lr_schedule = lr_schedule
+        self._params = dict(model.named_parameters())
+        first = next(iter(self._params.values()))
+        self.device = first.device
+        use_autocast = self.device.type == "cuda" if autocast is None else autocast
+        self._autocast = (
+            (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16))
+            if use_autocast
+            else contextlib.nullcontext
+        )
+
+    def step(self, step: int) -> tuple[float, int]:
+        batch = next(self.batches)
+        tokens = self.tokens_fn(batch)
+        batch = _to_device(batch, self.device)
+        if self.lr_schedule is not None:
+            lr = self.lr_schedule(step)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+        with self._autocast():
+            loss = self.loss_fn(self.model, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach()), int(tokens)
+
+    def parameters(self) -> Mapping[str, torch.Tensor]:
+        return self._params
+
+    @torch.no_grad()
+    def load(self, params: Mapping[str, torch.Tensor]) -> None:
+        for name, p in self._params.items():
+            p.copy_(params[name].to(p.device, p.dtype))
+
+    def close(self) -> None:
+        return None
+
+
+# ------------------------------------------------------------------------------ results
+
+
+@dataclass
+class RoundRecord:
+    """One round as this member saw it."""
+
+    round: int
+    steps: int
+    tokens: int
+    loss: float
+    members: tuple[str, ...]  # whose pseudo-gradients the average holds
+    attempts: int
+    bytes_sent: int
+    seconds_inner: float
+    seconds_sync: float
+    digest: str  # of S_{round+1}, after the outer step (and any re-fetch)
+    parity_ok: bool  # our digest matched the majority's right after the outer step
+    parity_compared: int  # digests compared (ours included)
+    refused: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    peer_id: str
+    records: list[RoundRecord]
+    state: State | None
+    entered_by: list[str]  # how we (re-)entered: fresh / checkpoint / download / local
+    bytes_sent_collective: int
+    bytes_received_state: int
+    refetches: int
+
+    @property
+    def final_digest(self) -> str | None:
+        return None if self.state is None else self.state.digest
+
+    @property
+    def parity_rounds(self) -> tuple[int, int]:
+        """(rounds whose parity check compared ≥ 2 digests and matched, rounds compared)."""
+        compared = [r for r in self.records if r.parity_compared >= 2]
+        return sum(r.parity_ok for r in compared), len(compared)
+
+
+# ------------------------------------------------------------------------------ the worker
+
+
+class DiLoCoWorker:
+    """One member of a DiLoCo run: ``await DiLoCoWorker(node, run, inner, config).train()``.
+
+    ``run`` is a :class:`gossamer.crdt.Run` this node already joined (``host_run``/``join_run``).
+    ``init_params`` are the parameters a fresh run starts from (default: the model's own);
+    ``on_event(dict)`` receives progress (``event``: step, round, state, refused). ``hooks`` is
+    for tests (``on_attempt(round, attempt, members)`` inside the all-reduce).
+    """
+
+    def __init__(
+        self,
+        node: Any,
+        run: Any,
+        inner: InnerLoop,
+        config: DiLoCoConfig,
+        *,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        hooks: Mapping[str, Callable[..., Any]] | None = None,
+    ) -> None:
+        self.node = node
+        self.run = run
+        self.doc = run.doc
+        self.me = node.peer_id
+        self.inner = inner
+        self.config = config
+        self.policy = config.policy
+        self.codec = get_codec(config.codec)
+        self.error_feedback = (
+            ErrorFeedback(self.codec)
+            if config.error_feedback and self.codec.name != "none"
+            else None
+        )
+        root = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        if root is None:
+            root = Path(node.config.data_dir) / "training" / run.run_id
+        self.checkpoint_path = root / "state.safetensors"
+        self.on_event = on_event or (lambda event: None)
+        self.should_stop = should_stop or (lambda: False)
+        self.hooks = dict(hooks or {})
+        self.server = StateService.attach(node)
+        self.layout = layout_of(inner.parameters())
+        self.records: list[RoundRecord] = []
+        self.entered_by: list[str] = []
+        self.bytes_sent = 0
+        self.bytes_received_state = 0
+        self.refetches = 0
+        self.tokens_total = 0
+        self._changed = trio.Event()
+        self._undo_listener = self.doc.on_change(lambda roots, author: self._changed.set())
+        self._last_inner_seconds = 0.0
+        self._fresh = State.of(*self._fresh_state())
+
+    # ------------------------------------------------------------------ the loop
+
+    async def train(self) -> TrainResult:
+        """Train until the run's last round (or ``should_stop``); return what happened."""
+        try:
+            state = await self.enter()
+            while state is not None and not self._finished(state.round):
+                r = state.round
+                # 1. inner steps until the round closes
+                steps, tokens, loss, inner_seconds = await self.inner_steps(r)
+                sync_start = time.perf_counter()
+                self._write_entry(r, "syncing", state.digest)
+                # 2. pseudo-gradient: where the inner steps went, sign-flipped like a gradient
+                delta = flat_pseudo_gradient(state.params, self.inner.parameters())
+                # 3. all-reduce among the round's members (tokens-weighted mean)
+                try:
+                    result = await self.all_reduce(r, state.digest, delta, tokens)
+                except CollectiveError as exc:
+                    log.warning("round %d: dropped from the all-reduce (%s); re-entering", r, exc)
+                    self._write_entry(r, "failed", None)
+                    state = await self.enter()
+                    continue
+                # 4. outer step: every member adds the same numbers in the same order
+                avg = unflatten(result.tensor, state.params)
+                params, outer = apply_outer_step(state.params, avg, state.outer)
+                state = await trio.to_thread.run_sync(State.of, params, outer)
+                self.inner.load(state.params)
+                # 5. parity: publish our digest, compare with the others; re-fetch if we diverged
+                state, verdict = await self.check_parity(state, result.members)
+                self._record(
+                    r, steps, tokens, loss, result, inner_seconds, sync_start, state, verdict
+                )
+                self._save_checkpoint(state)
+            return self._result(state)
+        finally:
+            self._undo_listener()
+
+    # ------------------------------------------------------------------ entering the run
+
+    async def enter(self) -> State | None:
+        """Get the state of the round we can enter (see ``rounds.plan_entry``) and publish it."""
+        checkpoint = self._load_checkpoint()
+        while True:
+            if self.should_stop():
+                return None
+            entries, live = self._view()
+            position = rounds.run_position(entries, live)
+            plan = rounds.plan_entry(
+                position,
+                entries.get(self.me),
+                is_host=self.doc.is_host(),
+                checkpoint_round=None if checkpoint is None else checkpoint.round,
+            )
+            if plan.action == "finished":
+                log.info("run %s is finished (round %s)", self.run.run_id[:12], plan.round)
+                return None
+            if plan.action == "resume" and checkpoint is not None:
+                return self._entered(checkpoint, "checkpoint")
+            if plan.action == "gather":
+                await self._gather()
+                return self._entered(self._fresh, "fresh")
+            if plan.action == "start" and plan.digest is not None:
+                state = await self._state_with(plan.digest, plan.holders, checkpoint)
+                if state is not None:
+                    return state
+                await self._wait_doc(1.0)  # the holders may have moved on; look again
+                continue
+            # announce / wait: say we want round plan.round, then wait for the run to get there
+            mine = entries.get(self.me)
+            if plan.round is not None and (mine is None or mine.step < plan.round):
+                self._write_entry(plan.round, "joined", None)
+            await self._wait_doc(1.0)
+
+    async def _state_with(
+        self, digest: str, holders: tuple[str, ...], checkpoint: State | None
+    ) -> State | None:
+        """Our own state if it has ``digest`` (checkpoint, fresh model); else download it."""
+        for source, local in (("checkpoint", checkpoint), ("fresh", self._fresh)):
+            if local is not None and local.digest == digest:
+                return self._entered(local, source)
+        self._learn_addrs(holders)
+        try:
+            fetched = await fetch_state(
+                self.node,
+                digest,
+                holders,
+                expected_layout=self.layout,
+                timeout=self._fetch_timeout(),
+            )
+        except StateSyncError as exc:
+            log.warning("state sync of %s failed: %s", digest[:12], exc)
+            return None
+        self.bytes_received_state += fetched.bytes_received
+        self.on_event(
+            {
+                "event": "state",
+                "source": "download",
+                "round": fetched.outer.step,
+                "bytes": fetched.bytes_received,
+                "seconds": round(fetched.seconds, 3),
+                "peers": len(fetched.sources),
+            }
+        )
+        return self._entered(State(fetched.params, fetched.outer, digest), "download")
+
+    def _entered(self, state: State, source: str) -> State:
+        self.inner.load(state.params)
+        self.entered_by.append(source)
+        self._publish(state)
+        if source != "download":
+            self.on_event({"event": "state", "source": source, "round": state.round})
+        log.info("entering round %d from %s state %s", state.round, source, state.digest[:12])
+        return state
+
+    async def _gather(self) -> None:
+        """A new run: wait (bounded) until ``min_workers`` members announced round 0."""
+        self._write_entry(0, "joined", None)
+        deadline = trio.current_time() + self.config.gather_timeout
+        while trio.current_time() < deadline:
+            entries, live = self._view()
+            count = sum(1 for p, e in entries.items() if e.step == 0 and live(p))
+            if count >= self.config.min_workers:
+                return
+            self.on_event({"event": "gather", "members": count, "want": self.config.min_workers})
+            await self._wait_doc(min(1.0, max(0.0, deadline - trio.current_time())))
+        log.warning("starting with fewer than %d members", self.config.min_workers)
+
+    # ------------------------------------------------------------------ one round
+
+    async def inner_steps(self, r: int) -> tuple[int, int, float, float]:
+        """Inner steps of round ``r`` until the round's budget closes it."""
+        start = time.perf_counter()
+        steps, tokens, losses = 0, 0, []
+        last_event = 0.0
+        while True:
+            elapsed = time.perf_counter() - start
+            others = rounds.others_closing(self.doc.round_entries(), r, self.me)
+            if self.policy.should_close(steps, elapsed, others):
+                break
+            index = r * self.policy.inner_steps + steps
+            loss, n = await trio.to_thread.run_sync(self.inner.step, index)
+            steps, tokens = steps + 1, tokens + n
+            losses.append(loss)
+            now = time.perf_counter()
+            if now - last_event > 0.5 or steps == 1:
+                last_event = now
+                self.on_event(
+                    {
+                        "event": "step",
+                        "round": r,
+                        "step": steps,
+                        "loss": loss,
+                        "tokens_per_s": tokens / max(1e-9, now - start),
+                    }
+                )
+        seconds = time.perf_counter() - start
+        self._last_inner_seconds = seconds
+        self.tokens_total += tokens
+        return steps, tokens, sum(losses) / len(losses), seconds
+
+    async def all_reduce(
+        self, r: int, digest: str, delta: torch.Tensor, tokens: int
+    ) -> AllReduceResult:
+        entries, live = self._view()
+        members = rounds.round_members(entries, r, digest, self.me, live)
+        self._learn_addrs(members)
+        wait = self.config.join_timeout
+        if wait is None:
+            wait = max(10.0, 2.0 * self._last_inner_seconds)
+        hook = self.hooks.get("on_attempt")
+        result = await all_reduce(
+            self.node,
+            f"{self.run.run_id[:16]}/{r}",
+            members,
+            delta,
+            float(tokens),
+            codec=self.codec,
+            error_feedback=self.error_feedback,
+            join_deadline=trio.current_time() + wait,
+            on_attempt=None if hook is None else (lambda a, m: hook(r, a, m)),
+        )
+        for peer, why in result.refused.items():
+            log.warning("round %d: refused the contribution of %s: %s", r, peer, why)
+            self.on_event({"event": "refused", "round": r, "peer": peer, "reason": why})
+        self.bytes_sent += result.bytes_sent
+        return result
+
+    async def check_parity(
+        self, state: State, members: tuple[str, ...]
+    ) -> tuple[State, rounds.ParityVerdict]:
+        """Publish our digest for round state.round; compare with the members' (bounded wait)."""
+        self._publish(state)
+        r = state.round
+        deadline = trio.current_time() + self.config.parity_timeout
+        while trio.current_time() < deadline:
+            entries, live = self._view()
+            if not rounds.parity_pending(entries, r, [p for p in members if p != self.me], live):
+                break
+            await self._wait_doc(max(0.0, deadline - trio.current_time()))
+        entries, live = self._view()
+        verdict = rounds.parity(self.me, state.digest, rounds.parity_digests(entries, r, live))
+        if verdict.ok:
+            return state, verdict
+        log.warning(
+            "parity: our state %s differs from the majority's %s (%d of %d); re-fetching",
+            state.digest[:12],
+            verdict.digest[:12],
+            len(verdict.holders),
+            verdict.compared,
+        )
+        self.refetches += 1
+        self._learn_addrs(verdict.holders)
+        try:
+            fetched = await fetch_state(
+                self.node,
+                verdict.digest,
+                verdict.holders,
+                expected_layout=self.layout,
+                timeout=self._fetch_timeout(),
+            )
+        except StateSyncError as exc:
+            log.warning("parity re-fetch failed (%s); re-entering the run", exc)
+            self._write_entry(r, "failed", None)
+            again = await self.enter()
+            return (again if again is not None else state), verdict
+        self.bytes_received_state += fetched.bytes_received
+        fixed = State(fetched.params, fetched.outer, verdict.digest)
+        self.inner.load(fixed.params)
+        self._publish(fixed)
+        self.on_event({"event": "state", "source": "refetch", "round": r})
+        return fixed, verdict
+
+    # ------------------------------------------------------------------ helpers
+
+    def _finished(self, r: int) -> bool:
+        return (self.config.rounds is not None and r >= self.config.rounds) or self.should_stop()
+
+    def _fresh_state(self) -> tuple[dict[str, torch.Tensor], OuterState]:
+        params = {
+            n: p.detach().to("cpu", torch.float32).clone()
+            for n, p in self.inner.parameters().items()
+        }
+        outer = init_outer_state(
+            params, lr=self.config.outer_lr, momentum=self.config.outer_momentum
+        )
+        return params, outer
+
+    def _publish(self, state: State) -> None:
+        """Serve ``state`` and declare it in the run document (training, or done at the end)."""
+        self.server.publish(make_snapshot(state.params, state.outer, state.digest))
+        done = self.config.rounds is not None and state.round >= self.config.rounds
+        self._write_entry(state.round, "done" if done else "training", state.digest)
+        with contextlib.suppress(GossamerError):
+            self.doc.heartbeat()
+
+    def _write_entry(self, step: int, status: str, digest: str | None) -> None:
+        try:
+            self.doc.enter_round(step, status, hash=digest, tokens=self.tokens_total)
+        except GossamerError as exc:  # e.g. a forward-only rule after a restart
+            log.info("could not write round entry (%d, %s): %s", step, status, exc)
+
+    def _view(self) -> tuple[dict[str, Any], Callable[[str], bool]]:
+        entries = self.doc.round_entries()
+        members = self.doc.members()
+        now = time.time()
+        max_age = self.config.heartbeat_max_age
+
+        def live(peer: str) -> bool:
+            if peer == self.me:
+                return True
+            m = members.get(peer)
+            return m is not None and m.heartbeat is not None and now - m.heartbeat <= max_age
+
+        return entries, live
+
+    async def _wait_doc(self, timeout: float) -> None:
+        """Until the run document changes (or ``timeout`` passes)."""
+        self._changed = trio.Event()
+        with trio.move_on_after(timeout):
+            await self._changed.wait()
+
+    def _learn_addrs(self, peers: Any) -> None:
+        members = self.doc.members()
+        for p in peers:
+            m = members.get(p)
+            if p != self.me and m is not None and m.addrs:
+                self.node.peers.add_addrs(p, list(m.addrs))
+
+    def _fetch_timeout(self) -> float:
+        numel = sum(math.prod(s) for _, s in self.layout)
+        return 30.0 + 8 * numel / 10e6  # params + momentum at ≥ 10 MB/s, plus set-up
+
+    def _load_checkpoint(self) -> State | None:
+        if not self.checkpoint_path.exists():
+            return None
+        try:
+            ck = load_checkpoint(self.checkpoint_path)
+        except CheckpointError as exc:
+            log.warning("ignoring checkpoint: %s", exc)
+            return None
+        if layout_of(ck.params) != self.layout:
+            log.warning("ignoring checkpoint %s: it does not fit this model", self.checkpoint_path)
+            return None
+        return State(ck.params, ck.outer_state, ck.digest)
+
+    def _save_checkpoint(self, state: State) -> None:
+        every = self.config.checkpoint_every
+        if every <= 0 or state.round % every:
+            return
+        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(
+            self.checkpoint_path,
+            state.params,
+            state.outer,
+            round=state.round,
+            metadata={"run_id": self.run.run_id},
+        )
+
+    def _record(
+        self,
+        r: int,
+        steps: int,
+        tokens: int,
+        loss: float,
+        result: AllReduceResult,
+        inner_seconds: float,
+        sync_start: float,
+        state: State,
+        verdict: rounds.ParityVerdict,
+    ) -> None:
+        record = RoundRecord(
+            round=r,
+            steps=steps,
+            tokens=tokens,
+            loss=loss,
+            members=result.members,
+            attempts=result.attempts,
+            bytes_sent=result.bytes_sent,
+            seconds_inner=inner_seconds,
+            seconds_sync=time.perf_counter() - sync_start,
+            digest=state.digest,
+            parity_ok=verdict.ok,
+            parity_compared=verdict.compared,
+            refused=dict(result.refused),
+        )
+        self.records.append(record)
+        with contextlib.suppress(GossamerError):
+            self.doc.report_metrics(
+                step=r + 1,
+                loss=loss if math.isfinite(loss) else None,
+                tokens=self.tokens_total,
+                bytes_sent=self.bytes_sent,
+                tokens_per_s=tokens / max(1e-9, inner_seconds),
+            )
+        self.on_event(
+            {
+                "event": "round",
+                "round": r,
+                "steps": steps,
+                "tokens": tokens,
+                "loss": loss,
+                "members": len(result.members),
+                "attempts": result.attempts,
+                "bytes_sent": result.bytes_sent,
+                "bytes_sent_total": self.bytes_sent,
+                "tokens_per_s": tokens / max(1e-9, inner_seconds),
+                "seconds_inner": round(inner_seconds, 3),
+                "seconds_sync": round(record.seconds_sync, 3),
+                "digest": state.digest,
+                "parity_ok": verdict.ok,
+                "parity_compared": verdict.compared,
+            }
+        )
+
+    def _result(self, state: State | None) -> TrainResult:
+        return TrainResult(
+            run_id=self.run.run_id,
+            peer_id=self.me,
+            records=self.records,
+            state=state,
+            entered_by=self.entered_by,
+            bytes_sent_collective=self.bytes_sent,
+            bytes_received_state=self.bytes_received_state,
+            refetches=self.refetches,
+        )
