@@ -10,6 +10,9 @@ weights from the routing mode:
   prior, so top-1 sends everything to the biggest cluster there (the calibration saw it collapse).
 * ``topk`` (``top2``, ``top3``, …): the k largest probabilities, renormalised to sum to one.
 
+``sample(..., sticky_from=t)`` is a fourth policy built on these: each sample draws one expert
+from the router once and keeps it (exact for an exact router and experts; top-1's price).
+
 Experts that are down are left out *before* selection (``available`` in ``plan_requests``), and
 experts that fail to answer are left out *after* it: ``combine`` renormalises each row over the
 selected experts that answered. A row none of whose selected experts answered cannot be combined;
