@@ -8,8 +8,9 @@ the release fixed.  Nothing outside this module reaches into libp2p internals.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -52,6 +53,9 @@ class _IntoGossamerLogging(logging.Handler):
         "connection reset",
         "failed to upgrade",
         "muxed connection",
+        # a dial-back (reachability.py) closes right after the security
+        # handshake, so the muxer negotiation that follows always fails
+        "fail to upgrade mux",
     )
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -105,8 +109,18 @@ def noise_only_security(identity: Identity) -> dict[str, Any]:
     }
 
 
-def build_host(identity: Identity, config: NodeConfig, listen_addrs: Sequence[Any]) -> Any:
-    """Create the libp2p host (BasicHost) with every workaround applied."""
+def build_host(
+    identity: Identity,
+    config: NodeConfig,
+    listen_addrs: Sequence[Any],
+    addrs_filter: Callable[[list[str]], list[str]] | None = None,
+) -> Any:
+    """Create the libp2p host (BasicHost) with every workaround applied.
+
+    ``addrs_filter`` (text multiaddrs in, text multiaddrs out) decides what the
+    host advertises (identify, ``host.get_addrs()``); see
+    :func:`_advertised_addrs_factory`.  A configured ``announce`` list wins.
+    """
     from libp2p import new_host
     from libp2p.network.config import ConnectionConfig
     from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
@@ -123,10 +137,13 @@ def build_host(identity: Identity, config: NodeConfig, listen_addrs: Sequence[An
         high_watermark=config.max_connections,
     )
     announce = None
+    factory = None
     if config.announce:
         import multiaddr
 
         announce = [multiaddr.Multiaddr(a) for a in config.announce]
+    elif addrs_filter is not None:
+        factory = _advertised_addrs_factory(addrs_filter)
     host = new_host(
         key_pair=identity.libp2p_keypair(),
         sec_opt=noise_only_security(identity),
@@ -134,6 +151,7 @@ def build_host(identity: Identity, config: NodeConfig, listen_addrs: Sequence[An
         listen_addrs=list(listen_addrs),
         connection_config=connection_config,
         announce_addrs=announce,
+        addrs_factory=factory,
         # Defect 7-adjacent: mDNS multicasts on the LAN; tests must not.
         enable_mDNS=config.mdns,
         enable_upnp=False,
@@ -231,3 +249,252 @@ class Stream:
             return self._stream.get_remote_address()
         except Exception:  # some transports do not know it
             return None
+
+
+# ============================================================== NAT traversal
+# What reachability.py, relay.py and holepunch.py need from py-libp2p, and the
+# defects found on the way (each reproduced in the NAT lab, tests/natlab/).
+
+
+def _advertised_addrs_factory(addrs_filter: Callable[[list[str]], list[str]]) -> Any:
+    """An ``addrs_factory`` for ``new_host`` that advertises what we vouch for.
+
+    Defect (not in the notes): ``BasicHost.get_addrs()`` adds every address
+    identify peers *observed* for us (ObservedAddrManager), verified or not.
+    Behind a NAT those are the router's ports of our *outbound* connections,
+    which nobody can dial, and peers that store them waste dials on them.  The
+    node's filter keeps the listen addresses and the addresses a dial-back
+    confirmed.  (Relayed addresses must not go through here either: see
+    :func:`circuit_addr`.)
+    """
+    import multiaddr
+
+    def factory(candidates: list[Any]) -> list[Any]:
+        out = []
+        for text in addrs_filter([str(a) for a in candidates]):
+            try:
+                out.append(multiaddr.Multiaddr(text))
+            except Exception:  # a malformed address from a peer's observation
+                log.debug("dropping unparsable address %r", text)
+        return out
+
+    return factory
+
+
+def circuit_addr(relay_addr: str, relay_id: str, peer_id: str) -> str:
+    """``<relay transport addr>/p2p/<relay>/p2p-circuit/p2p/<peer>``.
+
+    Defect (not in the notes): ``BasicHost.get_addrs()`` strips "the" /p2p/
+    component of each address before appending ours, but looks up the
+    *first* one: a relayed address loses everything from the relay's id on
+    and becomes ``<relay addr>/p2p/<us>`` -- the relay's address under our id.
+    So relayed addresses are appended by the node, never fed to the host.
+    """
+    return f"{relay_addr}/p2p/{relay_id}/p2p-circuit/p2p/{peer_id}"
+
+
+def peer_connections(host: Any, peer_id: str) -> list[Any]:
+    """The open swarm connections to ``peer_id``."""
+    from libp2p.peer.id import ID
+
+    try:
+        conns = host.get_network().get_connections(ID.from_base58(peer_id))
+    except ValueError:
+        return []
+    return [c for c in conns if not c.is_closed]
+
+
+def connection_kind(conn: Any) -> str:
+    """``"relayed"`` for a circuit-relay connection, else ``"direct"``.
+
+    ``SwarmConn.get_transport_addresses()`` falls back to the *peerstore's*
+    addresses when the connection's own are unknown (which may list relayed
+    addresses for a direct connection), so only the connection type and the
+    addresses recorded at upgrade time count.
+    """
+    from libp2p.connection_types import ConnectionType
+
+    try:
+        if conn.get_connection_type() == ConnectionType.RELAYED:
+            return "relayed"
+    except Exception:  # connection types without the method
+        pass
+    actual = getattr(conn, "_actual_transport_addresses", None) or []
+    return "relayed" if any("/p2p-circuit" in str(a) for a in actual) else "direct"
+
+
+def connection_remote(conn: Any) -> tuple[str, int] | None:
+    """The (ip, port) at the other end of a direct connection; None if relayed/unknown."""
+    if connection_kind(conn) == "relayed":
+        return None
+    try:
+        remote = conn.muxed_conn.get_remote_address()
+    except Exception:  # muxers without the method
+        return None
+    return (str(remote[0]), int(remote[1])) if remote else None
+
+
+def connection_local_port(conn: Any) -> int | None:
+    """Our local TCP port of a direct connection (None if unknown)."""
+    try:
+        secured = conn.muxed_conn.secured_conn
+        raw = getattr(secured, "conn", None) or getattr(secured, "raw_conn", None)
+        stream = getattr(raw, "stream", None)
+        sock = getattr(getattr(stream, "stream", None), "socket", None)
+        return int(sock.getsockname()[1]) if sock is not None else None
+    except Exception:  # any layer missing: not a plain TCP connection
+        return None
+
+
+def stream_kind(raw_stream: Any) -> str:
+    """``"relayed"`` or ``"direct"``: the kind of connection a py-libp2p stream rides."""
+    from libp2p.connection_types import ConnectionType
+
+    try:
+        kind = raw_stream.muxed_conn.get_connection_type()
+    except Exception:  # not a muxed stream we know
+        return "direct"
+    return "relayed" if kind == ConnectionType.RELAYED else "direct"
+
+
+def tcp_listen_addrs(host: Any) -> list[tuple[str, int]]:
+    """The (ip, port) of each TCP listener (ip may be 0.0.0.0)."""
+    out = []
+    for addr in host.get_transport_addrs():
+        text = str(addr)
+        parts = text.split("/")
+        if len(parts) >= 5 and parts[1] in ("ip4", "ip6") and parts[3] == "tcp":
+            out.append((parts[2], int(parts[4])))
+    return out
+
+
+def _tcp_maddr(ip: str, port: int) -> Any:
+    import multiaddr
+
+    family = "ip6" if ":" in ip else "ip4"
+    return multiaddr.Multiaddr(f"/{family}/{ip}/tcp/{port}")
+
+
+async def prove_listener(host: Any, ip: str, port: int, peer_id: str) -> None:
+    """A *fresh* TCP connection to (ip, port) and a Noise handshake with ``peer_id``.
+
+    Returns when the peer listening there proved it holds ``peer_id``'s key;
+    raises otherwise.  The connection is never registered in the swarm and
+    is closed at once.
+
+    Defect 5 (notes): py-libp2p's AutoNAT v1 "dials back" over the existing
+    connection and so rates every peer public.  This is the real dial-back.
+    """
+    from libp2p.peer.id import ID
+
+    swarm = host.get_network()
+    maddr = _tcp_maddr(ip, port)
+    transport = swarm.transport_manager.transport_for_dialing(maddr)
+    if transport is None:
+        raise ConnectionError(f"no transport dials {maddr}")
+    raw = await transport.dial(maddr)
+    try:
+        secured = await swarm.upgrader.upgrade_security(raw, True, ID.from_base58(peer_id))
+        try:
+            await secured.close()
+        except Exception:  # closing a session the peer already dropped
+            log.debug("closing dial-back session", exc_info=True)
+    finally:
+        with contextlib.suppress(Exception):  # already closed by the session
+            await raw.close()
+
+
+async def dial_from_listen_port(
+    host: Any, peer_id: str, ip: str, port: int, source: tuple[str, int], as_responder: bool
+) -> Any:
+    """Dial (ip, port) from our listening ``source`` (SO_REUSEPORT) for a hole punch.
+
+    ``as_responder``: run the security handshake as the responder on this
+    outbound socket.  Two simultaneous SYNs through two NATs make *one* TCP
+    connection on which both ends "dialed"; the DCUtR spec gives the
+    initiator the responder's role so the Noise roles differ.  (py-libp2p's
+    ``Swarm.dial_addr_as_responder`` and TCP ``dial_with_source`` work; its
+    DCUtR service around them is not used, see holepunch.py.)
+    """
+    from libp2p.peer.id import ID
+
+    swarm = host.get_network()
+    target = ID.from_base58(peer_id)
+    maddr = _tcp_maddr(ip, port)
+    if as_responder:
+        return await swarm.dial_addr_as_responder(maddr, target, source)
+    return await swarm.dial_addr(maddr, target, source)
+
+
+async def upgrade_relayed_stream(
+    host: Any, raw_stream: Any, peer_id: str, relay_id: str, initiator: bool
+) -> Any:
+    """Turn a relay circuit (a stream to/through the relay) into a swarm connection.
+
+    Noise and Yamux run end to end inside the circuit, so the relay sees
+    only ciphertext.  Returns the SwarmConn, tagged RELAYED with its circuit
+    address (the generic upgrade cannot know either).
+    """
+    import multiaddr
+    from libp2p.connection_types import ConnectionType
+    from libp2p.network.connection.raw_connection import RawConnection
+    from libp2p.peer.id import ID
+
+    circuit = multiaddr.Multiaddr(f"/p2p/{relay_id}/p2p-circuit/p2p/{peer_id}")
+    raw = RawConnection(
+        stream=raw_stream,
+        initiator=initiator,
+        connection_type=ConnectionType.RELAYED,
+        addresses=[circuit],
+    )
+    swarm = host.get_network()
+    target = ID.from_base58(peer_id)
+    if initiator:
+        conn = await swarm.upgrade_outbound_raw_conn(raw, target)
+    else:
+        muxed = await swarm.upgrade_inbound_raw_conn(raw, circuit)
+        if muxed.peer_id != target:
+            await muxed.close()
+            raise ConnectionError("relayed peer is not who the relay announced")
+        conn = next(
+            (c for c in swarm.get_connections(target) if c.muxed_conn is muxed),
+            None,
+        )
+        if conn is None:
+            raise ConnectionError("relayed connection was not registered")
+    conn.set_transport_info([circuit], ConnectionType.RELAYED)
+    return conn
+
+
+def set_raw_stream_handler(host: Any, protocol: str, handler: Any) -> None:
+    """Register ``handler(raw py-libp2p stream)`` (for relay/DCUtR wire formats)."""
+    host.set_stream_handler(protocol, handler)
+
+
+async def open_raw_stream(host: Any, peer_id: str, protocol: str) -> Any:
+    from libp2p.peer.id import ID
+
+    return await host.new_stream(ID.from_base58(peer_id), [protocol])
+
+
+def peer_supports(host: Any, peer_id: str, protocol: str) -> bool | None:
+    """What identify told us about ``peer_id`` speaking ``protocol`` (None: unknown)."""
+    from libp2p.peer.id import ID
+
+    try:
+        protocols = host.get_peerstore().get_protocols(ID.from_base58(peer_id))
+    except Exception:  # peer not in the peerstore yet
+        return None
+    if not protocols:
+        return None
+    return protocol in {str(p) for p in protocols}
+
+
+def peerstore_addrs(host: Any, peer_id: str) -> list[str]:
+    """The addresses py-libp2p's peerstore holds for ``peer_id`` (identify fills it)."""
+    from libp2p.peer.id import ID
+
+    try:
+        return [str(a) for a in host.get_peerstore().addrs(ID.from_base58(peer_id))]
+    except Exception:  # PeerStoreError when the peer is unknown
+        return []

@@ -60,6 +60,31 @@ class NodeConfig:
     dataplane_unsolicited_budget_bytes: int = 1 << 30
     dataplane_unsolicited_timeout: float = 30.0
 
+    # NAT traversal (see gossamer/node/reachability.py, relay.py, holepunch.py, upnp.py)
+    reachability: str = "auto"  # auto (dial-back decides) | public | private
+    autonat: bool = True  # ask peers to dial us back, and dial back for them
+    autonat_confirmations: int = 2  # agreeing helpers (or all there are) to decide
+    autonat_timeout: float = 5.0  # one dial-back: TCP connect + Noise handshake
+    autonat_delay: float = 1.0  # after the first connection, before the first check
+    autonat_retry: float = 15.0  # re-check interval while unknown
+    autonat_interval: float = 600.0  # re-check interval once decided
+    relay_service: str = "auto"  # serve as circuit relay v2 hop: auto (when public) | on | off
+    relay_max_reservations: int = 128
+    relay_max_circuits: int = 16  # concurrent circuits per reserved peer
+    relay_circuit_duration: float = 120.0  # seconds one relayed connection may last
+    relay_circuit_bytes: int = 1 << 27  # bytes one relayed connection may carry
+    relay_reservation_ttl: float = 900.0
+    relay_client: bool = True  # when private, hold reservations on public relays
+    relay_reservations: int = 2  # how many relays to hold reservations with
+    relays: list[str] = field(default_factory=list)  # relay candidates besides bootstrap/DHT
+    relay_check_interval: float = 10.0  # ping reserved relays; re-reserve when one is gone
+    holepunch: bool = True  # DCUtR: upgrade relayed connections to direct ones
+    holepunch_attempts: int = 3
+    holepunch_timeout: float = 5.0  # one attempt's dials
+    holepunch_relay_grace: float = 3.0  # keep the relayed connection this long after upgrade
+    upnp: bool = True  # when private: ask a UPnP gateway for a port mapping (verified first)
+    upnp_timeout: float = 3.0
+
     # daemon control API (always bound to 127.0.0.1)
     control_port: int = 0
 
@@ -211,15 +236,44 @@ def validate(config: NodeConfig) -> None:
     for name in ("dial_timeout", "rpc_default_timeout", "bootstrap_backoff_min"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"config key {name!r} must be positive")
+    for name in (
+        "autonat_confirmations",
+        "autonat_timeout",
+        "autonat_retry",
+        "autonat_interval",
+        "relay_max_reservations",
+        "relay_max_circuits",
+        "relay_circuit_duration",
+        "relay_circuit_bytes",
+        "relay_reservation_ttl",
+        "relay_check_interval",
+        "holepunch_attempts",
+        "holepunch_timeout",
+        "upnp_timeout",
+    ):
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"config key {name!r} must be positive")
+    for name in ("autonat_delay", "holepunch_relay_grace", "relay_reservations"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"config key {name!r} must not be negative")
+    choices = {
+        "reachability": ("auto", "public", "private"),
+        "relay_service": ("auto", "on", "off"),
+    }
+    for name, allowed in choices.items():
+        if getattr(config, name) not in allowed:
+            raise ConfigError(f"config key {name!r} must be one of {', '.join(allowed)}")
     if not 0 <= config.control_port < 65536:
         raise ConfigError("config key 'control_port' must be a TCP port (0 = any)")
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError("config key 'log_level' must be debug, info, warning or error")
     from gossamer.node.addresses import parse_host_port, parse_multiaddr
 
-    for name in ("listen", "announce", "bootstrap"):
+    for name in ("listen", "announce", "bootstrap", "relays"):
         for addr in getattr(config, name):
-            parse_multiaddr(addr, what=f"{name} address", need_peer_id=name == "bootstrap")
+            parse_multiaddr(
+                addr, what=f"{name} address", need_peer_id=name in ("bootstrap", "relays")
+            )
     if not config.listen:
         raise ConfigError("config key 'listen' needs at least one address")
     parse_host_port(config.dataplane_listen, what="dataplane_listen")

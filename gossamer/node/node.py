@@ -17,6 +17,7 @@ from typing import Any
 
 import trio
 
+from gossamer.node import _libp2p_compat as compat
 from gossamer.node import addresses
 from gossamer.node._libp2p_compat import Stream, build_host, route_libp2p_logging
 from gossamer.node.config import NodeConfig
@@ -100,6 +101,11 @@ class Node:
         # name -> handler(params) for the daemon's local control API; layers
         # above the node (dht, crdt, training) add their own methods here.
         self.control_methods: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {}
+        # NAT traversal (reachability.py, relay.py, holepunch.py, upnp.py), set on start
+        self.reachability: Any = None
+        self.relays: Any = None
+        self.holepunch: Any = None
+        self.upnp: Any = None
         self._register_builtin_control()
 
     # ----------------------------------------------------------------- lifecycle
@@ -107,7 +113,7 @@ class Node:
     async def __aenter__(self) -> Node:
         route_libp2p_logging(logging.DEBUG if self.config.log_level == "debug" else logging.WARNING)
         listen = [addresses.parse_multiaddr(a, what="listen address") for a in self.config.listen]
-        self.host = build_host(self.identity, self.config, listen)
+        self.host = build_host(self.identity, self.config, listen, self._advertised_addrs)
         stack = AsyncExitStack()
         await stack.__aenter__()
         try:
@@ -119,6 +125,7 @@ class Node:
 
             self._dataplane = DataPlane(self)
             await self._dataplane.start(self._nursery)
+            self._start_nat_traversal()
             self._nursery.start_soon(self._ping_loop)
             for addr in self.config.bootstrap:
                 self._nursery.start_soon(self._keep_bootstrap_connected, addr)
@@ -192,10 +199,29 @@ class Node:
             raise GossamerError("the node is not running")
         return self._dataplane
 
+    def _start_nat_traversal(self) -> None:
+        from gossamer.node.holepunch import HolePuncher
+        from gossamer.node.reachability import Reachability
+        from gossamer.node.relay import Relays
+        from gossamer.node.upnp import PortMapper
+
+        self.reachability = Reachability(self)
+        self.relays = Relays(self)
+        self.holepunch = HolePuncher(self)
+        self.upnp = PortMapper(self)
+        self.reachability.start()
+        self.relays.start()
+        self.holepunch.start()
+        self.upnp.start()
+
     # ----------------------------------------------------------------- addresses
 
     def addrs(self) -> list[str]:
-        """Dialable multiaddrs of this node, each ending in /p2p/<peer id>."""
+        """Dialable multiaddrs of this node, each ending in /p2p/<peer id>.
+
+        Listen addresses, addresses a dial-back confirmed, and one relayed
+        address per relay reservation (``.../p2p-circuit/p2p/<us>``).
+        """
         if self.host is None:
             return []
         out = []
@@ -204,14 +230,110 @@ class Node:
             if "/p2p/" not in text:
                 text += f"/p2p/{self.peer_id}"
             out.append(text)
+        if self.relays is not None:
+            out.extend(a for a in self.relays.circuit_addrs() if a not in out)
         return out
+
+    def _advertised_addrs(self, candidates: list[str]) -> list[str]:
+        """What the libp2p host advertises: listen addrs + dial-back-confirmed ones."""
+        listening = {str(a) for a in self.host.get_transport_addrs()} if self.host else set()
+        out = [c for c in candidates if c in listening]
+        if self.reachability is not None:
+            out.extend(a for a in self.reachability.verdict.confirmed_addrs if a not in out)
+        return out
+
+    def addresses_changed(self) -> None:
+        """Our advertised addresses changed (relay reservation, UPnP, dial-back):
+        republish the peer record in the DHT when one runs."""
+        dht = getattr(self, "dht", None)
+        if dht is None or self._nursery is None:
+            return
+        self._nursery.start_soon(self._republish_addrs, dht)
+
+    async def _republish_addrs(self, dht: Any) -> None:
+        from gossamer.dht import peer_record_key
+
+        addrs = [a for a in self.addrs() if "/0.0.0.0/" not in a]
+        try:
+            await dht.put(
+                peer_record_key(self.peer_id),
+                {"addrs": addrs},
+                time.time() + dht.config.peer_record_ttl,
+                timeout=10.0,
+            )
+        except GossamerError as exc:
+            log.info("publishing our addresses in the DHT failed: %s", exc)
+
+    # ------------------------------------------------------- connection kinds
+
+    def connection_kinds(self, peer_id: str) -> list[str]:
+        """``"direct"`` / ``"relayed"`` for each open connection to ``peer_id``."""
+        if self.host is None:
+            return []
+        return [compat.connection_kind(c) for c in compat.peer_connections(self.host, peer_id)]
+
+    def connection_paths(self) -> dict[str, list[dict[str, Any]]]:
+        """Every open connection per peer: kind, direction and remote address."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        for peer_id in self.connected_peers():
+            for conn in compat.peer_connections(self.host, peer_id):
+                remote = compat.connection_remote(conn)
+                out.setdefault(peer_id, []).append(
+                    {
+                        "kind": compat.connection_kind(conn),
+                        "direction": str(getattr(conn, "direction", "")).rsplit(".", 1)[-1].lower(),
+                        "remote": f"{remote[0]}:{remote[1]}" if remote else "",
+                        "streams": len(conn.get_streams()),
+                    }
+                )
+        return out
+
+    def peer_remote(self, peer_id: str) -> tuple[str, int] | None:
+        """(ip, port) we see ``peer_id`` at on a direct connection; None if relayed only."""
+        for conn in compat.peer_connections(self.host, peer_id):
+            remote = compat.connection_remote(conn)
+            if remote is not None:
+                return remote
+        return None
+
+    def relayed_direction(self, peer_id: str) -> str:
+        """``"inbound"`` if a relay brought ``peer_id`` to us, ``"outbound"`` if we dialed."""
+        for conn in compat.peer_connections(self.host, peer_id):
+            if compat.connection_kind(conn) == "relayed":
+                muxed = conn.muxed_conn
+                return "outbound" if getattr(muxed, "is_initiator", False) else "inbound"
+        return ""
+
+    def stream_is_relayed(self, stream: Stream) -> bool:
+        return compat.stream_kind(stream._stream) == "relayed"
+
+    def connection_upgraded(self, peer_id: str) -> None:
+        """A hole punch made the connection to ``peer_id`` direct: move traffic off the relay."""
+        self.rpc.forget_peer(peer_id)  # idle RPC streams ride the relayed connection
+        if self._nursery is not None:
+            self._nursery.start_soon(self._close_relayed_later, peer_id)
+
+    async def _close_relayed_later(self, peer_id: str) -> None:
+        await trio.sleep(self.config.holepunch_relay_grace)
+        if "direct" not in self.connection_kinds(peer_id):
+            return  # never strand the peer
+        for conn in compat.peer_connections(self.host, peer_id):
+            if compat.connection_kind(conn) == "relayed":
+                await _close_quietly(conn)
 
     # --------------------------------------------------------------- connections
 
     async def connect(self, addr: str) -> str:
-        """Connect to the peer at multiaddr ``addr`` (ending in /p2p/<id>); return its id."""
+        """Connect to the peer at multiaddr ``addr`` (ending in /p2p/<id>); return its id.
+
+        A relayed address (``<relay addr>/p2p/<relay>/p2p-circuit/p2p/<id>``)
+        connects through that relay.
+        """
+        from gossamer.node.relay import target_peer
+
         maddr = addresses.parse_multiaddr(addr, what="peer address", need_peer_id=True)
-        peer_id = addresses.peer_id_of(maddr)
+        # the *last* /p2p/ names the peer (a relayed address names its relay first)
+        peer_id = target_peer(addr) if addresses.is_relayed(maddr) else addresses.peer_id_of(maddr)
         assert peer_id is not None
         if peer_id == self.peer_id:
             raise GossamerError("refusing to connect to ourselves")
@@ -274,12 +396,27 @@ class Node:
             return
         peerstore = self.host.get_peerstore()
         failure: Exception | None = None
-        for addr in reversed(bare):
+        # Direct addresses first; relayed ones (through a relay) only if no
+        # direct one answers.  With a relayed fallback, a direct attempt gets
+        # a third of the dial budget (a NAT that drops SYNs never refuses).
+        relayed = [a for a in bare if addresses.is_relayed(a)]
+        direct = [a for a in bare if not addresses.is_relayed(a)]
+        per_direct = self.config.dial_timeout / 3 if relayed else float("inf")
+        for addr in reversed(direct):
             peerstore.clear_addrs(target)
             try:
-                await self.host.connect(PeerInfo(target, [addr]))
+                with trio.fail_after(per_direct):
+                    await self.host.connect(PeerInfo(target, [addr]))
                 return
             except Exception as exc:  # try the next address
+                failure = exc
+        for addr in reversed(relayed):
+            if self.relays is None:
+                break
+            try:
+                await self.relays.dial(target.to_base58(), str(addr))
+                return
+            except Exception as exc:  # try the next relay
                 failure = exc
         assert failure is not None
         raise failure
@@ -482,7 +619,12 @@ class Node:
             "peers_known": len(self.peers),
             "protocols": self.rpc_server.protocols,
             "dataplane": self._dataplane.status() if self._dataplane else {},
-            "reachability": "unknown",
+            "reachability": self.reachability.to_dict() if self.reachability else "unknown",
+            "nat": {
+                "relay": self.relays.status() if self.relays else {},
+                "holepunch": self.holepunch.status() if self.holepunch else {},
+                "upnp": self.upnp.status() if self.upnp else {},
+            },
         }
 
 

@@ -14,6 +14,14 @@ connection the node already has):
    sealed frames ride the handshake stream itself (slower: py-libp2p streams
    top out near 80 MiB/s here), so a data plane exists whenever any libp2p
    connection does, relayed ones included.
+
+Relayed vs direct: the stream opens on the best libp2p connection (py-libp2p
+prefers a direct one, e.g. after a hole punch).  Over a relayed connection
+the stream's "remote address" is the relay's, so the initiator never dials
+it; a node behind a NAT does not offer its direct socket to a peer out on
+the internet (that dial could only time out).  The channel's ``path`` is
+``direct`` (own TCP socket), ``libp2p`` (a stream on a direct libp2p
+connection) or ``relay`` (a stream through a circuit relay).
 """
 
 from __future__ import annotations
@@ -226,8 +234,9 @@ class DataPlane:
                     raise ProtocolError("handshake reply lacks its nonce or channel id")
                 keys = _keys(nonce_i, nonce_r, channel_id, self._node.peer_id, peer_id)
                 transport: Transport | None = None
+                relayed = self._node.stream_is_relayed(stream)
                 if offer is not None and config.dataplane_direct:
-                    target = _direct_target(offer, stream.remote_address())
+                    target = _direct_target(offer, None if relayed else stream.remote_address())
                     if target is not None:
                         transport = await self._dial_direct(target, channel_id, keys)
                 use = "direct" if transport is not None else "libp2p"
@@ -239,6 +248,8 @@ class DataPlane:
             ) from None
         if transport is None:
             transport = Libp2pTransport(stream, reader)
+            if relayed:
+                transport.path = "relay"
         else:
             await stream.close()
         channel = self._make_channel(peer_id, transport, keys["i2r"], keys["r2i"])
@@ -326,7 +337,8 @@ class DataPlane:
                 nonce_r = os.urandom(32)
                 keys = _keys(nonce_i, nonce_r, channel_id, peer_id, self._node.peer_id)
                 offer = None
-                if hello.get("d") is True and config.dataplane_direct:
+                relayed = self._node.stream_is_relayed(stream)
+                if hello.get("d") is True and config.dataplane_direct and self._offer_to(stream):
                     offer = self._direct_offer()
                     pending = _PendingDirect(
                         peer_id,
@@ -360,11 +372,23 @@ class DataPlane:
             if pending is not None:
                 pending.finished.set()
             transport = Libp2pTransport(stream, reader)
+            if relayed:
+                transport.path = "relay"
             finished = None
         channel = self._make_channel(peer_id, transport, keys["r2i"], keys["i2r"])
         # The handshake stream's task runs the channel: py-libp2p keeps a stream
         # alive only while its handler runs, which the libp2p path needs.
         await self._run_channel(channel, finished)
+
+    def _offer_to(self, stream: Stream) -> bool:
+        """Offer our direct socket unless we are behind a NAT and the peer is outside it."""
+        reachability = getattr(self._node, "reachability", None)
+        if reachability is None or self._node.config.dataplane_announce:
+            return True
+        if self._node.stream_is_relayed(stream):
+            return True  # the initiator will not dial a relay's address anyway
+        remote = stream.remote_address()
+        return reachability.dataplane_reachable_from(remote[0] if remote else None)
 
     def _direct_offer(self) -> list[Any] | None:
         announce = self._node.config.dataplane_announce

@@ -1,0 +1,431 @@
+"""Hole punching: upgrade relayed connections to direct ones (DCUtR over TCP).
+
+When a connection to a peer exists only through a relay, the two nodes run
+the DCUtR exchange (``/libp2p/dcutr``, the spec's protobuf messages) over
+it:
+
+1. the initiator sends CONNECT with the addresses it predicts it can be
+   reached at, and times the round trip;
+2. the responder answers CONNECT with its own;
+3. the initiator sends SYNC and waits half the round trip;
+4. **both** dial every address of the other at once, from their own
+   listening port (SO_REUSEPORT).  Each SYN opens its sender's NAT mapping
+   for the other's address; the later SYN passes the earlier side's mapping
+   and the two meet in one TCP connection (simultaneous open) or a plain
+   accept.  The initiator runs the security handshake as the responder, as
+   the spec says, so the two Noise roles differ whichever way the SYNs met.
+
+Predicted addresses are ``<public IP helpers observed us at>:<listen port>``
+(a cone NAT keeps the source port of a connection from the listening port)
+plus non-loopback listen addresses for peers on the same LAN.
+
+The side that *accepted* the relayed connection initiates at once; the side
+that dialed it initiates too if nothing happened after
+:data:`DIALER_GRACE_S` ("both sides attempt").  A failed attempt is retried
+``holepunch_attempts`` times with backoff.  If all fail (a symmetric NAT
+picks a new port per destination, so the prediction is wrong) the traffic
+stays on the relay and the node says so: a warning in the log and
+``status()["holepunch"][peer] = {"state": "relayed", "reason": ...}``.
+
+After an upgrade the relayed connection is closed ``holepunch_relay_grace``
+seconds later, and idle RPC streams that rode it are dropped at once, so new
+RPC and data-plane streams open on the direct connection.
+
+From py-libp2p 0.8.1 this uses the DCUtR protobuf messages, TCP
+``dial_with_source`` and ``Swarm.dial_addr_as_responder``.  Its
+``DCUtRProtocol`` service is not used: it predicts addresses from identify's
+observed-address manager (unverified, and empty when identify has not
+confirmed an observation), gives each peer only 3 attempts for the life of
+the process, dials only after its own "unilateral" attempt timed out, and
+keeps the relayed connection 60 s after an upgrade.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from gossamer.node import _libp2p_compat as compat
+from gossamer.node.reachability import is_public_ip, tcp_multiaddr
+
+if TYPE_CHECKING:
+    from gossamer.node.node import Node
+
+log = logging.getLogger("gossamer.node.holepunch")
+
+DCUTR_PROTOCOL = "/libp2p/dcutr"
+DIALER_GRACE_S = 1.5
+MESSAGE_TIMEOUT_S = 10.0
+MAX_ADDRS = 8
+MAX_STATES = 512
+
+
+@dataclass
+class PunchState:
+    """What hole punching did for one peer."""
+
+    peer_id: str
+    state: str = "relayed"  # relayed | punching | direct | failed
+    role: str = ""  # initiator | responder
+    attempts: int = 0
+    reason: str = ""
+    relayed_at: float | None = None  # monotonic: when the relayed connection appeared
+    upgrade_ms: float | None = None  # relayed -> direct
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "role": self.role,
+            "attempts": self.attempts,
+            "reason": self.reason,
+            "upgrade_ms": None if self.upgrade_ms is None else round(self.upgrade_ms, 1),
+        }
+
+
+def predicted_addrs(
+    listen: list[tuple[str, int]], external_ips: list[str], confirmed: list[str]
+) -> list[str]:
+    """Addresses to put in our DCUtR CONNECT (pure).
+
+    ``external_ips`` paired with each listening port (a port-preserving NAT),
+    dial-back-confirmed addresses, and specific (LAN) listen addresses.
+    """
+    out: list[str] = []
+    for addr in confirmed:
+        if addr not in out:
+            out.append(addr)
+    for ip in external_ips:
+        for _, port in listen:
+            addr = tcp_multiaddr(ip, port)
+            if addr not in out:
+                out.append(addr)
+    for ip, port in listen:
+        if ip in ("0.0.0.0", "::") or ip.startswith("127.") or ip == "::1":
+            continue
+        addr = tcp_multiaddr(ip, port)
+        if addr not in out:
+            out.append(addr)
+    return out[:MAX_ADDRS]
+
+
+def dial_targets(addrs: list[str], own_ips: set[str]) -> list[tuple[str, int]]:
+    """(ip, port) worth dialing among a peer's CONNECT addresses (pure)."""
+    out: list[tuple[str, int]] = []
+    for addr in addrs[:MAX_ADDRS]:
+        parts = addr.split("/")
+        if len(parts) < 5 or parts[1] not in ("ip4", "ip6") or parts[3] != "tcp":
+            continue
+        ip = parts[2]
+        try:
+            port = int(parts[4])
+        except ValueError:
+            continue
+        if not 0 < port < 65536 or ip in own_ips or ip in ("0.0.0.0", "::"):
+            continue
+        if ip.startswith("127.") or ip == "::1":
+            continue
+        if (ip, port) not in out:
+            out.append((ip, port))
+    return out
+
+
+class HolePuncher:
+    def __init__(self, node: Node) -> None:
+        self._node = node
+        self.states: OrderedDict[str, PunchState] = OrderedDict()
+        self._locks: dict[str, trio.Lock] = {}
+        self._active: set[str] = set()
+
+    def start(self) -> None:
+        node = self._node
+        compat.set_raw_stream_handler(node.host, DCUTR_PROTOCOL, self._handle)
+        node.add_connection_listener(self._on_connection)
+
+    def status(self) -> dict[str, Any]:
+        return {peer[-8:]: s.to_dict() for peer, s in self.states.items()}
+
+    def state_of(self, peer_id: str) -> PunchState | None:
+        return self.states.get(peer_id)
+
+    def _state(self, peer_id: str) -> PunchState:
+        state = self.states.get(peer_id)
+        if state is None:
+            state = self.states[peer_id] = PunchState(peer_id)
+            while len(self.states) > MAX_STATES:
+                self.states.popitem(last=False)
+        return state
+
+    # -------------------------------------------------------------- triggers
+
+    def _on_connection(self, peer_id: str, connected: bool) -> None:
+        if connected and self._node.config.holepunch:
+            self._node.nursery.start_soon(self._consider, peer_id)
+
+    async def _consider(self, peer_id: str) -> None:
+        await trio.sleep(0.05)  # the swarm tags a relayed connection right after upgrade
+        node = self._node
+        kinds = node.connection_kinds(peer_id)
+        if "direct" in kinds:
+            known = self.states.get(peer_id)
+            if known is not None and known.relayed_at is not None and known.state != "direct":
+                self._mark_direct(known)
+            return
+        if "relayed" not in kinds:
+            return
+        state = self._state(peer_id)
+        if state.relayed_at is None or state.state in ("direct", "failed"):
+            state.relayed_at = time.monotonic()
+            state.state, state.attempts, state.reason = "relayed", 0, ""
+        inbound = node.relayed_direction(peer_id) == "inbound"
+        if not inbound:
+            # The accepting side starts; we start too if it has not.
+            await trio.sleep(DIALER_GRACE_S)
+            if peer_id in self._active or "relayed" not in node.connection_kinds(peer_id):
+                return
+            if "direct" in node.connection_kinds(peer_id):
+                return
+        await self.punch(peer_id)
+
+    # ------------------------------------------------------------- initiator
+
+    async def punch(self, peer_id: str) -> bool:
+        """Try to make the connection to ``peer_id`` direct; True on success."""
+        node = self._node
+        lock = self._locks.setdefault(peer_id, trio.Lock())
+        async with lock:
+            state = self._state(peer_id)
+            if "direct" in node.connection_kinds(peer_id):
+                self._mark_direct(state)
+                return True
+            if "relayed" not in node.connection_kinds(peer_id):
+                return False
+            state.role = "initiator"
+            config = node.config
+            for attempt in range(config.holepunch_attempts):
+                state.attempts += 1
+                state.state = "punching"
+                self._active.add(peer_id)
+                try:
+                    ok, reason = await self._initiate(peer_id)
+                finally:
+                    self._active.discard(peer_id)
+                if ok or "direct" in node.connection_kinds(peer_id):
+                    self._mark_direct(state)
+                    return True
+                state.reason = reason
+                if "relayed" not in node.connection_kinds(peer_id):
+                    state.state = "failed"
+                    state.reason = f"{reason}; the relayed connection closed"
+                    return False
+                await trio.sleep(0.5 * 2**attempt)
+            self._mark_failed(state)
+            return False
+
+    async def _initiate(self, peer_id: str) -> tuple[bool, str]:
+        from libp2p.relay.circuit_v2.pb.dcutr_pb2 import HolePunch
+
+        node = self._node
+        try:
+            stream = await compat.open_raw_stream(node.host, peer_id, DCUTR_PROTOCOL)
+        except Exception as exc:  # the peer does not speak DCUtR, or the relay went
+            return False, f"cannot open DCUtR stream: {exc!r}"[:160]
+        try:
+            ours = self._our_addrs()
+            with trio.fail_after(MESSAGE_TIMEOUT_S):
+                start = time.perf_counter()
+                await _write(stream, HolePunch(type=HolePunch.CONNECT, ObsAddrs=_encode(ours)))
+                answer = await _read(stream)
+                rtt = time.perf_counter() - start
+                if answer.type != HolePunch.CONNECT:
+                    return False, "peer answered CONNECT with something else"
+                theirs = _decode(answer.ObsAddrs)
+                await _write(stream, HolePunch(type=HolePunch.SYNC))
+            targets = dial_targets(theirs, self._own_ips())
+            if not targets:
+                return False, "peer sent no address we could dial"
+            await trio.sleep(min(rtt / 2, 2.0))
+            timeout = node.config.holepunch_timeout
+            if await self._dial_all(peer_id, targets, as_responder=True, timeout=timeout):
+                return True, ""
+            return False, f"no direct connection to {_fmt(targets)} within {timeout:g} s"
+        except trio.TooSlowError:
+            return False, "DCUtR exchange timed out"
+        except Exception as exc:  # stream reset: the relay or the peer went away
+            return False, f"DCUtR exchange failed: {exc!r}"[:160]
+        finally:
+            await _close(stream)
+
+    # ------------------------------------------------------------- responder
+
+    async def _handle(self, stream: Any) -> None:
+        from libp2p.relay.circuit_v2.pb.dcutr_pb2 import HolePunch
+
+        node = self._node
+        peer_id = stream.muxed_conn.peer_id.to_base58()
+        state = self._state(peer_id)
+        if not node.config.holepunch:
+            await _close(stream)
+            return
+        if state.relayed_at is None:
+            state.relayed_at = time.monotonic()
+        self._active.add(peer_id)
+        try:
+            with trio.fail_after(MESSAGE_TIMEOUT_S):
+                message = await _read(stream)
+                if message.type != HolePunch.CONNECT:
+                    return
+                theirs = _decode(message.ObsAddrs)
+                await _write(
+                    stream, HolePunch(type=HolePunch.CONNECT, ObsAddrs=_encode(self._our_addrs()))
+                )
+                sync = await _read(stream)
+                if sync.type != HolePunch.SYNC:
+                    return
+            state.role = "responder"
+            state.attempts += 1
+            state.state = "punching"
+            targets = dial_targets(theirs, self._own_ips())
+            # Outlive the initiator's dials: if our SYN waits in its NAT until
+            # its socket gave up, its listener must still find ours open.
+            timeout = node.config.holepunch_timeout + 1.0
+            punched = bool(targets) and await self._dial_all(peer_id, targets, False, timeout)
+            if punched or "direct" in node.connection_kinds(peer_id):
+                self._mark_direct(state)
+            else:
+                state.state = "relayed"
+                state.reason = (
+                    f"no direct connection to {_fmt(targets)}"
+                    if targets
+                    else ("peer sent no address we could dial")
+                )
+        except trio.TooSlowError:
+            state.reason = "DCUtR exchange timed out"
+        except Exception as exc:  # reset by the peer or the relay
+            state.reason = f"DCUtR exchange failed: {exc!r}"[:160]
+        finally:
+            self._active.discard(peer_id)
+            await _close(stream)
+
+    # ------------------------------------------------------------------ dials
+
+    def _our_addrs(self) -> list[str]:
+        node = self._node
+        listen = compat.tcp_listen_addrs(node.host)
+        verdict = node.reachability.verdict
+        return predicted_addrs(
+            listen, node.reachability.external_ips(), list(verdict.confirmed_addrs)
+        )
+
+    def _own_ips(self) -> set[str]:
+        node = self._node
+        ips = {ip for ip, _ in compat.tcp_listen_addrs(node.host)}
+        ips.update(node.reachability.external_ips())
+        return ips
+
+    async def _dial_all(
+        self, peer_id: str, targets: list[tuple[str, int]], as_responder: bool, timeout: float
+    ) -> bool:
+        node = self._node
+        listen = compat.tcp_listen_addrs(node.host)
+        if not listen:
+            return False
+        source = listen[0]
+
+        async def one(ip: str, port: int) -> None:
+            try:
+                await compat.dial_from_listen_port(
+                    node.host, peer_id, ip, port, source, as_responder
+                )
+            except Exception as exc:  # refused, unreachable, wrong peer: try the others
+                log.debug("hole-punch dial %s:%d failed: %r", ip, port, exc)
+
+        with trio.move_on_after(timeout):
+            async with trio.open_nursery() as nursery:
+                for ip, port in targets:
+                    nursery.start_soon(one, ip, port)
+                while "direct" not in node.connection_kinds(peer_id):
+                    await trio.sleep(0.02)
+                nursery.cancel_scope.cancel()
+        return "direct" in node.connection_kinds(peer_id)
+
+    # ---------------------------------------------------------------- outcome
+
+    def _mark_direct(self, state: PunchState) -> None:
+        if state.state == "direct":
+            return
+        state.state = "direct"
+        state.reason = ""
+        if state.relayed_at is not None:
+            state.upgrade_ms = (time.monotonic() - state.relayed_at) * 1000
+        log.info(
+            "connection to %s is direct now (hole punch, %s ms, %d attempt(s))",
+            state.peer_id[-8:],
+            "?" if state.upgrade_ms is None else f"{state.upgrade_ms:.0f}",
+            state.attempts,
+        )
+        self._node.connection_upgraded(state.peer_id)
+
+    def _mark_failed(self, state: PunchState) -> None:
+        state.state = "failed"
+        log.warning(
+            "hole punch to %s failed after %d attempt(s) (%s): traffic stays on the relay",
+            state.peer_id[-8:],
+            state.attempts,
+            state.reason,
+        )
+
+
+def _fmt(targets: list[tuple[str, int]]) -> str:
+    return ", ".join(f"{ip}:{port}" for ip, port in targets[:4]) or "nothing"
+
+
+def _encode(addrs: list[str]) -> list[bytes]:
+    import multiaddr
+
+    out = []
+    for addr in addrs:
+        try:
+            out.append(multiaddr.Multiaddr(addr).to_bytes())
+        except Exception:  # one of ours that multiaddr cannot encode: skip it
+            continue
+    return out
+
+
+def _decode(raw: Any) -> list[str]:
+    import multiaddr
+
+    out = []
+    for item in list(raw)[:MAX_ADDRS]:
+        try:
+            out.append(str(multiaddr.Multiaddr(bytes(item))))
+        except Exception:  # malformed address from the peer
+            continue
+    return out
+
+
+async def _read(stream: Any) -> Any:
+    from libp2p.relay.circuit_v2.dcutr import read_dcutr_msg
+    from libp2p.relay.circuit_v2.pb.dcutr_pb2 import HolePunch
+
+    return await read_dcutr_msg(stream, HolePunch)
+
+
+async def _write(stream: Any, message: Any) -> None:
+    from libp2p.relay.circuit_v2.utils import write_delimited_msg
+
+    await write_delimited_msg(stream, message)
+
+
+async def _close(stream: Any) -> None:
+    try:
+        await stream.close()
+    except Exception:  # already reset
+        log.debug("closing DCUtR stream", exc_info=True)
+
+
+__all__ = ["DCUTR_PROTOCOL", "HolePuncher", "PunchState", "is_public_ip"]
