@@ -390,8 +390,16 @@ class Replica:
 
     def _add_to_log(self, client: int, envelope: Envelope) -> None:
         start, end = envelope.span
+        entries = self._log.setdefault(client, [])
+        if not entries or entries[-1].span[1] <= start:  # the usual case: next in line
+            entries.append(envelope)
+            self.log_bytes += len(envelope.update)
+            self.log_count += 1
+            if self.persist is not None:
+                self.persist(envelope)
+            return
         kept = []
-        for old in self._log.get(client, ()):
+        for old in entries:
             old_start, old_end = old.span
             if old_start >= start and old_end <= end:
                 self.log_bytes -= len(old.update)

@@ -20,7 +20,9 @@ one it came from and those known to have it (each link tracks a lower bound
 of the peer's state vector from its hello, the envelopes it sent us and the
 envelopes we sent it).  So an update floods the mesh once, hop by hop, rather
 than going one-to-all from its author; duplicates stop at the first replica
-that already has the clocks.
+that already has the clocks.  Envelopes over ``lazy_push_bytes`` (64 KiB) are
+announced instead (``HAVE``) and pulled by the first neighbour to hear of them,
+so a 5 MB update crosses each node about once rather than once per link.
 
 **Anti-entropy.**  Every ``anti_entropy_interval`` (±20 %), a node picks a
 random member — linked or not, so a partition heals even when the mesh lies
@@ -44,6 +46,7 @@ Messages (msgpack arrays)::
     [4, charter]                                CHARTER (a newer version)
     [5]                                         PING
     [6, code, text]                             ERROR, then the sender closes
+    [7, client, clock]                          HAVE: I hold that author up to that clock
 
 A state vector is a map {client id: clock}.
 """
@@ -85,7 +88,7 @@ log = logging.getLogger("gossamer.crdt.sync")
 PROTOCOL = "/gossamer/crdt/1.0.0"
 PROTOCOL_VERSION = 1
 
-HELLO, ENVELOPE, SV_REQUEST, SV_REPLY, CHARTER, PING, ERROR = range(7)
+HELLO, ENVELOPE, SV_REQUEST, SV_REPLY, CHARTER, PING, ERROR, HAVE = range(8)
 MAX_HELLO_BYTES = 4 << 20
 MAX_SV_ENTRIES = 100_000
 
@@ -111,6 +114,8 @@ class SyncOptions:
     write_timeout: float = 10.0
     send_queue_bytes: int = 256 << 20
     checkpoint_every: int = 128
+    lazy_push_bytes: int = 64 << 10  # larger envelopes are announced, then pulled
+    pull_timeout: float = 5.0
     gap_request_interval: float = 0.5
     ban_seconds: float = 600.0
     dial_backoff: float = 5.0
@@ -193,8 +198,12 @@ class Link:
         self.initiator = initiator  # we dialed
         self.known: dict[int, int] = {}
         self.keys_sent: set[int] = set()
+        self.announced: dict[int, int] = {}
         self.hello_sv: dict[int, int] = {}
-        self._send, self._recv = trio.open_memory_channel[bytes](math.inf)
+        # Queue items: (frame, client, end) — client/end set for envelopes, so the
+        # writer can drop one the peer has meanwhile shown it holds.
+        self._send, self._recv = trio.open_memory_channel[tuple[bytes, int, int]](math.inf)
+        self.peer_has: dict[int, int] = {}  # what the peer itself told us it holds
         self.queued_bytes = 0
         self.closed = False
         self.cancel_scope = trio.CancelScope()
@@ -204,23 +213,37 @@ class Link:
         self.last_gap_request = 0.0
         self.opened = time.monotonic()
 
-    def offer(self, envelope: Envelope) -> bool:
-        """Queue ``envelope`` unless the peer is known to have its clocks."""
+    def offer(self, envelope: Envelope, *, lazy: bool = False) -> bool:
+        """Queue ``envelope`` unless the peer is known to have its clocks.
+
+        With ``lazy`` (flooding) an envelope larger than ``lazy_push_bytes`` is
+        only announced (HAVE); the peer pulls it if nobody else sent it first.
+        """
         client = envelope.client
         end = envelope.span[1]
         if self.known.get(client, 0) >= end:
             return False
+        if lazy and len(envelope.update) > self.run.options.lazy_push_bytes:
+            if self.announced.get(client, 0) < end:
+                self.announced[client] = end
+                self.send_raw(wire.frame(wire.pack([HAVE, client, end])))
+            return True
         self.known[client] = end
         self.send_envelope(envelope)
         return True
 
-    def send_envelope(self, envelope: Envelope) -> None:
+    def send_envelope(self, envelope: Envelope, *, skippable: bool = True) -> None:
         client = envelope.client
         include_key = client not in self.keys_sent
         self.keys_sent.add(client)
-        self.send_raw(wire.frame(envelope.to_wire(include_key)))
+        frame = wire.frame(envelope.to_wire(include_key))
+        stats = self.run.stats
+        stats["envelopes_sent"] += 1
+        stats["envelope_bytes_sent"] += len(frame)
+        stats["update_bytes_sent"] += len(envelope.update)
+        self.send_raw(frame, client if skippable else -1, envelope.span[1])
 
-    def send_raw(self, data: bytes) -> None:
+    def send_raw(self, data: bytes, client: int = -1, end: int = 0) -> None:
         if self.closed:
             return
         if self.queued_bytes + len(data) > self.run.options.send_queue_bytes:
@@ -229,7 +252,7 @@ class Link:
             return
         self.queued_bytes += len(data)
         try:
-            self._send.send_nowait(data)
+            self._send.send_nowait((data, client, end))
         except trio.ClosedResourceError:
             self.closed = True
 
@@ -237,9 +260,26 @@ class Link:
         self.closed = True
         self.cancel_scope.cancel()
 
+    def finish(self, code: str, text: str) -> None:
+        """Send what is queued plus an ERROR, then close (the peer closes its end on ERROR)."""
+        if self.closed:
+            return
+        self.send_raw(error_message(code, text))
+        self.closed = True
+        self._send.close()
+        self.run.nursery.start_soon(self._close_later, 2.0)
+
+    async def _close_later(self, delay: float) -> None:
+        await trio.sleep(delay)
+        self.cancel_scope.cancel()
+
     async def writer(self) -> None:
         options = self.run.options
-        async for data in self._recv:
+        async for data, client, end in self._recv:
+            if client >= 0 and self.peer_has.get(client, 0) >= end:
+                self.queued_bytes -= len(data)  # it reached the peer another way meanwhile
+                self.run.stats["envelopes_skipped"] += 1
+                continue
             # Shielded: cancelling a write half-way through would leave a torn
             # yamux frame on the connection and kill it for every protocol.
             # The deadline still bounds it (a stuck peer loses its connection).
@@ -287,6 +327,7 @@ class Run:
         self._cancel = trio.CancelScope()
         self._change_waiters: set[trio.Event] = set()
         self._dial_events: dict[str, trio.Event] = {}
+        self._pulls: dict[tuple[int, int], float] = {}
         self._next_anti_entropy = time.monotonic() + self._ae_delay()
         self._next_heartbeat = 0.0
         self.anti_entropy_rounds = 0
@@ -297,6 +338,10 @@ class Run:
             "pending": 0,
             "refused": 0,
             "sent": 0,
+            "envelopes_skipped": 0,  # dropped from a send queue: the peer got it elsewhere
+            "envelopes_sent": 0,  # on the wire, including replies to state vectors
+            "envelope_bytes_sent": 0,  # frames of envelopes
+            "update_bytes_sent": 0,  # the pycrdt updates inside them
         }
         if store is not None:
             applied = self.replica.load(store.load())
@@ -420,6 +465,7 @@ class Run:
         self.links.setdefault(peer, []).append(link)
         link.hello_sv = dict(peer_sv)
         link.known = dict(peer_sv)
+        link.peer_has = dict(peer_sv)
         for envelope in self.replica.missing_for(peer_sv):
             link.offer(envelope)
         # A joiner whose charter is older than ours learns the new one here.
@@ -518,6 +564,12 @@ class Run:
             if len(msg) != 2 or not isinstance(msg[1], bytes):
                 raise ProtocolError("CHARTER is [4, charter]")
             self.consider_charter(msg[1], link.peer_id)
+        elif kind == HAVE:
+            if len(msg) != 3 or not all(isinstance(x, int) for x in msg[1:]):
+                raise ProtocolError("HAVE is [7, client, clock]")
+            client, end = _check_sv({msg[1]: msg[2]}).popitem()
+            self._merge_known(link, {client: end})
+            self._maybe_pull(link, client, end)
         elif kind == PING:
             pass
         elif kind == ERROR:
@@ -526,11 +578,24 @@ class Run:
         else:
             raise ProtocolError(f"unknown crdt message type {kind}")
 
+    def _maybe_pull(self, link: Link, client: int, end: int) -> None:
+        """A peer announced clocks we lack: ask it, unless we asked someone recently."""
+        if self.replica.clock_of(client) >= end:
+            return
+        now = time.monotonic()
+        asked = self._pulls.get((client, end))
+        if asked is not None and now - asked < self.options.pull_timeout:
+            return
+        if len(self._pulls) > 10_000:
+            self._pulls.clear()
+        self._pulls[(client, end)] = now
+        link.send_raw(wire.frame(wire.pack([SV_REQUEST, 0, self.replica.state_vector()])))
+
     def _merge_known(self, link: Link, sv: dict[int, int]) -> None:
-        known = link.known
-        for client, clock in sv.items():
-            if clock > known.get(client, 0):
-                known[client] = clock
+        for table in (link.known, link.peer_has):
+            for client, clock in sv.items():
+                if clock > table.get(client, 0):
+                    table[client] = clock
 
     def _on_envelope(self, link: Link, envelope: Envelope) -> None:
         self.stats["received"] += 1
@@ -543,6 +608,8 @@ class Run:
         end = envelope.span[1]
         if end > link.known.get(client, 0):
             link.known[client] = end
+        if end > link.peer_has.get(client, 0):
+            link.peer_has[client] = end
         if verdict is Verdict.DUPLICATE:
             self.stats["duplicates"] += 1
         elif verdict is Verdict.PENDING:
@@ -588,9 +655,10 @@ class Run:
             if link is None:
                 continue
             if receipt.verdict is Verdict.STORED:
-                link.send_envelope(envelope)  # a checkpoint: the peer may compact too
+                # a checkpoint: the peer holds the clocks but may compact its log too
+                link.send_envelope(envelope, skippable=False)
                 self.stats["sent"] += 1
-            elif link.offer(envelope):
+            elif link.offer(envelope, lazy=True):
                 self.stats["sent"] += 1
         self._notify_change()
         if source is None and receipt.verdict is Verdict.APPLIED:
@@ -614,8 +682,9 @@ class Run:
         log.info("run %s: adopted charter version %d", self.run_id, charter.version)
         if self.store is not None:
             self.store.save_charter(charter)
-        self._enforce_access()
         self._broadcast_charter()
+        self._enforce_access()
+        self._notify_change()
         return True
 
     def update_charter(self, charter: Charter) -> None:
@@ -624,8 +693,9 @@ class Run:
             raise GossamerError("the charter must be for this run and of a higher version")
         if self.store is not None:
             self.store.save_charter(charter)
-        self._enforce_access()
         self._broadcast_charter()
+        self._enforce_access()
+        self._notify_change()
 
     def _broadcast_charter(self) -> None:
         blob = wire.frame(wire.pack([CHARTER, self.charter.encode()]))
@@ -638,8 +708,7 @@ class Run:
         for peer, links in list(self.links.items()):
             if not self.charter.may_join(peer):
                 for link in links:
-                    link.send_raw(error_message("not_admitted", "removed from the run"))
-                    link.close()
+                    link.finish("not_admitted", "removed from the run")
 
     # ------------------------------------------------------- anti-entropy
 
@@ -693,6 +762,8 @@ class Run:
 
     def _maintain_once(self) -> None:
         now = time.monotonic()
+        if not self.charter.may_join(self.node.peer_id):
+            return  # removed from the run: nothing to sync, nobody to dial
         self._close_duplicate_links()
         self._trim_mesh()
         linked = set(self.linked_peers())
@@ -758,7 +829,9 @@ class Run:
             await self.link_to(peer_id)
         except GossamerError as exc:
             log.debug("run %s: cannot link to %s: %s", self.run_id, peer_id[-8:], exc)
-            self._dial_failed[peer_id] = time.monotonic()
+            # A refusal is not going to change soon; an unreachable peer might.
+            penalty = 60.0 if isinstance(exc, RunAccessError) else 0.0
+            self._dial_failed[peer_id] = time.monotonic() + penalty
         finally:
             self._dialing.discard(peer_id)
 
