@@ -97,10 +97,6 @@ class Envelope:
         ranges = self.decoded.ranges
         return next(iter(ranges.values())) if len(ranges) == 1 else (0, 0)
 
-    def peer_id_hint(self, peer_id: str) -> None:
-        """Set the author's peer id when the caller already knows it (saves a base58 encode)."""
-        self._peer_id = peer_id
-
     def __len__(self) -> int:
         return len(self.update)
 

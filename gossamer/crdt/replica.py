@@ -79,6 +79,7 @@ class Limits:
     max_config_value_bytes: int = 32 << 20
     max_pending_bytes: int = 128 << 20
     max_pending: int = 4096
+    max_pending_per_author: int = 512
     max_authors: int = 100_000
 
 
@@ -250,7 +251,8 @@ class Replica:
             return Receipt(Verdict.PENDING, envelope)
         size = len(envelope.update)
         if (
-            self._pending_count >= self.limits.max_pending
+            len(slot) >= self.limits.max_pending_per_author
+            or self._pending_count >= self.limits.max_pending
             or self._pending_bytes + size > self.limits.max_pending_bytes
         ):
             return Receipt(Verdict.DUPLICATE, envelope, "pending buffer full; dropped")

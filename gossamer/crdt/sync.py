@@ -119,6 +119,7 @@ class SyncOptions:
     gap_request_interval: float = 0.5
     ban_seconds: float = 600.0
     dial_backoff: float = 5.0
+    stale_member_s: float = 300.0
     limits: Limits = field(default_factory=Limits)
 
     @property
@@ -468,7 +469,6 @@ class Run:
         link.peer_has = dict(peer_sv)
         for envelope in self.replica.missing_for(peer_sv):
             link.offer(envelope)
-        # A joiner whose charter is older than ours learns the new one here.
         log.debug("run %s: linked with %s", self.run_id, peer[-8:])
         task_status.started()
         self._notify_change()
@@ -713,9 +713,21 @@ class Run:
     # ------------------------------------------------------- anti-entropy
 
     def candidates(self) -> list[str]:
-        """Peers we could sync with: members, bootstrap peers and linked peers."""
+        """Peers we could sync with: live members, bootstrap peers and linked peers.
+
+        A member whose last heartbeat is older than ``stale_member_s`` is
+        skipped (it probably left without saying so); one that never sent a
+        heartbeat is kept.
+        """
         me = self.node.peer_id
-        peers = set(self.doc.members()) | self.bootstrap_peers | set(self.linked_peers())
+        now = time.time()
+        stale = self.options.stale_member_s
+        members = {
+            p
+            for p, m in self.doc.members().items()
+            if m.heartbeat is None or now - m.heartbeat < stale
+        }
+        peers = members | self.bootstrap_peers | set(self.linked_peers())
         return sorted(
             p for p in peers if p != me and self.service.may_talk(p) and self.charter.may_join(p)
         )
@@ -959,28 +971,44 @@ class CrdtService:
         self,
         name: str,
         *,
-        access: str = "open",
-        allow: list[str] | tuple[str, ...] = (),
-        hosts: list[str] | tuple[str, ...] = (),
+        access: str | None = None,
+        allow: list[str] | tuple[str, ...] | None = None,
+        hosts: list[str] | tuple[str, ...] | None = None,
         config: dict[str, Any] | None = None,
         join: bool = True,
     ) -> Run:
-        """Create (or reopen) our run ``name``; set its config and join it as a host."""
-        charter = Charter.create(
-            self.node.identity, name, hosts=list(hosts), access=access, allow=list(allow)
-        )
-        run = self.runs.get(charter.run_id)
+        """Create (or reopen) our run ``name``; set its config and join it as a host.
+
+        ``access`` ("open" or "restricted"), ``allow`` and ``hosts`` default to
+        open / nobody / just us for a new run, and to what the stored charter
+        says for a run we host already; giving them amends the charter.
+        """
+        identity = self.node.identity
+        run_id = Charter.create(identity, name, created=0.0).run_id  # validates the name
+        run = self.runs.get(run_id)
         if run is None:
-            stored = RunStore(self.root / charter.run_id).load_charter(charter.run_id)
-            run = await self._start_run(stored or charter, [])
+            stored = RunStore(self.root / run_id).load_charter(run_id)
+            if stored is None:
+                stored = Charter.create(
+                    identity,
+                    name,
+                    hosts=list(hosts or ()),
+                    access=access or "open",
+                    allow=list(allow or ()),
+                )
+            run = await self._start_run(stored, [])
+        current = run.charter
+        wanted_hosts = current.hosts if hosts is None else (identity.peer_id, *hosts)
+        wanted_allow = current.allow if allow is None else frozenset(allow)
+        wanted_access = current.access if access is None else access
         if (
-            run.charter.access != access
-            or set(allow) - run.charter.allow
-            or set(hosts) - set(run.charter.hosts)
+            wanted_access != current.access
+            or wanted_allow != current.allow
+            or set(wanted_hosts) != set(current.hosts)
         ):
             run.update_charter(
-                run.charter.amend(
-                    self.node.identity, hosts=list(hosts), access=access, allow=list(allow)
+                current.amend(
+                    identity, hosts=list(wanted_hosts), access=wanted_access, allow=wanted_allow
                 )
             )
         if config:
