@@ -498,3 +498,17 @@ def peerstore_addrs(host: Any, peer_id: str) -> list[str]:
         return [str(a) for a in host.get_peerstore().addrs(ID.from_base58(peer_id))]
     except Exception:  # PeerStoreError when the peer is unknown
         return []
+
+
+async def push_identify(host: Any) -> None:
+    """Tell connected peers our protocols and addresses changed.
+
+    Defect (not in the notes): py-libp2p pushes identify only when a listener
+    is added; a stream handler registered later (the relay hop service once
+    the node turns out to be public) or a newly confirmed address stays
+    unknown to connected peers until they reconnect.
+    """
+    try:
+        await host._push_identify_to_all_peers()
+    except Exception:  # best effort: peers also learn it on their next identify
+        log.debug("identify push failed", exc_info=True)

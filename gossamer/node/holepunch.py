@@ -70,7 +70,9 @@ class PunchState:
     """What hole punching did for one peer."""
 
     peer_id: str
-    state: str = "relayed"  # relayed | punching | direct | failed
+    # relayed: only a relayed connection, no attempt yet; punching; direct;
+    # failed: the last attempt failed and the traffic stays on the relay
+    state: str = "relayed"
     role: str = ""  # initiator | responder
     attempts: int = 0
     reason: str = ""
@@ -140,6 +142,7 @@ class HolePuncher:
         self.states: OrderedDict[str, PunchState] = OrderedDict()
         self._locks: dict[str, trio.Lock] = {}
         self._active: set[str] = set()
+        self._responding: dict[str, trio.CancelScope] = {}
 
     def start(self) -> None:
         node = self._node
@@ -263,26 +266,42 @@ class HolePuncher:
     # ------------------------------------------------------------- responder
 
     async def _handle(self, stream: Any) -> None:
-        from libp2p.relay.circuit_v2.pb.dcutr_pb2 import HolePunch
-
         node = self._node
         peer_id = stream.muxed_conn.peer_id.to_base58()
-        state = self._state(peer_id)
         if not node.config.holepunch:
             await _close(stream)
             return
+        state = self._state(peer_id)
         if state.relayed_at is None:
             state.relayed_at = time.monotonic()
+        # A new session from the same peer supersedes the old one, whose dials
+        # would otherwise hold the same source and destination ports.
+        previous = self._responding.pop(peer_id, None)
+        if previous is not None:
+            previous.cancel()
         self._active.add(peer_id)
+        try:
+            with trio.CancelScope() as scope:
+                self._responding[peer_id] = scope
+                await self._respond(stream, peer_id, state)
+        finally:
+            if self._responding.get(peer_id) is scope:
+                del self._responding[peer_id]
+            self._active.discard(peer_id)
+            await _close(stream)
+
+    async def _respond(self, stream: Any, peer_id: str, state: PunchState) -> None:
+        from libp2p.relay.circuit_v2.pb.dcutr_pb2 import HolePunch
+
+        node = self._node
         try:
             with trio.fail_after(MESSAGE_TIMEOUT_S):
                 message = await _read(stream)
                 if message.type != HolePunch.CONNECT:
                     return
                 theirs = _decode(message.ObsAddrs)
-                await _write(
-                    stream, HolePunch(type=HolePunch.CONNECT, ObsAddrs=_encode(self._our_addrs()))
-                )
+                ours = _encode(self._our_addrs())
+                await _write(stream, HolePunch(type=HolePunch.CONNECT, ObsAddrs=ours))
                 sync = await _read(stream)
                 if sync.type != HolePunch.SYNC:
                     return
@@ -296,20 +315,14 @@ class HolePuncher:
             punched = bool(targets) and await self._dial_all(peer_id, targets, False, timeout)
             if punched or "direct" in node.connection_kinds(peer_id):
                 self._mark_direct(state)
+            elif targets:
+                state.state, state.reason = "failed", f"no direct connection to {_fmt(targets)}"
             else:
-                state.state = "relayed"
-                state.reason = (
-                    f"no direct connection to {_fmt(targets)}"
-                    if targets
-                    else ("peer sent no address we could dial")
-                )
+                state.state, state.reason = "failed", "peer sent no address we could dial"
         except trio.TooSlowError:
-            state.reason = "DCUtR exchange timed out"
+            state.state, state.reason = "failed", "DCUtR exchange timed out"
         except Exception as exc:  # reset by the peer or the relay
-            state.reason = f"DCUtR exchange failed: {exc!r}"[:160]
-        finally:
-            self._active.discard(peer_id)
-            await _close(stream)
+            state.state, state.reason = "failed", f"DCUtR exchange failed: {exc!r}"[:160]
 
     # ------------------------------------------------------------------ dials
 

@@ -244,11 +244,13 @@ class Node:
 
     def addresses_changed(self) -> None:
         """Our advertised addresses changed (relay reservation, UPnP, dial-back):
-        republish the peer record in the DHT when one runs."""
-        dht = getattr(self, "dht", None)
-        if dht is None or self._nursery is None:
+        push identify to connected peers and republish our DHT peer record."""
+        if self._nursery is None:
             return
-        self._nursery.start_soon(self._republish_addrs, dht)
+        self._nursery.start_soon(compat.push_identify, self.host)
+        dht = getattr(self, "dht", None)
+        if dht is not None:
+            self._nursery.start_soon(self._republish_addrs, dht)
 
     async def _republish_addrs(self, dht: Any) -> None:
         from gossamer.dht import peer_record_key

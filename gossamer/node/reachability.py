@@ -473,6 +473,8 @@ class Reachability:
                 listener(verdict)
             except Exception:
                 log.warning("reachability listener failed", exc_info=True)
+        if old.confirmed_addrs != verdict.confirmed_addrs:
+            self._node.addresses_changed()
 
 
 def _probes_from_answer(helper: str, answer: Any, now: float) -> list[Probe]:

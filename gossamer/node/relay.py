@@ -237,12 +237,14 @@ class HopServer:
         if not self.enabled:
             compat.set_raw_stream_handler(self._node.host, HOP_PROTOCOL, self._handle)
             self.enabled = True
+            self._node.nursery.start_soon(compat.push_identify, self._node.host)
             log.info("serving as a circuit relay (limits: %s)", self.limits)
 
     def disable(self) -> None:
         if self.enabled:
             self._node.host.remove_stream_handler(HOP_PROTOCOL)
             self.enabled = False
+            self._node.nursery.start_soon(compat.push_identify, self._node.host)
             log.info("stopped serving as a circuit relay")
 
     def forget(self, peer_id: str) -> None:
@@ -475,6 +477,7 @@ class Relays:
         self.candidates: dict[str, Candidate] = {}
         self._wake = trio.Event()
         self._provided = False
+        self._discovered_at = -float("inf")
         self.connect_ms: list[float] = []  # recent relayed-dial times
         self.events: list[str] = []  # recent changes, for status
 
@@ -588,6 +591,7 @@ class Relays:
     async def _discover(self) -> None:
         """Ask the relays we know for others, and the DHT for providers."""
         node = self._node
+        self._discovered_at = time.monotonic()
         self._refresh_identify_candidates()
         asked = 0
         for peer_id in list(self.reservations) + [
@@ -649,6 +653,13 @@ class Relays:
         await self._check_reservations()
         if len(self.reservations) < config.relay_reservations:
             await self._fill()
+        # Keep spares known before a relay dies: ask relays for others now and then.
+        spares = rank(self.candidates.values(), time.monotonic(), set(self.reservations))
+        interval = config.relay_check_interval * 3
+        if len(spares) < config.relay_reservations and (
+            time.monotonic() - self._discovered_at > interval
+        ):
+            await self._discover()
 
     async def _check_reservations(self) -> None:
         node = self._node
