@@ -322,7 +322,11 @@ class AllReduce:
         plan = Plan(tuple(members), flat.numel(), self.piece_elems)
         me_index = members.index(self.me)
         timeout = self._timeout(flat.numel(), len(members))
+        # Contributions are due by ``deadline``; reduced parts by ``ag_deadline``, a
+        # whole timeout later, so an owner that waited out a dead member's
+        # contribution still has time to send its part.
         deadline = trio.current_time() + timeout
+        ag_deadline = deadline + timeout
         out = torch.empty_like(flat)
         state = _AttemptState()
         dataplane = self.node.dataplane
@@ -366,11 +370,11 @@ class AllReduce:
                 weight,
                 rs_pending,
                 out,
-                deadline,
+                (deadline, ag_deadline),
                 state,
             )
             for (j, k), pending in ag_pending.items():
-                nursery.start_soon(self._receive_part, plan, j, k, pending, out, deadline, state)
+                nursery.start_soon(self._receive_part, plan, j, k, pending, out, ag_deadline, state)
         mine = Status(
             ok=not state.missing_parts,
             missing_parts=sorted(state.missing_parts),
@@ -409,6 +413,31 @@ class AllReduce:
         buffers["w"] = torch.empty(1, dtype=torch.float64)
         buffers["c"] = torch.empty(members, dtype=torch.uint8)
         return buffers
+
+    async def _wait_from(self, peer: str, pending: Any, deadline: float) -> Any:
+        """Like :func:`_wait`, but give up as soon as ``peer`` disconnects."""
+        if not self.node.is_connected(peer):
+            # not connected (yet): the message may still come over a new connection
+            return await _wait(pending, deadline)
+        result: list[Any] = [None]
+        async with trio.open_nursery() as nursery:
+
+            async def receive() -> None:
+                result[0] = await _wait(pending, deadline)
+                nursery.cancel_scope.cancel()
+
+            async def watch() -> None:
+                while self.node.is_connected(peer):
+                    await trio.sleep(0.05)
+                # a disconnected peer may have delivered its last bytes just before
+                await trio.sleep(0.2)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(receive)
+            nursery.start_soon(watch)
+        if result[0] is None and pending.done:
+            return await _wait(pending, deadline)
+        return result[0]
 
     async def _send(self, peer: str, tag: str, tensors: dict[str, Any], deadline: float) -> bool:
         try:
@@ -462,10 +491,11 @@ class AllReduce:
         weight: float,
         rs_pending: dict[tuple[str, int], Any],
         out: torch.Tensor,
-        deadline: float,
+        deadlines: tuple[float, float],
         state: _AttemptState,
     ) -> None:
         members = plan.members
+        deadline, ag_deadline = deadlines
         for k, (a, b) in enumerate(plan.pieces(j)):
             own = await trio.to_thread.run_sync(
                 lambda a=a, b=b: self.codec.decode(self.codec.encode(flat[a:b])).reshape(-1)
@@ -475,7 +505,7 @@ class AllReduce:
             for peer in members:
                 if peer == self.me:
                     continue
-                received = await _wait(rs_pending[(peer, k)], deadline)
+                received = await self._wait_from(peer, rs_pending[(peer, k)], deadline)
                 if received is None:
                     continue
                 try:
@@ -525,7 +555,7 @@ class AllReduce:
                 for peer in members:
                     if peer != self.me:
                         nursery.start_soon(
-                            self._send, peer, f"{prefix}ag/{j}/{k}", message, deadline
+                            self._send, peer, f"{prefix}ag/{j}/{k}", message, ag_deadline
                         )
 
     async def _receive_part(
@@ -540,7 +570,7 @@ class AllReduce:
     ) -> None:
         a, b = plan.pieces(j)[k]
         owner = plan.members[j]
-        received = await _wait(pending, deadline)
+        received = await self._wait_from(owner, pending, deadline)
         if received is None:
             state.missing_parts.add(owner)
             return

@@ -1,0 +1,287 @@
+"""The all-reduce: pure parts, then real nodes on loopback."""
+
+import logging
+
+import pytest
+import torch
+import trio
+
+from gossamer.training.codecs import Codec, EncodedTensor, get_codec
+from gossamer.training.collective import (
+    BLOCK,
+    AllReduce,
+    Plan,
+    Status,
+    all_reduce,
+    decide,
+    reduce_piece,
+    screen,
+)
+
+torch.set_num_threads(1)
+
+
+# ----------------------------------------------------------------------------- pure
+
+
+@pytest.mark.parametrize("numel", [0, 1, 255, 256, 1000, 123_457])
+@pytest.mark.parametrize("members", [1, 2, 3, 7])
+def test_plan_covers_the_vector_with_aligned_disjoint_parts(numel, members):
+    plan = Plan(tuple(f"p{i}" for i in range(members)), numel, piece_elems=512)
+    covered = []
+    for j in range(members):
+        start, end = plan.part(j)
+        assert start <= end and (start % BLOCK == 0 or start == end == numel)
+        pieces = plan.pieces(j)
+        assert all(a % BLOCK == 0 and b - a <= 512 for a, b in pieces)
+        covered.extend(range(a, b) for a, b in pieces)
+    flat = [i for r in covered for i in r]
+    assert flat == list(range(numel))
+
+
+def test_plan_refuses_unsorted_members():
+    with pytest.raises(ValueError):
+        Plan(("b", "a"), 10)
+
+
+def test_reduce_piece_is_the_weighted_mean_in_peer_order():
+    gen = torch.Generator().manual_seed(1)
+    xs = {p: torch.randn(1000, generator=gen) for p in ("c", "a", "b")}
+    ws = {"a": 1.0, "b": 3.0, "c": 6.0}
+    reduced, total = reduce_piece({p: (xs[p], ws[p]) for p in ("b", "c", "a")})
+    assert total == 10.0
+    expected = torch.zeros(1000)
+    for p in ("a", "b", "c"):
+        expected.add_(xs[p] * (ws[p] / 10.0))
+    assert torch.equal(reduced, expected)
+    assert torch.allclose(reduced, (xs["a"] + 3 * xs["b"] + 6 * xs["c"]) / 10, atol=1e-6)
+
+
+def test_screen_refuses_nan_and_outliers():
+    base = {p: torch.ones(10) * (1 + i / 10) for i, p in enumerate("abcd")}
+    assert screen(base) == {}
+    assert "NaN" in screen({**base, "e": torch.tensor([float("nan")] * 10)})["e"]
+    assert "median" in screen({**base, "e": torch.ones(10) * 1e6})["e"]
+    # two contributors: no majority, only non-finite values are refused
+    assert screen({"a": torch.ones(3), "b": torch.ones(3) * 1e9}) == {}
+
+
+def test_decide_commits_only_on_unanimous_full_success():
+    members = ["a", "b", "c"]
+    full = {o: members for o in members}
+    ok = Status(True, [], full, {})
+    assert decide(members, {"a": ok, "b": ok, "c": ok}) == (True, members)
+    assert decide(members, {"a": ok, "b": ok}) == (False, ["a", "b"])
+    missing = Status(False, ["c"], {"a": members, "b": members}, {})
+    assert decide(members, {"a": ok, "b": missing, "c": ok}) == (False, ["a", "b"])
+    refused = Status(True, [], full, {"c": "contains NaN or Inf"})
+    assert decide(members, {"a": refused, "b": ok, "c": ok}) == (False, ["a", "b"])
+    late = Status(True, [], {**full, "a": ["a", "c"]}, {})  # b's piece reached a too late
+    assert decide(members, {"a": late, "b": ok, "c": ok}) == (False, ["a", "c"])
+
+
+def test_decide_ignores_partial_parts_of_dropped_owners():
+    members = ["a", "b", "c"]
+    # c died while reducing its part: a got a piece of it summed without b
+    a = Status(False, ["c"], {"a": ["a", "b"], "b": ["a", "b"], "c": ["a", "c"]}, {})
+    b = Status(False, ["c"], {"a": ["a", "b"], "b": ["a", "b"]}, {})
+    assert decide(members, {"a": a, "b": b}) == (False, ["a", "b"])
+
+
+def test_status_roundtrip_and_validation():
+    status = Status(False, ["b"], {"a": ["a", "c"]}, {"b": "why"})
+    assert Status.unpack(status.pack(), ["a", "b", "c"]) == status
+    with pytest.raises(ValueError):
+        Status.unpack(status.pack(), ["a", "c"])  # names a stranger
+    with pytest.raises(Exception):  # noqa: B017 -- any typed refusal will do
+        Status.unpack(b"\xc1garbage", ["a"])
+
+
+# -------------------------------------------------------------------------- network
+
+
+async def _mesh(group):
+    for i, node in enumerate(group):
+        for other in group[i + 1 :]:
+            await node.connect(other.addrs()[0])
+
+
+async def _run_all(group, members, xs, ws, **kwargs):
+    results = {}
+
+    async def one(node, x, w):
+        results[node.peer_id] = await all_reduce(
+            node, kwargs.pop("key", "k"), members, x, w, **dict(kwargs)
+        )
+
+    async with trio.open_nursery() as nursery:
+        for node, x, w in zip(group, xs, ws, strict=True):
+            nursery.start_soon(one, node, x, w)
+    return results
+
+
+@pytest.mark.parametrize("codec", ["none", "fp16", "int8", "int4"])
+async def test_all_reduce_bit_identical_and_within_codec_error(nodes, codec):
+    async with nodes(3) as group:
+        await _mesh(group)
+        members = [n.peer_id for n in group]
+        gen = torch.Generator().manual_seed(7)
+        xs = [torch.randn(70_001, generator=gen) for _ in group]
+        ws = [1.0, 2.0, 5.0]
+        results = await _run_all(group, members, xs, ws, piece_elems=8192)
+        tensors = [r.tensor for r in results.values()]
+        assert all(torch.equal(tensors[0], t) for t in tensors)
+        assert all(
+            r.members == tuple(sorted(members)) and r.attempts == 1 for r in results.values()
+        )
+        assert all(r.total_weight == 8.0 for r in results.values())
+        reference = sum(w * x for w, x in zip(ws, xs, strict=True)) / 8.0
+        error = (tensors[0] - reference).abs().max().item()
+        if codec == "none":
+            # exactly the single-process reduction, in peer-id order
+            order = sorted(range(3), key=lambda i: members[i])
+            exact = torch.zeros(70_001)
+            for i in order:
+                exact.add_(xs[i] * (ws[i] / 8.0))
+            assert torch.equal(tensors[0], exact)
+        else:
+            c = get_codec(codec)
+            # quantised once by each contributor and once more by the owner
+            bound = max(c.error_bound(x).max().item() for x in xs) + c.error_bound(reference).max()
+            assert error <= bound * 1.01
+
+
+class _UncheckedFloat32(Codec):
+    """What a broken or malicious peer sends: raw fp32 bytes, NaN included, no checks."""
+
+    name = "none"
+
+    def encode(self, tensor):
+        raw = tensor.detach().contiguous().view(torch.uint8).reshape(-1)
+        return EncodedTensor("none", tuple(tensor.shape), "float32", (raw,))
+
+    def decode(self, encoded, *, expected_shape=None):
+        return encoded.buffers[0].view(torch.float32).clone()
+
+    def buffer_sizes(self, numel):
+        return get_codec("none").buffer_sizes(numel)
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+async def test_non_finite_contribution_refused_and_logged(nodes, caplog, poison):
+    async with nodes(3) as group:
+        await _mesh(group)
+        members = [n.peer_id for n in group]
+        xs = [torch.ones(5000), torch.ones(5000) * 3, torch.ones(5000)]
+        xs[2][17] = poison
+        results = {}
+
+        async def one(node, x, codec):
+            results[node.peer_id] = await AllReduce(
+                node, "poison", members, codec=codec, phase_timeout=3
+            ).run(x, 1.0)
+
+        with caplog.at_level(logging.WARNING, logger="gossamer.training.collective"):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(one, group[0], xs[0], "none")
+                nursery.start_soon(one, group[1], xs[1], "none")
+                nursery.start_soon(_shrug, one(group[2], xs[2], _UncheckedFloat32()))
+        for node in group[:2]:
+            result = results[node.peer_id]
+            assert group[2].peer_id not in result.members
+            assert torch.equal(result.tensor, torch.ones(5000) * 2)
+        refusals = [r.getMessage() for r in caplog.records if "refusing" in r.getMessage()]
+        assert any(
+            group[2].peer_id[-8:] in m and ("finite" in m.lower() or "nan or inf" in m.lower())
+            for m in refusals
+        ), refusals
+
+
+async def _shrug(coroutine):
+    """Run a misbehaving member; whatever becomes of it is not the test's concern."""
+    try:
+        await coroutine
+    except Exception as exc:
+        logging.getLogger("test").info("poisoned member ended with %r", exc)
+
+
+async def test_outlier_contribution_refused(nodes):
+    async with nodes(4) as group:
+        await _mesh(group)
+        members = [n.peer_id for n in group]
+        xs = [torch.ones(3000) * (1 + i / 100) for i in range(4)]
+        xs[3] = torch.ones(3000) * 1e7
+        results = {}
+
+        async def one(node, x):
+            try:
+                results[node.peer_id] = await all_reduce(
+                    node, "big", members, x, 1.0, phase_timeout=5
+                )
+            except Exception as exc:
+                results[node.peer_id] = exc
+
+        async with trio.open_nursery() as nursery:
+            for node, x in zip(group, xs, strict=True):
+                nursery.start_soon(one, node, x)
+        for node in group[:3]:
+            result = results[node.peer_id]
+            assert group[3].peer_id not in result.members
+            assert result.tensor.max().item() < 2
+
+
+async def test_absent_member_is_dropped_and_views_converge(nodes):
+    async with nodes(4, dial_timeout=2.0) as group:
+        await _mesh(group)
+        a, b, c, _absent = group
+        everyone = [n.peer_id for n in group]
+        three = [a.peer_id, b.peer_id, c.peer_id]
+        xs = [torch.full((4000,), float(i)) for i in range(3)]
+        results = {}
+
+        async def one(node, view, x):
+            results[node.peer_id] = await all_reduce(node, "views", view, x, 1.0, phase_timeout=3)
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                # a and c believe the absent node is in; b does not
+                nursery.start_soon(one, a, everyone, xs[0])
+                nursery.start_soon(one, b, three, xs[1])
+                nursery.start_soon(one, c, everyone, xs[2])
+        for node in (a, b, c):
+            result = results[node.peer_id]
+            assert result.members == tuple(sorted(three))
+            assert torch.equal(result.tensor, torch.full((4000,), 1.0))
+
+
+async def test_member_dying_mid_collective(nodes, node_config):
+    from gossamer.node.node import Node
+
+    async with nodes(2, dial_timeout=2.0) as (a, b):
+        results = {}
+        with trio.fail_after(40):
+            async with Node(node_config("doomed", dial_timeout=2.0)) as doomed:
+                await _mesh([a, b, doomed])
+                members = [a.peer_id, b.peer_id, doomed.peer_id]
+                big = 3_000_000
+
+                async def one(node, x):
+                    results[node.peer_id] = await all_reduce(
+                        node, "die", members, x, 1.0, piece_elems=1 << 16, phase_timeout=4
+                    )
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(one, a, torch.ones(big))
+                    nursery.start_soon(one, b, torch.ones(big) * 3)
+                    async with trio.open_nursery() as inner:
+                        inner.start_soon(one, doomed, torch.ones(big) * 100)
+                        # die once some of its contribution has left it: mid-collective
+                        while doomed.dataplane.bytes_sent < 1 << 18:  # past the join
+                            await trio.sleep(0.001)
+                        inner.cancel_scope.cancel()
+            # the doomed node is gone now; a and b finish without it
+        for node in (a, b):
+            result = results[node.peer_id]
+            assert result.members == tuple(sorted([a.peer_id, b.peer_id]))
+            assert result.attempts >= 2
+            assert torch.equal(result.tensor, torch.full((big,), 2.0))
