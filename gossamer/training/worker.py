@@ -1,0 +1,211 @@
+"""A worker of the built-in recipe: host or join a run and train, in this process or as a child.
+
+:func:`run_worker` is what ``gossamer run host`` / ``gossamer run join`` call in-process. Run as
+``python -m gossamer.training.worker …`` it is the child process that ``gossamer demo``, the
+benchmarks and the multi-process tests start: it prints one JSON object per line on stdout
+(``{"event": "ready", …}`` with its peer id, addresses and run id, then the worker's progress
+events, then ``{"event": "result", …}``) and exits when the run's rounds are done, when its stdin
+closes (``--exit-with-stdin``), or on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import signal
+import sys
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import trio
+
+from gossamer.node.config import NodeConfig
+from gossamer.node.errors import GossamerError
+from gossamer.training.diloco import DiLoCoConfig, DiLoCoWorker, TrainResult
+from gossamer.training.recipe import Recipe
+from gossamer.training.sdk import open_run, run_config_of
+
+__all__ = ["result_summary", "run_worker"]
+
+CONFIG_WAIT_S = 30.0
+
+
+def _shard_of(peer_id: str, shards: int) -> int:
+    return int.from_bytes(hashlib.sha256(peer_id.encode()).digest()[:8], "big") % shards
+
+
+async def _recipe_and_config(run: Any) -> tuple[Recipe, DiLoCoConfig]:
+    with trio.move_on_after(CONFIG_WAIT_S):
+        while True:
+            config = run.doc.config()
+            dcfg = run_config_of(run.doc)
+            if dcfg is not None and config.model is not None and config.data is not None:
+                return Recipe.from_config(config.model, config.data), dcfg
+            await trio.sleep(0.1)
+    raise GossamerError(f"run {run.run_id} has no model/data/DiLoCo settings in its document")
+
+
+async def run_worker(
+    node_config: NodeConfig,
+    *,
+    host: str | None = None,
+    run_id: str | None = None,
+    bootstrap: Sequence[str] = (),
+    recipe: Recipe | None = None,
+    config: DiLoCoConfig | None = None,
+    shard: int | None = None,
+    on_ready: Callable[[Any, Any, Recipe, DiLoCoConfig], None] | None = None,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    hooks: Mapping[str, Callable[..., Any]] | None = None,
+    use_dht: bool = True,
+    evaluate: bool = False,
+) -> tuple[TrainResult, float | None]:
+    """Host (``host`` = run name, with ``recipe`` and ``config``) or join (``run_id``) a run of
+    the built-in recipe and train; returns the result and, with ``evaluate``, the eval loss."""
+    from gossamer.node.node import Node
+
+    torch.set_num_threads(1)
+    async with Node(node_config) as node:
+        if host is not None:
+            recipe = recipe or Recipe()
+            config = config or DiLoCoConfig()
+            run_config = {**recipe.to_config(), "hparams": {"diloco": config.to_dict()}}
+            run = await open_run(node, host=host, run_config=run_config, use_dht=use_dht)
+        else:
+            run = await open_run(node, run_id=run_id, bootstrap=bootstrap, use_dht=use_dht)
+            recipe, config = await _recipe_and_config(run)
+        assert recipe is not None and config is not None
+        if shard is None:
+            shard = _shard_of(node.peer_id, recipe.shards)
+        inner = await trio.to_thread.run_sync(recipe.inner_loop, shard)
+        if on_ready is not None:
+            on_ready(node, run, recipe, config)
+        worker = DiLoCoWorker(
+            node, run, inner, config, on_event=on_event, should_stop=should_stop, hooks=hooks
+        )
+        result = await worker.train()
+        loss = None
+        if evaluate and result.state is not None:
+            loss = await trio.to_thread.run_sync(recipe.eval_loss, result.state.params)
+        return result, loss
+
+
+def result_summary(result: TrainResult, eval_loss: float | None = None) -> dict[str, Any]:
+    ok, compared = result.parity_rounds
+    return {
+        "peer_id": result.peer_id,
+        "run_id": result.run_id,
+        "rounds": [r.round for r in result.records],
+        "digests": [r.digest for r in result.records],
+        "final_digest": result.final_digest,
+        "final_round": None if result.state is None else result.state.round,
+        "parity_ok": ok,
+        "parity_compared": compared,
+        "entered_by": result.entered_by,
+        "refetches": result.refetches,
+        "bytes_sent_collective": result.bytes_sent_collective,
+        "bytes_received_state": result.bytes_received_state,
+        "tokens": sum(r.tokens for r in result.records),
+        "steps": sum(r.steps for r in result.records),
+        "eval_loss": eval_loss,
+    }
+
+
+# ------------------------------------------------------------------------ child process
+
+
+def _emit(event: str, **fields: Any) -> None:
+    sys.stdout.write(json.dumps({"event": event, **fields}, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gossamer.logs import setup_logging
+
+    ap = argparse.ArgumentParser(prog="python -m gossamer.training.worker")
+    ap.add_argument("--data-dir", type=Path, required=True)
+    ap.add_argument("--host", metavar="NAME", help="start this run (with --recipe/--config)")
+    ap.add_argument("--join", metavar="RUN_ID", help="join this run")
+    ap.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR")
+    ap.add_argument("--recipe", default="{}", help="JSON: Recipe fields (host only)")
+    ap.add_argument("--config", default="{}", help="JSON: DiLoCoConfig fields (host only)")
+    ap.add_argument("--shard", type=int)
+    ap.add_argument("--evaluate", action="store_true", help="eval loss of the final state")
+    ap.add_argument("--exit-with-stdin", action="store_true")
+    ap.add_argument("--no-dht", action="store_true")
+    ap.add_argument("--log-level", default="warning")
+    # tests: stall inside the all-reduce of this round (announced with a "stalling" event)
+    ap.add_argument("--stall-round", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    setup_logging(args.log_level)
+    if (args.host is None) == (args.join is None):
+        ap.error("give exactly one of --host NAME and --join RUN_ID")
+    if args.exit_with_stdin:
+
+        def watch() -> None:
+            sys.stdin.read()
+            import os
+
+            os._exit(0)
+
+        threading.Thread(target=watch, daemon=True).start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    node_config = NodeConfig(
+        data_dir=args.data_dir,
+        listen=["/ip4/127.0.0.1/tcp/0"],
+        dataplane_listen="127.0.0.1:0",
+        mdns=False,
+        log_level=args.log_level,
+    )
+    hooks: dict[str, Any] = {}
+    if args.stall_round is not None:
+
+        async def on_attempt(r: int, attempt: int, members: list[str]) -> None:
+            if r == args.stall_round and attempt == 0:
+                _emit("stalling", round=r, members=members)
+                await trio.sleep(3600)
+
+        hooks["on_attempt"] = on_attempt
+
+    def ready(node: Any, run: Any, recipe: Recipe, config: DiLoCoConfig) -> None:
+        _emit(
+            "ready",
+            peer_id=node.peer_id,
+            addrs=node.addrs(),
+            run_id=run.run_id,
+            n_params=recipe.model().num_params(),
+        )
+
+    try:
+        result, loss = trio.run(
+            lambda: run_worker(
+                node_config,
+                host=args.host,
+                run_id=args.join,
+                bootstrap=args.bootstrap,
+                recipe=Recipe(**json.loads(args.recipe)),
+                config=DiLoCoConfig.from_dict(json.loads(args.config)),
+                shard=args.shard,
+                on_ready=ready,
+                on_event=lambda e: _emit(e.pop("event"), **e),
+                should_stop=stop.is_set,
+                hooks=hooks,
+                use_dht=not args.no_dht,
+                evaluate=args.evaluate,
+            )
+        )
+    except Exception as exc:
+        _emit("error", message=f"{type(exc).__name__}: {exc}")
+        raise
+    _emit("result", **result_summary(result, loss))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
