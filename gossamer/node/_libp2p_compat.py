@@ -13,6 +13,8 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import trio
+
 if TYPE_CHECKING:
     from gossamer.node.config import NodeConfig
     from gossamer.node.identity import Identity
@@ -194,6 +196,9 @@ def _disable_auto_connector(host: Any) -> None:
     host.get_network().auto_connector.maybe_connect = _no_auto_connect
 
 
+WRITE_STALL_TIMEOUT_S = 30.0
+
+
 class Stream:
     """A libp2p stream with plain-Python failure modes.
 
@@ -224,12 +229,28 @@ class Stream:
             raise ConnectionError(f"stream to {self.peer_id[-8:]} failed: {exc!r}") from None
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Write all of ``data``; cancellation waits for the write to finish.
+
+        Defect (not in the notes): cancelling a yamux write half-way leaves the
+        muxer mid-frame and tears down the whole connection, every other
+        stream on it included.  The write is therefore shielded, with its own
+        stall deadline after which only this stream is reset.
+        """
         from libp2p.io.exceptions import IOException
 
-        try:
-            await self._stream.write(bytes(data) if not isinstance(data, bytes) else data)
-        except (IOException, OSError, ValueError) as exc:
-            raise ConnectionError(f"stream to {self.peer_id[-8:]} failed: {exc!r}") from None
+        payload = bytes(data) if not isinstance(data, bytes) else data
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + WRITE_STALL_TIMEOUT_S
+            try:
+                await self._stream.write(payload)
+            except (IOException, OSError, ValueError) as exc:
+                raise ConnectionError(f"stream to {self.peer_id[-8:]} failed: {exc!r}") from None
+        if scope.cancelled_caught:
+            await self.reset()
+            raise ConnectionError(
+                f"stream to {self.peer_id[-8:]}: peer read nothing for {WRITE_STALL_TIMEOUT_S} s"
+            )
+        await trio.lowlevel.checkpoint_if_cancelled()
 
     async def close(self) -> None:
         """Close politely; a stream that is already gone is not an error."""
