@@ -107,6 +107,7 @@ class NatLab:
         self.agents: list[Agent] = []
         self._counters = _Counters()
         self._holder: subprocess.Popen[bytes] | None = None
+        self._children: list[subprocess.Popen[bytes]] = []
         self._start()
 
     # ------------------------------------------------------------- lifecycle
@@ -134,6 +135,15 @@ class NatLab:
     def close(self) -> None:
         for agent in list(self.agents):
             agent.kill()
+        for child in self._children:
+            with contextlib.suppress(OSError):
+                assert child.stdin is not None
+                child.stdin.close()
+            try:
+                child.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
         if self._holder is not None:
             with contextlib.suppress(OSError):
                 assert self._holder.stdin is not None
@@ -242,6 +252,37 @@ class NatLab:
     def _check_name(self, name: str) -> None:
         if name in self.hosts or not name.replace("-", "").isalnum() or len(name) > 12:
             raise LabError(f"bad or duplicate lab host name {name!r}")
+
+    def start_igd(self, router: str) -> subprocess.Popen[bytes]:
+        """Run the lab's UPnP gateway (``_natlab_igd``) on NAT router ``router``."""
+        host = self.hosts.get(router)
+        if host is None or host.kind != "router":
+            raise LabError(f"{router!r} is not a lab NAT router")
+        lan_ip = next(h.ip for h in self.hosts.values() if h.router == router).rsplit(".", 1)[0]
+        argv = [
+            sys.executable,
+            "-m",
+            "gossamer.bench._natlab_igd",
+            "--lan-ip",
+            f"{lan_ip}.1",
+            "--wan-ip",
+            host.wan_ip,
+        ]
+        log = open(self.workdir / f"{router}-igd.log", "ab")  # noqa: SIM115  -- child keeps it
+        proc = subprocess.Popen(
+            self.command(router, argv),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            preexec_fn=_die_with_parent,
+        )
+        log.close()
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != b"ready":
+            proc.kill()
+            raise LabError(f"the UPnP gateway on {router} did not start")
+        self._children.append(proc)
+        return proc
 
     # -------------------------------------------------------------- nodes
 

@@ -528,7 +528,9 @@ class Relays:
         return {
             "service": self.server.status(),
             "reservations": [r.to_dict() for r in self.reservations.values()],
-            "candidates": len(self.candidates),
+            "candidates": [
+                c.to_dict() for c in rank(self.candidates.values(), float("inf"), set())[:8]
+            ],
             "events": self.events[-8:],
         }
 
@@ -648,7 +650,7 @@ class Relays:
         )
         if not want:
             for relay_id in list(self.reservations):
-                self._drop(relay_id, "not private any more")
+                self._drop(relay_id, "not private any more", failed=False)
             return
         await self._check_reservations()
         if len(self.reservations) < config.relay_reservations:
@@ -754,11 +756,11 @@ class Relays:
             self._node.addresses_changed()
         return reservation
 
-    def _drop(self, relay_id: str, why: str) -> None:
+    def _drop(self, relay_id: str, why: str, failed: bool = True) -> None:
         if self.reservations.pop(relay_id, None) is not None:
-            self._event(f"lost relay {relay_id[-8:]}: {why}")
+            self._event(f"{'lost' if failed else 'released'} relay {relay_id[-8:]}: {why}")
             candidate = self.candidates.get(relay_id)
-            if candidate is not None:
+            if candidate is not None and failed:
                 candidate.failures += 1
                 candidate.retry_at = time.monotonic() + backoff(candidate.failures)
             self._node.addresses_changed()
