@@ -535,9 +535,11 @@ class AllReduce:
                 )
                 state.refused[peer] = why
                 pieces.pop(peer, None)
-            if self.me not in pieces:  # our own values are broken: nothing sane to reduce
+            if not pieces:  # nothing sane to reduce
                 state.missing_parts.add(self.me)
                 return
+            # If our own values were refused we still reduce the others' for our
+            # part: the statuses then drop only us, without anyone waiting.
             contributors = sorted(pieces)
             reduced, total = await trio.to_thread.run_sync(
                 reduce_piece, {p: (pieces[p], weights[p]) for p in contributors}

@@ -259,27 +259,31 @@ async def test_member_dying_mid_collective(nodes, node_config):
 
     async with nodes(2, dial_timeout=2.0) as (a, b):
         results = {}
-        with trio.fail_after(40):
+        big = 3_000_000
+
+        async def one(node, members, x):
+            results[node.peer_id] = await all_reduce(
+                node, "die", members, x, 1.0, piece_elems=1 << 16, phase_timeout=4
+            )
+
+        async def doomed_member(members_box, task_status=trio.TASK_STATUS_IGNORED):
             async with Node(node_config("doomed", dial_timeout=2.0)) as doomed:
                 await _mesh([a, b, doomed])
-                members = [a.peer_id, b.peer_id, doomed.peer_id]
-                big = 3_000_000
+                members_box.extend([a.peer_id, b.peer_id, doomed.peer_id])
+                task_status.started(doomed)
+                await one(doomed, members_box, torch.ones(big) * 100)
 
-                async def one(node, x):
-                    results[node.peer_id] = await all_reduce(
-                        node, "die", members, x, 1.0, piece_elems=1 << 16, phase_timeout=4
-                    )
-
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(one, a, torch.ones(big))
-                    nursery.start_soon(one, b, torch.ones(big) * 3)
-                    async with trio.open_nursery() as inner:
-                        inner.start_soon(one, doomed, torch.ones(big) * 100)
-                        # die once some of its contribution has left it: mid-collective
-                        while doomed.dataplane.bytes_sent < 1 << 18:  # past the join
-                            await trio.sleep(0.001)
-                        inner.cancel_scope.cancel()
-            # the doomed node is gone now; a and b finish without it
+        with trio.fail_after(40):
+            async with trio.open_nursery() as nursery:
+                members: list[str] = []
+                async with trio.open_nursery() as inner:
+                    doomed = await inner.start(doomed_member, members)
+                    nursery.start_soon(one, a, members, torch.ones(big))
+                    nursery.start_soon(one, b, members, torch.ones(big) * 3)
+                    # die (node and all) once some of its contribution has left it
+                    while doomed.dataplane.bytes_sent < 1 << 18:  # past the join
+                        await trio.sleep(0.001)
+                    inner.cancel_scope.cancel()
         for node in (a, b):
             result = results[node.peer_id]
             assert result.members == tuple(sorted([a.peer_id, b.peer_id]))
