@@ -63,7 +63,11 @@ class DHTConfig:
     alpha: int = 3  # queries in flight per lookup
     get_quorum: int = 3  # get(latest=True) stops once this many replicas answered
     op_timeout: float = 10.0  # default deadline of put/get/provide/find_*
-    rpc_timeout_floor: float = 0.25  # adaptive per-call deadline: srtt + 4·rttvar, clamped
+    # Per-call deadline: srtt + 4·rttvar, clamped.  The floor is TCP's minimum
+    # RTO (RFC 6298): latency comes from the lookup's stall rule, the deadline
+    # only decides that a peer failed, and a loaded machine must not make us
+    # evict peers that are merely slow for a moment.
+    rpc_timeout_floor: float = 1.0
     rpc_timeout_cap: float = 5.0
     dial_allowance: float = 2.0  # added to a call's deadline when we must dial first
     stall_floor: float = 0.02  # a lookup asks another peer after max(this, srtt + 4·rttvar)
@@ -76,6 +80,7 @@ class DHTConfig:
     publish_peer_record: bool = True  # keep /gossamer/peer/<our id> -> our addrs in the DHT
     bootstrap_on_join: bool = True  # look ourselves up once the first peer answers
     refresh_buckets_on_join: bool = True
+    reconcile_interval: float = 5.0  # greet connected peers missing from the table
     persist: bool = True
     reconnect_saved_contacts: int = 8
     limits: StoreLimits = field(default_factory=StoreLimits)
@@ -114,6 +119,7 @@ class DHT:
         self._nursery: trio.Nursery | None = None
         self._scope: trio.CancelScope | None = None
         self._joined = trio.Event()
+        self.bootstrapped = trio.Event()  # set once the join lookups are done
         self._hello_pending: set[str] = set()
         self._hello_recent: dict[str, float] = {}
         self._closed = False
@@ -165,6 +171,7 @@ class DHT:
                 nursery.start_soon(self._maintenance_loop)
                 nursery.start_soon(self._refresh_loop)
                 nursery.start_soon(self._republish_loop)
+                nursery.start_soon(self._reconcile_loop)
                 task_status.started(scope)
 
     async def aclose(self) -> None:
@@ -502,7 +509,9 @@ class DHT:
         try:
             result = await self.node.rpc.call(peer_id, DHTService, method, params, timeout=timeout)
         except PeerUnreachable as exc:
-            self._failed(peer_id, definitive=True)
+            # A refused dial is final; a connection that broke under a call is
+            # not proof the peer is gone (it counts as one failure of two).
+            self._failed(peer_id, definitive=not connected)
             return exc
         except RemoteError as exc:
             # It answered: alive, but it refused or choked on our request.
@@ -677,6 +686,24 @@ class DHT:
         finally:
             self._hello_pending.discard(peer_id)
 
+    async def _reconcile_loop(self) -> None:
+        """Greet connected peers that are not in the routing table (a hello that
+        failed under load, a peer whose DHT started after we connected)."""
+        greeted: dict[str, float] = {}
+        while True:
+            await self._sleep_jittered(self.config.reconcile_interval)
+            now = trio.current_time()
+            connected = self.node.connected_peers()
+            greeted = {p: t for p, t in greeted.items() if now - t < 60.0}
+            for peer_id in connected:
+                if peer_id not in self.table and peer_id not in greeted:
+                    greeted[peer_id] = now
+                    self._schedule_hello(peer_id)
+
+    @staticmethod
+    async def _sleep_jittered(seconds: float) -> None:
+        await trio.sleep(seconds * random.uniform(0.8, 1.2))
+
     async def _reconnect_saved(self) -> None:
         """After a restart, greet a few peers we knew (rejoin without a bootstrap list)."""
         if self._persist is None:
@@ -698,6 +725,7 @@ class DHT:
         await self._joined.wait()
         if self.config.bootstrap_on_join:
             await self._bootstrap()
+        self.bootstrapped.set()
         while True:
             await trio.sleep(self.config.refresh_interval / 4 * random.uniform(0.8, 1.2))
             if not len(self.table):
@@ -711,10 +739,13 @@ class DHT:
         then one lookup per farther bucket so every distance range has contacts."""
         await self._quiet_lookup(peer_key(self.peer_id))
         if self.config.refresh_buckets_on_join:
+            sizes = self.table.bucket_sizes()
             for index in self.table.stale_buckets(time.time(), self.config.refresh_interval):
-                await self._quiet_lookup(self.table.random_id_in_bucket(index))
+                if sizes.get(index, 0) < self.config.k:  # a full bucket needs no help
+                    await self._quiet_lookup(self.table.random_id_in_bucket(index))
         if self.config.publish_peer_record:
             await self._publish_peer_record()
+        self.bootstrapped.set()
 
     async def _quiet_lookup(self, target: int) -> None:
         try:

@@ -70,12 +70,15 @@ class RttEstimator:
         negotiation, often racing identify), which costs far more than a
         round trip on an open stream.
         """
+        swarm = self._swarm
+        swarm_rto = self.floor if swarm is None else swarm.srtt + 4 * swarm.rttvar
         estimate = self._peers.get(peer_id)
         if estimate is None:
-            swarm = self._swarm
-            base = self.floor if swarm is None else swarm.srtt + 4 * swarm.rttvar
-            return min(self.cap, max(self.floor, base)) + self.dial_allowance
-        base = min(self.cap, max(self.floor, estimate.srtt + 4 * estimate.rttvar))
+            return min(self.cap, max(self.floor, swarm_rto)) + self.dial_allowance
+        # Never shorter than the swarm-wide deadline: a peer measured while we
+        # were idle must not be declared failed because *we* are busy now.
+        base = max(estimate.srtt + 4 * estimate.rttvar, swarm_rto)
+        base = min(self.cap, max(self.floor, base))
         return base if connected else base + self.dial_allowance
 
     def stall_after(self) -> float:
