@@ -293,21 +293,28 @@ class NatLab:
         if host not in self.hosts:
             raise LabError(f"no lab host {host!r}")
         name = name or host
-        data_dir = self.workdir / name
-        data_dir.mkdir(parents=True, exist_ok=True)
-        settings = {
-            "data_dir": str(data_dir),
-            "listen": ["/ip4/0.0.0.0/tcp/4001"],
-            "dataplane_listen": "0.0.0.0:4002",
-            "log_level": "info",
-        }
-        settings.update(config or {})
+        settings = self.node_settings(name, config)
         argv = self.command(
             host, [sys.executable, "-m", "gossamer.bench._natlab_agent", json.dumps(settings)]
         )
         agent = Agent(name, self.hosts[host], argv, self.workdir / f"{name}.log")
         self.agents.append(agent)
         return agent
+
+    def node_settings(
+        self, name: str, config: dict[str, Any] | None = None, port: int = 4001
+    ) -> dict[str, Any]:
+        """A lab node's settings: its own data dir, listening on ``port`` (data plane: +1)."""
+        data_dir = self.workdir / name
+        data_dir.mkdir(parents=True, exist_ok=True)
+        settings: dict[str, Any] = {
+            "data_dir": str(data_dir),
+            "listen": [f"/ip4/0.0.0.0/tcp/{port}"],
+            "dataplane_listen": f"0.0.0.0:{port + 1}",
+            "log_level": "info",
+        }
+        settings.update(config or {})
+        return settings
 
 
 class AgentError(RuntimeError):
@@ -422,6 +429,12 @@ class Agent:
                 return status
             time.sleep(interval)
         raise AgentError(f"{self.name}: {what} not reached in {timeout} s; last status {status}")
+
+    def restart(self, settings: dict[str, Any], timeout: float = 30.0) -> Agent:
+        """Replace the node in this process by a fresh one (``settings`` as for start)."""
+        ready = self.call("restart", timeout=timeout, settings=settings)
+        self.peer_id, self.addrs = ready["peer_id"], ready["addrs"]
+        return self
 
     def kill(self) -> None:
         """Stop the node at once (SIGKILL: no goodbye to its peers)."""

@@ -19,7 +19,6 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import trio
@@ -30,10 +29,16 @@ from gossamer.node.node import Node
 
 
 class Agent:
-    def __init__(self, node: Node) -> None:
-        self.node = node
+    def __init__(self, runner: NodeRunner) -> None:
+        self.runner = runner
         self._out_lock = trio.Lock()
         self._blobs: dict[int, bytearray] = {}
+
+    @property
+    def node(self) -> Node:
+        if self.runner.node is None:
+            raise GossamerError("no node running")
+        return self.runner.node
 
     async def emit(self, message: dict[str, Any]) -> None:
         data = (json.dumps(message, default=str) + "\n").encode()
@@ -127,6 +132,11 @@ class Agent:
     async def cmd_sleep(self, seconds: float) -> None:
         await trio.sleep(seconds)
 
+    async def cmd_restart(self, settings: dict[str, Any]) -> dict[str, Any]:
+        """Replace the node by a fresh one (e.g. a new data dir and listen port)."""
+        node = await self.runner.start(settings)
+        return {"peer_id": node.peer_id, "addrs": node.addrs()}
+
 
 def _write_all(data: bytes) -> None:
     view = memoryview(data)
@@ -135,26 +145,66 @@ def _write_all(data: bytes) -> None:
         view = view[written:]
 
 
+class NodeRunner:
+    """Runs the agent's node; ``restart`` replaces it by a fresh one (new config)."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        self.node: Node | None = None
+        self._scope: trio.CancelScope | None = None
+        self._done: trio.Event | None = None
+
+    async def start(self, settings: dict[str, Any]) -> Node:
+        await self.stop()
+        self._done = trio.Event()
+        return await self._nursery.start(self._run, dict(settings), self._done)
+
+    async def stop(self) -> None:
+        if self._scope is not None and self._done is not None:
+            self._scope.cancel()
+            await self._done.wait()
+        self.node = None
+
+    async def _run(self, settings: dict[str, Any], done: trio.Event, task_status: Any) -> None:
+        try:
+            use_dht = settings.pop("dht", True)
+            dht_config = settings.pop("dht_config", {})
+            config: NodeConfig = load_config(None, env={}, overrides=settings)
+            async with Node(config) as node:
+                if use_dht:
+                    try:
+                        from gossamer.dht import DHT, DHTConfig
+                    except ImportError:
+                        logging.getLogger("gossamer.natlab").info("no DHT package: none")
+                    else:
+                        await DHT.start(node, DHTConfig(**dht_config))
+                with trio.CancelScope() as scope:
+                    self._scope, self.node = scope, node
+                    task_status.started(node)
+                    await trio.sleep_forever()
+        finally:
+            done.set()
+
+
 async def main(settings: dict[str, Any]) -> None:
-    use_dht = settings.pop("dht", True)
-    dht_config = settings.pop("dht_config", {})
-    config: NodeConfig = load_config(None, env={}, overrides=settings)
+    config = load_config(
+        None,
+        env={},
+        overrides={k: v for k, v in settings.items() if k not in ("dht", "dht_config")},
+    )
     logging.basicConfig(
         level=logging.DEBUG if config.log_level == "debug" else logging.INFO,
-        format=f"%(asctime)s {Path(config.data_dir).name} %(name)s %(levelname)s %(message)s",
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-    async with Node(config) as node:
-        if use_dht:
-            try:
-                from gossamer.dht import DHT, DHTConfig
-            except ImportError:
-                logging.getLogger("gossamer.natlab").info("no DHT package: running without")
-            else:
-                await DHT.start(node, DHTConfig(**dht_config))
-        agent = Agent(node)
+    async with trio.open_nursery() as nursery:
+        runner = NodeRunner(nursery)
+        node = await runner.start(settings)
+        agent = Agent(runner)
         await agent.emit({"ready": {"peer_id": node.peer_id, "addrs": node.addrs()}})
         await agent.serve()
+        await runner.stop()
+        nursery.cancel_scope.cancel()
 
 
 if __name__ == "__main__":

@@ -78,6 +78,7 @@ class PunchState:
     reason: str = ""
     relayed_at: float | None = None  # monotonic: when the relayed connection appeared
     upgrade_ms: float | None = None  # relayed -> direct
+    concluded_at: float = 0.0  # monotonic: when the last punch() ended
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -95,7 +96,7 @@ def predicted_addrs(
     """Addresses to put in our DCUtR CONNECT (pure).
 
     ``external_ips`` paired with each listening port (a port-preserving NAT),
-    dial-back-confirmed addresses, and specific (LAN) listen addresses.
+    dial-back-confirmed addresses, and specific (LAN, loopback) listen addresses.
     """
     out: list[str] = []
     for addr in confirmed:
@@ -107,7 +108,7 @@ def predicted_addrs(
             if addr not in out:
                 out.append(addr)
     for ip, port in listen:
-        if ip in ("0.0.0.0", "::") or ip.startswith("127.") or ip == "::1":
+        if ip in ("0.0.0.0", "::"):
             continue
         addr = tcp_multiaddr(ip, port)
         if addr not in out:
@@ -115,8 +116,13 @@ def predicted_addrs(
     return out[:MAX_ADDRS]
 
 
-def dial_targets(addrs: list[str], own_ips: set[str]) -> list[tuple[str, int]]:
-    """(ip, port) worth dialing among a peer's CONNECT addresses (pure)."""
+def dial_targets(
+    addrs: list[str], own_ips: set[str], loopback: bool = False
+) -> list[tuple[str, int]]:
+    """(ip, port) worth dialing among a peer's CONNECT addresses (pure).
+
+    Loopback addresses only when we listen on loopback ourselves (one machine).
+    """
     out: list[tuple[str, int]] = []
     for addr in addrs[:MAX_ADDRS]:
         parts = addr.split("/")
@@ -129,7 +135,7 @@ def dial_targets(addrs: list[str], own_ips: set[str]) -> list[tuple[str, int]]:
             continue
         if not 0 < port < 65536 or ip in own_ips or ip in ("0.0.0.0", "::"):
             continue
-        if ip.startswith("127.") or ip == "::1":
+        if (ip.startswith("127.") or ip == "::1") and not loopback:
             continue
         if (ip, port) not in out:
             out.append((ip, port))
@@ -198,36 +204,46 @@ class HolePuncher:
 
     async def punch(self, peer_id: str) -> bool:
         """Try to make the connection to ``peer_id`` direct; True on success."""
-        node = self._node
         lock = self._locks.setdefault(peer_id, trio.Lock())
+        asked_at = time.monotonic()
         async with lock:
             state = self._state(peer_id)
-            if "direct" in node.connection_kinds(peer_id):
+            if state.concluded_at > asked_at and state.state in ("direct", "failed"):
+                return state.state == "direct"  # a run that just ended answered this request
+            try:
+                return await self._punch_locked(peer_id, state)
+            finally:
+                state.concluded_at = time.monotonic()
+
+    async def _punch_locked(self, peer_id: str, state: PunchState) -> bool:
+        node = self._node
+        if "direct" in node.connection_kinds(peer_id):
+            self._mark_direct(state)
+            return True
+        if "relayed" not in node.connection_kinds(peer_id):
+            return False
+        state.role = "initiator"
+        attempts = node.config.holepunch_attempts
+        for attempt in range(attempts):
+            state.attempts += 1
+            state.state = "punching"
+            self._active.add(peer_id)
+            try:
+                ok, reason = await self._initiate(peer_id)
+            finally:
+                self._active.discard(peer_id)
+            if ok or "direct" in node.connection_kinds(peer_id):
                 self._mark_direct(state)
                 return True
+            state.reason = reason
             if "relayed" not in node.connection_kinds(peer_id):
+                state.state = "failed"
+                state.reason = f"{reason}; the relayed connection closed"
                 return False
-            state.role = "initiator"
-            config = node.config
-            for attempt in range(config.holepunch_attempts):
-                state.attempts += 1
-                state.state = "punching"
-                self._active.add(peer_id)
-                try:
-                    ok, reason = await self._initiate(peer_id)
-                finally:
-                    self._active.discard(peer_id)
-                if ok or "direct" in node.connection_kinds(peer_id):
-                    self._mark_direct(state)
-                    return True
-                state.reason = reason
-                if "relayed" not in node.connection_kinds(peer_id):
-                    state.state = "failed"
-                    state.reason = f"{reason}; the relayed connection closed"
-                    return False
+            if attempt + 1 < attempts:
                 await trio.sleep(0.5 * 2**attempt)
-            self._mark_failed(state)
-            return False
+        self._mark_failed(state)
+        return False
 
     async def _initiate(self, peer_id: str) -> tuple[bool, str]:
         from libp2p.relay.circuit_v2.pb.dcutr_pb2 import HolePunch
@@ -248,7 +264,7 @@ class HolePuncher:
                     return False, "peer answered CONNECT with something else"
                 theirs = _decode(answer.ObsAddrs)
                 await _write(stream, HolePunch(type=HolePunch.SYNC))
-            targets = dial_targets(theirs, self._own_ips())
+            targets = self._targets(theirs)
             if not targets:
                 return False, "peer sent no address we could dial"
             await trio.sleep(min(rtt / 2, 2.0))
@@ -308,7 +324,7 @@ class HolePuncher:
             state.role = "responder"
             state.attempts += 1
             state.state = "punching"
-            targets = dial_targets(theirs, self._own_ips())
+            targets = self._targets(theirs)
             # Outlive the initiator's dials: if our SYN waits in its NAT until
             # its socket gave up, its listener must still find ours open.
             timeout = node.config.holepunch_timeout + 1.0
@@ -339,6 +355,11 @@ class HolePuncher:
         ips = {ip for ip, _ in compat.tcp_listen_addrs(node.host)}
         ips.update(node.reachability.external_ips())
         return ips
+
+    def _targets(self, theirs: list[str]) -> list[tuple[str, int]]:
+        own = self._own_ips()
+        loopback = any(ip.startswith("127.") or ip == "::1" for ip in own)
+        return dial_targets(theirs, own - {"127.0.0.1", "::1"}, loopback)
 
     async def _dial_all(
         self, peer_id: str, targets: list[tuple[str, int]], as_responder: bool, timeout: float

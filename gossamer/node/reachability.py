@@ -205,11 +205,12 @@ def _parse_tcp(text: str) -> tuple[str, int] | None:
 
 
 def _is_local(ip: str) -> bool:
+    """Private, loopback, unspecified or link-local (not an internet address)."""
     try:
-        addr = ipaddress.ip_address(ip)
+        ipaddress.ip_address(ip)
     except ValueError:
         return False
-    return addr.is_private or addr.is_loopback or addr.is_unspecified or addr.is_link_local
+    return not is_public_ip(ip)
 
 
 def is_public_ip(ip: str) -> bool:
@@ -360,7 +361,7 @@ class Reachability:
     # ---------------------------------------------------------------- probing
 
     def _on_connection(self, peer_id: str, connected: bool) -> None:
-        if connected and self.verdict.status == UNKNOWN:
+        if connected and (self.verdict.status == UNKNOWN or not self._probes):
             self._wake.set()
 
     def _addrs_to_verify(self) -> list[str]:
@@ -369,8 +370,11 @@ class Reachability:
 
     async def _loop(self) -> None:
         config = self._node.config
-        if config.reachability != "auto" or not config.autonat:
+        if not config.autonat:
             return
+        # With reachability forced by config the probes still run: the
+        # verdict stays forced, but the evidence and our observed public IP
+        # (which hole punching needs) come from them.
         await self._wake.wait()  # the first connection (or an explicit recheck)
         await trio.sleep(config.autonat_delay)
         while True:
@@ -462,7 +466,8 @@ class Reachability:
             )
             return
         old, self.verdict = self.verdict, verdict
-        log.info(
+        log.log(
+            logging.INFO if old.status != verdict.status else logging.DEBUG,
             "reachability %s -> %s (%s)",
             old.status,
             verdict.status,

@@ -94,15 +94,44 @@ def target_peer(addr: str) -> str | None:
     return rest.split("/")[0] if sep and rest else None
 
 
-def usable_relay_addr(addr: str) -> bool:
-    """A relay transport address worth advertising: TCP at a public IP."""
+def usable_relay_addr(addr: str, scope: str = "public") -> bool:
+    """A relay transport address worth advertising (pure).
+
+    TCP at a public IP; with ``scope`` = ``"loopback"`` or ``"lan"`` (we reach
+    the relay itself at such an address) also addresses of that scope, so
+    relays work on one machine or one LAN too.
+    """
+    parts = addr.split("/")
+    if (
+        len(parts) < 5
+        or parts[1] not in ("ip4", "ip6")
+        or parts[3] != "tcp"
+        or "/p2p-circuit" in addr
+    ):
+        return False
+    return ip_scope(parts[2]) in ("public", scope)
+
+
+def ip_scope(ip: str) -> str:
+    """``public``, ``loopback``, ``lan`` or ``none`` (unspecified, malformed)."""
+    if is_public_ip(ip):
+        return "public"
+    if ip.startswith("127.") or ip == "::1":
+        return "loopback"
+    if ip in ("0.0.0.0", "::") or (":" not in ip and ip.count(".") != 3):
+        return "none"
+    return "lan"
+
+
+def tcp_addr(addr: str) -> bool:
+    """A dialable-looking TCP multiaddr (any scope but unspecified)."""
     parts = addr.split("/")
     return (
         len(parts) >= 5
         and parts[1] in ("ip4", "ip6")
         and parts[3] == "tcp"
+        and ip_scope(parts[2]) != "none"
         and "/p2p-circuit" not in addr
-        and is_public_ip(parts[2])
     )
 
 
@@ -313,7 +342,7 @@ class HopServer:
             if "/p2p-circuit" in addr:
                 continue
             bare = addr.rpartition("/p2p/")[0] if "/p2p/" in addr else addr
-            if usable_relay_addr(bare):
+            if tcp_addr(bare):  # each client keeps what suits its scope
                 out.append(multiaddr.Multiaddr(addr).to_bytes())
         return out[:MAX_RELAY_ADDRS]
 
@@ -546,7 +575,7 @@ class Relays:
             own = [
                 a.rpartition("/p2p/")[0]
                 for a in self._node.addrs()
-                if "/p2p-circuit" not in a and usable_relay_addr(a.rpartition("/p2p/")[0])
+                if "/p2p-circuit" not in a and tcp_addr(a.rpartition("/p2p/")[0])
             ]
             if own:
                 out.append(Candidate(self._node.peer_id, own))
@@ -575,7 +604,7 @@ class Relays:
             candidate = self.candidates[peer_id] = Candidate(peer_id)
         candidate.sources.add(source)
         for addr in addrs:
-            if isinstance(addr, str) and usable_relay_addr(addr) and addr not in candidate.addrs:
+            if isinstance(addr, str) and tcp_addr(addr) and addr not in candidate.addrs:
                 candidate.addrs.append(addr)
         del candidate.addrs[MAX_RELAY_ADDRS:]
 
@@ -732,10 +761,13 @@ class Relays:
         rtt = (time.perf_counter() - start) * 1000
         if answer.type != pb.HopMessage.STATUS or answer.status != StatusCode.OK:
             raise RelayError(f"relay {relay_id[-8:]} refused: {_status_name(answer.status)}")
-        relay_addrs = _decode_relay_addrs(answer.reservation.addrs, relay_id)
+        remote = node.peer_remote(relay_id)
+        scope = ip_scope(remote[0]) if remote else "public"
         candidate = self.candidates.get(relay_id)
-        if not relay_addrs and candidate is not None:
-            relay_addrs = list(candidate.addrs)
+        offered = _decode_relay_addrs(answer.reservation.addrs, relay_id)
+        if candidate is not None:
+            offered += [a for a in candidate.addrs if a not in offered]
+        relay_addrs = [a for a in offered if usable_relay_addr(a, scope)][:MAX_RELAY_ADDRS]
         if not relay_addrs:
             raise RelayError(f"relay {relay_id[-8:]} has no public address to advertise")
         expire = float(answer.reservation.expire) or time.time() + 60.0
@@ -863,7 +895,7 @@ def _decode_relay_addrs(raw: Iterable[bytes], relay_id: str) -> list[str]:
             text, _, pid = text.rpartition("/p2p/")
             if pid != relay_id:
                 continue
-        if usable_relay_addr(text) and text not in out:
+        if tcp_addr(text) and text not in out:
             out.append(text)
     return out
 
