@@ -382,6 +382,10 @@ class DiLoCoWorker:
                 r = state.round
                 # 1. inner steps until the round closes
                 steps, tokens, loss, inner_seconds = await self.inner_steps(r)
+                if self._behind(r):  # most of the run finished round r without us: catch up
+                    self._write_entry(r, "failed", None)
+                    state = await self.enter()
+                    continue
                 sync_start = time.perf_counter()
                 self._write_entry(r, "syncing", state.digest)
                 # 2. pseudo-gradient: where the inner steps went, sign-flipped like a gradient
@@ -536,7 +540,7 @@ class DiLoCoWorker:
         self, r: int, digest: str, delta: torch.Tensor, tokens: int
     ) -> AllReduceResult:
         entries, live = self._view()
-        members = rounds.round_members(entries, r, digest, self.me, live)
+        members = rounds.round_members(entries, r, self.me, live)
         self._learn_addrs(members)
         wait = self.config.join_timeout
         if wait is None:
@@ -605,6 +609,14 @@ class DiLoCoWorker:
         return fixed, verdict
 
     # ------------------------------------------------------------------ helpers
+
+    def _behind(self, r: int) -> bool:
+        entries, live = self._view()
+        position = rounds.run_position(entries, live)
+        if position.round is None or position.round <= r:
+            return False
+        log.warning("round %d: the run is at round %d already; re-entering", r, position.round)
+        return True
 
     def _finished(self, r: int) -> bool:
         return (self.config.rounds is not None and r >= self.config.rounds) or self.should_stop()

@@ -27,8 +27,10 @@ tokens-weighted) instead of holding up the round. ``min_inner_steps == inner_ste
 default) makes every member take exactly H steps, which the bit-exact tests need.
 
 Membership. The all-reduce of round r is among the live members whose entry says
-``(r, training|syncing)`` with the same start digest as ours; the collective then agrees on a
-common list, so replicas that differ slightly still meet.
+``(r, joined|training|syncing)`` (a newcomer that announced round r is waited for); the
+collective then agrees on a common list, so replicas that differ slightly still meet. A member
+that finds most of the run past its round (it was dropped, or fell behind) does not train or
+average that round: it re-enters the run like a newcomer.
 
 Parity. After the outer step of round r, each member writes ``(r+1, training, digest)``, waits
 briefly for the round's other members to do the same, and compares: the digest held by the most
@@ -141,7 +143,12 @@ def _majority(digests: Mapping[str, str]) -> tuple[str, tuple[str, ...]]:
 
 
 def run_position(entries: Entries, live: Live = _always) -> RunPosition:
-    """The run's current round and state, from the entries of live members."""
+    """The run's current round and state, from the entries of live members.
+
+    The round is the one the most live members hold state for (ties: the later round), so a
+    single member racing ahead on its own — broken or lying — cannot drag the run after it;
+    the digest is that round's majority digest.
+    """
     with_state = {
         p: e
         for p, e in entries.items()
@@ -149,20 +156,27 @@ def run_position(entries: Entries, live: Live = _always) -> RunPosition:
     }
     if not with_state:
         return RunPosition(None, None, ())
-    step = max(e.step for e in with_state.values())
+    counts = Counter(e.step for e in with_state.values())
+    step = max(counts, key=lambda s: (counts[s], s))
     at_step = {p: e for p, e in with_state.items() if e.step == step}
     digest, holders = _majority({p: _hash_str(e.hash) or "" for p, e in at_step.items()})
     finished = all(at_step[p].status == "done" for p in holders)
     return RunPosition(step, digest, holders, finished)
 
 
-def round_members(
-    entries: Entries, step: int, digest: str, me: str, live: Live = _always
-) -> list[str]:
-    """Who takes part in round ``step``'s all-reduce, as this member sees it (sorted, with us)."""
+def round_members(entries: Entries, step: int, me: str, live: Live = _always) -> list[str]:
+    """Who takes part in round ``step``'s all-reduce, as this member sees it (sorted, with us).
+
+    Every live member that declared the round: in it (training, syncing) or announced for it
+    (joined: a newcomer fetching the state; the all-reduce waits for it until its join
+    deadline). Whatever start digest a member declared: one whose entry is stale (it is
+    re-fetching) still contributes a valid pseudo-gradient, and leaving it out on some replicas
+    but not others would only split the membership agreement; parity after the outer step
+    catches a member that really started from other bits.
+    """
     out = {me}
     for p, e in entries.items():
-        if e.step == step and e.status in ACTIVE and _hash_str(e.hash) == digest and live(p):
+        if e.step == step and e.status in ("joined", *ACTIVE) and live(p):
             out.add(p)
     return sorted(out)
 

@@ -92,8 +92,9 @@ class Snapshot:
         }
 
 
-def chunks(numel: int, chunk_elems: int = CHUNK_ELEMS) -> list[tuple[int, int]]:
-    return [(a, min(a + chunk_elems, numel)) for a in range(0, numel, chunk_elems)]
+def chunks(numel: int, chunk_elems: int | None = None) -> list[tuple[int, int]]:
+    size = chunk_elems or CHUNK_ELEMS
+    return [(a, min(a + size, numel)) for a in range(0, numel, size)]
 
 
 def _sha256(t: torch.Tensor) -> str:

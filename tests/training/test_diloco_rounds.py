@@ -39,7 +39,7 @@ def test_policy_closes_at_h_or_early_only_after_min_steps():
         rounds.RoundPolicy(inner_steps=0)
 
 
-def test_run_position_takes_the_highest_round_and_its_majority_digest():
+def test_run_position_takes_the_most_held_round_and_its_majority_digest():
     es = entries(
         E(A, 4, "training", "d4"),
         E(B, 5, "training", "d5"),
@@ -48,6 +48,11 @@ def test_run_position_takes_the_highest_round_and_its_majority_digest():
     )
     pos = rounds.run_position(es)
     assert (pos.round, pos.digest, pos.holders, pos.finished) == (5, "d5", (B, C), False)
+    # one member alone ahead of the others does not move the run
+    ahead = entries(E(A, 9, "training", "x"), E(B, 5, "training", "d5"), E(C, 5, "syncing", "d5"))
+    assert rounds.run_position(ahead).round == 5
+    tie = entries(E(A, 6, "training", "d6"), E(B, 5, "syncing", "d5"))
+    assert rounds.run_position(tie).round == 6
     # joined entries hold no state; dead members do not count
     es2 = entries(E(A, 7, "joined"), E(B, 5, "training", "d5"), E(C, 6, "training", "d6"))
     assert rounds.run_position(es2, live=lambda p: p != C).round == 5
@@ -66,15 +71,18 @@ def test_majority_tie_goes_to_the_smallest_peer_ids_digest():
     assert alone.ok and alone.compared == 1
 
 
-def test_round_members_need_the_same_start_state_and_a_live_member():
+def test_round_members_are_the_live_members_in_the_round():
     es = entries(
         E(A, 3, "training", "d"),
         E(B, 3, "syncing", "d"),
-        E(C, 3, "training", "other"),  # diverged: not averaged with us
-        E(D, 2, "training", "d"),  # another round
+        E(C, 3, "training", "stale"),  # in the round (parity will judge its state)
+        E(D, 3, "joined"),  # a newcomer that announced the round: waited for
+        E("peerE", 2, "training", "d"),  # another round
+        E("peerF", 3, "failed"),
     )
-    assert rounds.round_members(es, 3, "d", A) == [A, B]
-    assert rounds.round_members(es, 3, "d", A, live=lambda p: p != B) == [A]
+    assert rounds.round_members(es, 3, A) == [A, B, C, D]
+    assert rounds.round_members(es, 3, A, live=lambda p: p != B) == [A, C, D]
+    assert rounds.round_members(es, 4, D) == [D]
     assert rounds.others_closing(es, 3, A)
     assert not rounds.others_closing(es, 3, B)
 

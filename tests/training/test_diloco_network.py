@@ -1,0 +1,241 @@
+"""DiLoCo runs between real nodes on 127.0.0.1 (in one process): parity every round, an exact
+single-process reference, a late joiner, a slow worker, a diverged member, state sync."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import AsyncIterator
+
+import pytest
+import torch
+import trio
+
+from gossamer.crdt.sync import CrdtService, SyncOptions
+from gossamer.node.node import Node
+from gossamer.training import statesync
+from gossamer.training.diloco import DiLoCoConfig, DiLoCoWorker, State
+from gossamer.training.outer import (
+    Contribution,
+    apply_outer_step,
+    init_outer_state,
+    pseudo_gradient,
+    state_digest,
+    weighted_average,
+)
+from gossamer.training.recipe import Recipe
+
+torch.set_num_threads(1)
+
+FAST = SyncOptions(
+    anti_entropy_interval=0.5, maintain_interval=0.1, heartbeat_interval=0, dial_backoff=0.5
+)
+TINY = Recipe(n_layer=1, n_head=2, d_model=32, context=32, batch_size=4, schedule_steps=80)
+
+
+@contextlib.asynccontextmanager
+async def swarm(node_config, n: int, recipe: Recipe, config: DiLoCoConfig) -> AsyncIterator:
+    """n loopback nodes in one run (node 0 hosts it); yields [(node, run)]."""
+    async with contextlib.AsyncExitStack() as stack:
+        nodes = [await stack.enter_async_context(Node(node_config())) for _ in range(n)]
+        services = [await CrdtService.start(node, FAST) for node in nodes]
+        run_config = {**recipe.to_config(), "hparams": {"diloco": config.to_dict()}}
+        host = await services[0].host_run("test", config=run_config)
+        runs = [host]
+        for service in services[1:]:
+            runs.append(await service.join_run(host.run_id, bootstrap=[nodes[0].addrs()[0]]))
+        yield list(zip(nodes, runs, strict=True))
+
+
+async def train_all(workers: list[DiLoCoWorker]) -> list:
+    results: dict[int, object] = {}
+
+    async def one(i: int) -> None:
+        results[i] = await workers[i].train()
+
+    with trio.fail_after(90):
+        async with trio.open_nursery() as nursery:
+            for i in range(len(workers)):
+                nursery.start_soon(one, i)
+    return [results[i] for i in range(len(workers))]
+
+
+def reference_digests(recipe: Recipe, config: DiLoCoConfig, peer_ids: list[str]) -> list[str]:
+    """The same run computed in one process: worker i is peer_ids[i] (its data shard i)."""
+    inners = [recipe.inner_loop(i) for i in range(len(peer_ids))]
+    params = {n: p.detach().clone() for n, p in inners[0].parameters().items()}
+    outer = init_outer_state(params, lr=config.outer_lr, momentum=config.outer_momentum)
+    digests = []
+    for r in range(config.rounds or 0):
+        contributions = []
+        for i, inner in enumerate(inners):
+            inner.load(params)
+            tokens = 0
+            for k in range(config.inner_steps):
+                tokens += inner.step(r * config.inner_steps + k)[1]
+            delta = pseudo_gradient(params, inner.parameters())
+            contributions.append(Contribution(peer_ids[i], delta, tokens))
+        params, outer = apply_outer_step(params, weighted_average(contributions), outer)
+        digests.append(state_digest(params, outer))
+    return digests
+
+
+async def test_three_workers_stay_bit_identical_and_match_the_reference(node_config):
+    recipe = dataclasses.replace(TINY, shards=3)
+    config = DiLoCoConfig(inner_steps=8, rounds=5, min_workers=3)
+    async with swarm(node_config, 3, recipe, config) as members:
+        workers = [
+            DiLoCoWorker(node, run, recipe.inner_loop(i), config)
+            for i, (node, run) in enumerate(members)
+        ]
+        results = await train_all(workers)
+        ids = [node.peer_id for node, _ in members]
+    for result in results:
+        assert result.entered_by == ["fresh"]
+        assert [r.round for r in result.records] == [0, 1, 2, 3, 4]
+        assert result.parity_rounds == (5, 5)  # every round compared and matched
+        assert all(len(r.members) == 3 and r.steps == 8 for r in result.records)
+    for r in range(5):
+        assert len({res.records[r].digest for res in results}) == 1
+    assert [r.digest for r in results[0].records] == reference_digests(recipe, config, ids)
+
+
+async def test_a_late_joiner_downloads_the_state_and_converges(node_config):
+    recipe = dataclasses.replace(TINY, shards=3)
+    config = DiLoCoConfig(inner_steps=6, rounds=10)
+    async with swarm(node_config, 3, recipe, config) as members:
+        late_model = dataclasses.replace(recipe, seed=7).model()  # not the run's init
+        workers = [
+            DiLoCoWorker(members[0][0], members[0][1], recipe.inner_loop(0), config),
+            DiLoCoWorker(members[1][0], members[1][1], recipe.inner_loop(1), config),
+            DiLoCoWorker(members[2][0], members[2][1], recipe.inner_loop(2, late_model), config),
+        ]
+        results: dict[int, object] = {}
+
+        async def one(i: int) -> None:
+            results[i] = await workers[i].train()
+
+        with trio.fail_after(90):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(one, 0)
+                nursery.start_soon(one, 1)
+                while len(workers[0].records) < 3:
+                    await trio.sleep(0.02)
+                nursery.start_soon(one, 2)
+    early, late = results[0], results[2]
+    assert late.entered_by == ["download"] and late.bytes_received_state > 0  # type: ignore[union-attr]
+    joined_at = late.records[0].round  # type: ignore[union-attr]
+    assert 3 <= joined_at < 10
+    by_round = {r.round: r.digest for r in early.records}  # type: ignore[union-attr]
+    for record in late.records:  # type: ignore[union-attr]
+        assert record.digest == by_round[record.round]
+        assert record.parity_ok and len(record.members) == 3
+    assert late.final_digest == early.final_digest  # type: ignore[union-attr]
+    joined_record = next(r for r in early.records if r.round == joined_at)  # type: ignore[union-attr]
+    assert len(joined_record.members) == 3
+
+
+class _SlowInner:
+    """An inner loop that takes ``delay`` extra seconds per step (a slower machine)."""
+
+    def __init__(self, inner, delay: float) -> None:
+        self.inner, self.delay = inner, delay
+
+    def step(self, step: int):
+        import time
+
+        time.sleep(self.delay)
+        return self.inner.step(step)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+async def test_a_slow_worker_contributes_fewer_steps_instead_of_stalling_the_round(node_config):
+    recipe = dataclasses.replace(TINY, shards=3)
+    config = DiLoCoConfig(inner_steps=20, min_inner_steps=1, rounds=4, min_workers=3)
+    async with swarm(node_config, 3, recipe, config) as members:
+        inners = [recipe.inner_loop(i) for i in range(3)]
+        inners[2] = _SlowInner(inners[2], delay=0.1)  # at most ~6 steps while the others do 20
+        workers = [
+            DiLoCoWorker(node, run, inners[i], config) for i, (node, run) in enumerate(members)
+        ]
+        results = await train_all(workers)
+    fast, slow = results[0], results[2]
+    for r_fast, r_slow in zip(fast.records, slow.records, strict=True):
+        assert r_fast.digest == r_slow.digest and len(r_fast.members) == 3
+        assert r_slow.steps < r_fast.steps
+        assert r_slow.tokens == r_slow.steps * recipe.batch_size * recipe.context
+    assert sum(r.steps for r in slow.records) < 0.6 * sum(r.steps for r in fast.records)
+
+
+class _Diverging(DiLoCoWorker):
+    """Flips one bit of its state after the outer step of round 1 (a faulty member)."""
+
+    async def check_parity(self, state, members):
+        if state.round == 2 and not getattr(self, "_flipped", False):
+            self._flipped = True
+            params = {k: v.clone() for k, v in state.params.items()}
+            name = sorted(params)[0]
+            params[name].view(-1)[0] = torch.nextafter(
+                params[name].view(-1)[0], torch.tensor(float("inf"))
+            )
+            state = State.of(params, state.outer)
+            self.inner.load(state.params)
+        return await super().check_parity(state, members)
+
+
+async def test_a_member_whose_state_diverges_refetches_it(node_config, caplog):
+    caplog.set_level(logging.WARNING, logger="gossamer.training.diloco")
+    recipe = dataclasses.replace(TINY, shards=3)
+    config = DiLoCoConfig(inner_steps=5, rounds=4, min_workers=3)
+    async with swarm(node_config, 3, recipe, config) as members:
+        workers = [
+            (_Diverging if i == 2 else DiLoCoWorker)(node, run, recipe.inner_loop(i), config)
+            for i, (node, run) in enumerate(members)
+        ]
+        results = await train_all(workers)
+    faulty = results[2]
+    assert faulty.refetches == 1
+    assert [r.parity_ok for r in faulty.records] == [True, False, True, True]
+    for r in range(4):  # after the re-fetch, everyone holds the same bits again
+        assert len({res.records[r].digest for res in results}) == 1
+    assert any("re-fetching" in rec.getMessage() for rec in caplog.records)
+
+
+async def test_state_sync_from_several_peers_survives_a_lying_one(nodes, monkeypatch, caplog):
+    monkeypatch.setattr(statesync, "CHUNK_ELEMS", 4096)
+    model = TINY.model()
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    outer = init_outer_state(params)
+    outer.momentum_buffers = {k: torch.full_like(v, 0.5) for k, v in params.items()}
+    snapshot = statesync.make_snapshot(params, outer)
+    assert len(snapshot.chunk_hashes()) >= 6
+    async with nodes(4) as (a, b, c, joiner):
+        for holder in (a, b, c):
+            await joiner.connect(holder.addrs()[0])
+            statesync.StateService.attach(holder).publish(snapshot)
+        # c announces the right manifest but sends other bytes
+        liar = statesync.Snapshot(
+            snapshot.digest,
+            snapshot.layout,
+            snapshot.outer,
+            snapshot.flat + 1.0,
+            list(snapshot.chunk_hashes()),
+        )
+        statesync.StateService.attach(c).publish(liar)
+        ids = [a.peer_id, b.peer_id, c.peer_id]
+        fetched = await statesync.fetch_state(
+            joiner, snapshot.digest, ids, expected_layout=statesync.layout_of(params)
+        )
+        assert fetched.digest == state_digest(fetched.params, fetched.outer) == snapshot.digest
+        assert set(fetched.sources) == {a.peer_id, b.peer_id}  # chunks from both honest peers
+        assert any("wrong hash" in r.getMessage() for r in caplog.records)
+        other = {k: v for k, v in statesync.layout_of(params)[1:]}
+        with pytest.raises(statesync.StateSyncError):
+            await statesync.fetch_state(
+                joiner, snapshot.digest, ids[:2], expected_layout=list(other.items())
+            )
+        with pytest.raises(statesync.StateSyncError):
+            await statesync.fetch_state(joiner, "0" * 64, ids[:2], timeout=10)
