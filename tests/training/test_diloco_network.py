@@ -3,17 +3,14 @@ single-process reference, a late joiner, a slow worker, a diverged member, state
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator
 
 import pytest
 import torch
 import trio
+from diloco_helpers import TINY, SlowInner, swarm, train_all
 
-from gossamer.crdt.sync import CrdtService, SyncOptions
-from gossamer.node.node import Node
 from gossamer.training import statesync
 from gossamer.training.diloco import DiLoCoConfig, DiLoCoWorker, State
 from gossamer.training.outer import (
@@ -27,38 +24,6 @@ from gossamer.training.outer import (
 from gossamer.training.recipe import Recipe
 
 torch.set_num_threads(1)
-
-FAST = SyncOptions(
-    anti_entropy_interval=0.5, maintain_interval=0.1, heartbeat_interval=0, dial_backoff=0.5
-)
-TINY = Recipe(n_layer=1, n_head=2, d_model=32, context=32, batch_size=4, schedule_steps=80)
-
-
-@contextlib.asynccontextmanager
-async def swarm(node_config, n: int, recipe: Recipe, config: DiLoCoConfig) -> AsyncIterator:
-    """n loopback nodes in one run (node 0 hosts it); yields [(node, run)]."""
-    async with contextlib.AsyncExitStack() as stack:
-        nodes = [await stack.enter_async_context(Node(node_config())) for _ in range(n)]
-        services = [await CrdtService.start(node, FAST) for node in nodes]
-        run_config = {**recipe.to_config(), "hparams": {"diloco": config.to_dict()}}
-        host = await services[0].host_run("test", config=run_config)
-        runs = [host]
-        for service in services[1:]:
-            runs.append(await service.join_run(host.run_id, bootstrap=[nodes[0].addrs()[0]]))
-        yield list(zip(nodes, runs, strict=True))
-
-
-async def train_all(workers: list[DiLoCoWorker]) -> list:
-    results: dict[int, object] = {}
-
-    async def one(i: int) -> None:
-        results[i] = await workers[i].train()
-
-    with trio.fail_after(90):
-        async with trio.open_nursery() as nursery:
-            for i in range(len(workers)):
-                nursery.start_soon(one, i)
-    return [results[i] for i in range(len(workers))]
 
 
 def reference_digests(recipe: Recipe, config: DiLoCoConfig, peer_ids: list[str]) -> list[str]:
@@ -136,28 +101,12 @@ async def test_a_late_joiner_downloads_the_state_and_converges(node_config):
     assert len(joined_record.members) == 3
 
 
-class _SlowInner:
-    """An inner loop that takes ``delay`` extra seconds per step (a slower machine)."""
-
-    def __init__(self, inner, delay: float) -> None:
-        self.inner, self.delay = inner, delay
-
-    def step(self, step: int):
-        import time
-
-        time.sleep(self.delay)
-        return self.inner.step(step)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
 async def test_a_slow_worker_contributes_fewer_steps_instead_of_stalling_the_round(node_config):
     recipe = dataclasses.replace(TINY, shards=3)
     config = DiLoCoConfig(inner_steps=20, min_inner_steps=1, rounds=4, min_workers=3)
     async with swarm(node_config, 3, recipe, config) as members:
         inners = [recipe.inner_loop(i) for i in range(3)]
-        inners[2] = _SlowInner(inners[2], delay=0.1)  # at most ~6 steps while the others do 20
+        inners[2] = SlowInner(inners[2], delay=0.1)  # at most ~6 steps while the others do 20
         workers = [
             DiLoCoWorker(node, run, inners[i], config) for i, (node, run) in enumerate(members)
         ]
