@@ -146,7 +146,7 @@ async def announce(
             run.doc.serve_expert(slot, True, announcement_info(node, entry, partition))
             written["doc"].append(slot)
     dht = getattr(node, "dht", None)
-    if dht is None or run_id is None:
+    if dht is None:
         return written
     expires = time.time() + ttl
     listing = [
@@ -154,21 +154,20 @@ async def announce(
     ]
     from gossamer.dht import provider_key
 
+    async def put(key: str, value: dict[str, Any]) -> None:
+        try:
+            written["dht"] += await dht.put(key, value, expires, subkey=node.peer_id)
+        except GossamerError as exc:
+            log.info("DHT announce of %s failed: %s", key[:60], exc)
+
     with trio.move_on_after(timeout):
         async with trio.open_nursery() as nursery:
-
-            async def put(key: str, value: dict[str, Any]) -> None:
-                try:
-                    written["dht"] += await dht.put(key, value, expires, subkey=node.peer_id)
-                except GossamerError as exc:
-                    log.info("DHT announce of %s failed: %s", key[:60], exc)
-
             for e in entries:
                 value = {"addrs": list(dht.own_addrs()), "cluster": e.cluster, "run": run_id}
                 nursery.start_soon(put, provider_key(e.cid), value)
-            nursery.start_soon(
-                put, run_index_key(run_id), {"checkpoints": listing, "addrs": list(dht.own_addrs())}
-            )
+            if run_id is not None and entries:
+                index = {"checkpoints": listing, "addrs": list(dht.own_addrs())}
+                nursery.start_soon(put, run_index_key(run_id), index)
     return written
 
 

@@ -119,7 +119,9 @@ def check_shape(
     if (c, h, w) != tuple(image_shape):
         raise _bad(f"image shape {[c, h, w]} does not match the expert's {list(image_shape)}")
     if not 1 <= b <= max_batch:
-        raise _bad(f"batch of {b} rows is outside 1..{max_batch}", "too_large" if b > 0 else "")
+        raise _bad(
+            f"batch of {b} rows is outside 1..{max_batch}", "too_large" if b > 0 else "bad_tensor"
+        )
     return b, c, h, w
 
 
@@ -459,7 +461,8 @@ class DdmService(Service):
         if math.prod(shape) * _ITEM <= 0:
             raise _bad("empty batch")
         x_tensor = torch.empty(shape, dtype=torch.float32)
-        remaining = max(0.0, ctx.deadline - trio.current_time())
+        # leave the caller time to hear the refusal before its own deadline
+        remaining = 0.8 * max(0.0, ctx.deadline - trio.current_time())
         try:
             await self.node.dataplane.recv(
                 ctx.peer_id, tag, into={"x": x_tensor}, timeout=remaining
