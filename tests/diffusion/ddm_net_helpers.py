@@ -61,6 +61,18 @@ def tiny_expert(seed: int, spec: ExpertSpec = TINY) -> tuple[torch.nn.Module, by
     return model, expert_to_bytes(model, spec, SHAPE)
 
 
+def with_cluster(blob: bytes, cluster: int) -> bytes:
+    """The checkpoint with a ``gossamer_ddm`` metadata entry naming its cluster."""
+    from safetensors.torch import load, save
+
+    from gossamer.training.diffusion.models import safetensors_metadata
+    from gossamer.training.diffusion.serving import DDM_META_KEY
+
+    meta = dict(safetensors_metadata(blob))
+    meta[DDM_META_KEY] = json.dumps({"cluster": cluster})
+    return save(load(blob), metadata=meta)
+
+
 def tiny_router(k: int, seed: int = 99) -> Router:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
