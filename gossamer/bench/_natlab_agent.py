@@ -129,6 +129,17 @@ class Agent:
             "sha256": hashlib.sha256(blob).hexdigest(),
         }
 
+    async def cmd_peer_record(self, peer_id: str, timeout: float = 10.0) -> list[str]:
+        """The addresses ``peer_id`` published in the DHT (its signed peer record)."""
+        from gossamer.dht import peer_record_key
+
+        dht = getattr(self.node, "dht", None)
+        if dht is None:
+            raise GossamerError("this node runs no DHT")
+        record = await dht.get(peer_record_key(peer_id), timeout=timeout)
+        value = record.value if record is not None else None
+        return list(value.get("addrs", [])) if isinstance(value, dict) else []
+
     async def cmd_sleep(self, seconds: float) -> None:
         await trio.sleep(seconds)
 

@@ -58,6 +58,10 @@ class _IntoGossamerLogging(logging.Handler):
         # a dial-back (reachability.py) closes right after the security
         # handshake, so the muxer negotiation that follows always fails
         "fail to upgrade mux",
+        # every failed dial is logged at ERROR by the TCP transport although
+        # the caller handles it (hole punching expects refused dials)
+        "open tcp stream",
+        "opening tcp stream",
     )
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -425,28 +429,6 @@ async def prove_listener(host: Any, ip: str, port: int, peer_id: str) -> None:
             await raw.close()
 
 
-async def dial_from_listen_port(
-    host: Any, peer_id: str, ip: str, port: int, source: tuple[str, int], as_responder: bool
-) -> Any:
-    """Dial (ip, port) from our listening ``source`` (SO_REUSEPORT) for a hole punch.
-
-    ``as_responder``: run the security handshake as the responder on this
-    outbound socket.  Two simultaneous SYNs through two NATs make *one* TCP
-    connection on which both ends "dialed"; the DCUtR spec gives the
-    initiator the responder's role so the Noise roles differ.  (py-libp2p's
-    ``Swarm.dial_addr_as_responder`` and TCP ``dial_with_source`` work; its
-    DCUtR service around them is not used, see holepunch.py.)
-    """
-    from libp2p.peer.id import ID
-
-    swarm = host.get_network()
-    target = ID.from_base58(peer_id)
-    maddr = _tcp_maddr(ip, port)
-    if as_responder:
-        return await swarm.dial_addr_as_responder(maddr, target, source)
-    return await swarm.dial_addr(maddr, target, source)
-
-
 async def upgrade_relayed_stream(
     host: Any, raw_stream: Any, peer_id: str, relay_id: str, initiator: bool
 ) -> Any:
@@ -533,3 +515,58 @@ async def push_identify(host: Any) -> None:
         await host._push_identify_to_all_peers()
     except Exception:  # best effort: peers also learn it on their next identify
         log.debug("identify push failed", exc_info=True)
+
+
+async def open_punch_socket(ip: str, port: int, source: tuple[str, int]) -> Any:
+    """One TCP connect to (ip, port) from our listening ``source`` (SO_REUSEPORT).
+
+    Returns a ``trio.SocketStream``; raises ``OSError`` (refused, reset,
+    unreachable).  A plain socket instead of a swarm dial: a hole punch may
+    need hundreds of these per second (see holepunch.py), and py-libp2p's dial
+    path costs milliseconds and an ERROR log line per refused attempt.
+    """
+    import socket as stdlib_socket
+
+    import trio
+
+    family = trio.socket.AF_INET6 if ":" in ip else trio.socket.AF_INET
+    sock = trio.socket.socket(family, stdlib_socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEADDR, 1)
+        sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEPORT, 1)
+        await sock.bind(source)
+        await sock.connect((ip, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
+async def upgrade_punched(host: Any, stream: Any, peer_id: str, as_responder: bool) -> Any:
+    """Run Noise + Yamux on a hole-punched TCP stream and register it in the swarm.
+
+    ``as_responder``: take the security responder's role although we called
+    connect() (TCP simultaneous open: both ends did; the DCUtR spec gives the
+    initiator the responder's role).  Uses the swarm's own upgrade paths, as
+    ``Swarm.dial_addr(_as_responder)`` does after its dial.
+    """
+    from libp2p.io.trio import TrioTCPStream
+    from libp2p.network.connection.raw_connection import RawConnection
+    from libp2p.peer.id import ID
+
+    swarm = host.get_network()
+    target = ID.from_base58(peer_id)
+    remote = stream.socket.getpeername()
+    raw = RawConnection(TrioTCPStream(stream), not as_responder)
+    try:
+        if not as_responder:
+            return await swarm.upgrade_outbound_raw_conn(raw, target)
+        muxed = await swarm.upgrade_inbound_raw_conn(raw, _tcp_maddr(remote[0], remote[1]))
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await raw.close()
+        raise
+    if muxed.peer_id != target:
+        await muxed.close()
+        raise ConnectionError(f"hole punch reached {muxed.peer_id}, not {peer_id}")
+    return next((c for c in swarm.get_connections(target) if c.muxed_conn is muxed), None)

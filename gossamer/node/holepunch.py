@@ -31,8 +31,10 @@ After an upgrade the relayed connection is closed ``holepunch_relay_grace``
 seconds later, and idle RPC streams that rode it are dropped at once, so new
 RPC and data-plane streams open on the direct connection.
 
-From py-libp2p 0.8.1 this uses the DCUtR protobuf messages, TCP
-``dial_with_source`` and ``Swarm.dial_addr_as_responder``.  Its
+From py-libp2p 0.8.1 this uses the DCUtR protobuf messages and the swarm's
+connection upgrades (``upgrade_outbound_raw_conn`` / ``upgrade_inbound_raw_conn``,
+as its ``dial_addr_as_responder`` does); the connects themselves are plain
+sockets (hundreds per second may be needed behind routers that answer RST).  Its
 ``DCUtRProtocol`` service is not used: it predicts addresses from identify's
 observed-address manager (unverified, and empty when identify has not
 confirmed an observation), gives each peer only 3 attempts for the life of
@@ -42,7 +44,9 @@ keeps the relayed connection 60 s after an upgrade.
 
 from __future__ import annotations
 
+import errno
 import logging
+import random
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -63,6 +67,7 @@ DIALER_GRACE_S = 1.5
 MESSAGE_TIMEOUT_S = 10.0
 MAX_ADDRS = 8
 MAX_STATES = 512
+REDIAL_JITTER_S = 0.004  # between re-dials after an RST (see HolePuncher._dial_all)
 
 
 @dataclass
@@ -371,12 +376,30 @@ class HolePuncher:
         source = listen[0]
 
         async def one(ip: str, port: int) -> None:
-            try:
-                await compat.dial_from_listen_port(
-                    node.host, peer_id, ip, port, source, as_responder
-                )
-            except Exception as exc:  # refused, unreachable, wrong peer: try the others
-                log.debug("hole-punch dial %s:%d failed: %r", ip, port, exc)
+            # A router without a firewall answers a SYN that arrives before its
+            # own host's SYN left with RST, which kills the dial and closes the
+            # mapping: only SYNs that cross in flight get through.  So a refused
+            # connect is repeated at once, at a random pace, until the window
+            # ends (a router that drops such SYNs keeps the first connect
+            # waiting until the peer's SYN opens the way).
+            while True:
+                try:
+                    stream = await compat.open_punch_socket(ip, port, source)
+                except OSError as exc:
+                    if exc.errno in (errno.ECONNREFUSED, errno.ECONNRESET):
+                        await trio.sleep(random.uniform(0.0, REDIAL_JITTER_S))
+                        continue
+                    if exc.errno == errno.EADDRNOTAVAIL:  # a previous socket lingers
+                        await trio.sleep(0.05)
+                        continue
+                    log.debug("hole-punch connect to %s:%d failed: %r", ip, port, exc)
+                    return
+                try:
+                    await compat.upgrade_punched(node.host, stream, peer_id, as_responder)
+                except Exception as exc:  # handshake failed: not our peer, or it gave up
+                    log.debug("hole-punch upgrade with %s:%d failed: %r", ip, port, exc)
+                    await stream.aclose()
+                return
 
         with trio.move_on_after(timeout):
             async with trio.open_nursery() as nursery:

@@ -104,7 +104,7 @@ class Verdict:
             "confirmed_addrs": list(self.confirmed_addrs),
             "observed_ips": list(self.observed_ips),
             "helpers": self.helpers,
-            "since": round(self.since, 3),
+            "for_s": round(time.time() - self.since, 1),  # how long the verdict has held
         }
 
 
@@ -444,8 +444,40 @@ class Reachability:
         if probes:
             self._probes[helper] = probes
 
+    def _forget_other_networks(self) -> bool:
+        """Our public IP changed (new network, new ISP lease): older answers are void.
+
+        Returns True when probes were dropped, so the caller re-checks soon.
+        """
+
+        def public_ip(probe: Probe) -> str:
+            ip = probe.observed.rpartition(":")[0]
+            return ip if is_public_ip(ip) else ""  # LAN helpers see LAN addresses
+
+        latest = max(
+            (p for answers in self._probes.values() for p in answers if public_ip(p)),
+            key=lambda p: p.at,
+            default=None,
+        )
+        if latest is None:
+            return False
+        ip = public_ip(latest)
+        stale = [
+            helper
+            for helper, answers in self._probes.items()
+            if any(public_ip(p) not in ("", ip) for p in answers)
+        ]
+        if not stale:
+            return False
+        log.info("helpers now see us at %s: re-checking reachability", ip)
+        for helper in stale:
+            del self._probes[helper]
+        return True
+
     def _decide(self) -> None:
         config = self._node.config
+        if self._forget_other_networks():
+            self._wake.set()
         probes = [p for answers in self._probes.values() for p in answers]
         helpers = len(set(self._helpers()) | set(self._probes))
         verdict = classify(

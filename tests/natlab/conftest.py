@@ -11,7 +11,8 @@ Fixtures:
   cannot run here (not root, no iptables, ...).
 * ``nat_world``: the standard world (module scope): relays ``pub1`` and
   ``pub2`` on the public internet, ``a`` and ``b`` each behind its own cone
-  NAT, ``s`` behind a symmetric NAT, every node bootstrapped from ``pub1``.
+  NAT, ``s`` behind a symmetric NAT, every node bootstrapped from ``pub1``
+  and running the DHT (where private nodes publish their relayed addresses).
 
 On a failure, the tail of every lab node's log is attached to the report.
 """
@@ -49,8 +50,9 @@ def nat_world(natlab: NatLab) -> NatWorld:
     natlab.add_nat("nata", "cone", private="a")
     natlab.add_nat("natb", "cone", private="b")
     natlab.add_nat("nats", "symmetric", private="s")
-    pub1 = natlab.start_node("pub1", LAB_SETTINGS).wait_ready()
-    settings = {**LAB_SETTINGS, "bootstrap": [bootstrap_addr(pub1)]}
+    with_dht = {**LAB_SETTINGS, "dht": True}
+    pub1 = natlab.start_node("pub1", with_dht).wait_ready()
+    settings = {**with_dht, "bootstrap": [bootstrap_addr(pub1)]}
     others = [natlab.start_node(name, settings) for name in ("pub2", "a", "b", "s")]
     pub2, a, b, s = (agent.wait_ready() for agent in others)
     return NatWorld(natlab, pub1, pub2, a, b, s)

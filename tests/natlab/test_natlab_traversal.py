@@ -126,8 +126,17 @@ def test_private_nodes_move_to_another_relay_when_theirs_dies(nat_world: NatWorl
     recovered_s = time.monotonic() - killed_at
     assert recovered_s < RELAY_RECOVERY_BOUND_S
 
-    # a is reachable again: s (which cannot hole-punch) dials its new relayed address.
-    new_addr = circuit_addrs(statuses["a"], w.pub2)[0]
+    # a is reachable again: s (which cannot hole-punch) finds a's new relayed
+    # address in a's peer record in the DHT, dials it, and calls a.
+    deadline = time.monotonic() + 20
+    published: list[str] = []
+    while time.monotonic() < deadline:
+        published = w.s.call("peer_record", peer_id=w.a.peer_id)
+        if any(f"/p2p/{w.pub2.peer_id}/p2p-circuit/" in x for x in published):
+            break
+        time.sleep(0.5)
+    new_addr = next(x for x in published if f"/p2p/{w.pub2.peer_id}/p2p-circuit/" in x)
+    assert new_addr in circuit_addrs(statuses["a"], w.pub2)
     assert w.s.call("connect", addr=new_addr) == w.a.peer_id
     ping = w.s.call("ping", peer_id=w.a.peer_id)
     assert "relayed" in [p["kind"] for p in ping["paths"]]

@@ -279,3 +279,16 @@ async def test_relay_limits(node_config: Callable[..., NodeConfig]) -> None:
                     first.peer_id, "big", {"x": b"\0" * 1_000_000}, timeout=10
                 )
             await wait_until(lambda: relay.relays.status()["service"]["circuits"] == 0)
+
+
+async def test_a_new_public_ip_voids_older_answers(node_config: Callable[..., NodeConfig]) -> None:
+    async with Node(node_config(autonat=False)) as node:
+        reach = node.reachability
+        old = Probe("h1", "/ip4/198.51.100.7/tcp/4001", True, "", "198.51.100.7:5", 1.0)
+        lan = Probe("h2", "/ip4/10.0.0.2/tcp/4001", True, "", "10.0.0.2:6", 2.0)
+        new = Probe("h3", "/ip4/203.0.113.9/tcp/4001", False, "timeout", "203.0.113.9:7", 3.0)
+        reach._probes = {"h1": [old], "h2": [lan], "h3": [new]}
+        reach._decide()
+        assert set(reach._probes) == {"h2", "h3"}  # the LAN helper's view is not a network change
+        assert reach.verdict.observed_ips[0] in ("203.0.113.9", "10.0.0.2")
+        assert "203.0.113.9" in reach.external_ips() and "198.51.100.7" not in reach.external_ips()
