@@ -23,6 +23,7 @@ import contextlib
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -257,9 +258,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise CliError(f"--cluster must be in 0..{plan.k - 1}")
         data = workflow.load_data(plan.data, args.data)
         # the node is closed: from here to the checkpoint, no communication at all
+        started = time.perf_counter()
         _, blob = workflow.train_cluster_expert(
             plan, data, args.cluster, run_id=run_id, steps=args.steps
         )
+        train_s = time.perf_counter() - started
     except workflow.PlanError as exc:
         raise CliError(str(exc)) from None
     out = Path(args.out)
@@ -270,7 +273,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CliError(f"cannot write {out}: {exc.strerror or exc}") from None
     from gossamer.training.diffusion.serving import content_id
 
-    info = {"run_id": run_id, "cluster": args.cluster, "cid": content_id(blob), "out": str(out)}
+    info = {
+        "run_id": run_id,
+        "cluster": args.cluster,
+        "cid": content_id(blob),
+        "out": str(out),
+        "steps": plan.expert_steps[args.cluster] if args.steps is None else args.steps,
+        "train_s": round(train_s, 3),
+    }
     if not args.serve:
         if args.json:
             print_json(info)
