@@ -220,6 +220,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
 
             # ---------------------------------------------------------- the sampling node
             async with workflow.open_node(temp_node_config(data_dir=work / "sampler")) as me:
+                logging.getLogger("libp2p").setLevel(logging.CRITICAL)  # (reset by a new node)
                 follower = await workflow.join(me, run.run_id, [boot], member=False)
                 await workflow.wait_experts(follower, plan.k, 30, router=True)
                 t0 = time.perf_counter()
