@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -146,12 +147,12 @@ class Worker:
     ) -> TrainResult | None:
         """Start run ``name`` (its id is printed in the log and kept in ``self.run_id``) and
         train as its first worker. Returns when the run's rounds are done."""
-        return trio.run(self.ahost, name, extra_config)
+        return trio.run(lambda: self.ahost(name, extra_config, ready=_print_ready))
 
     def join(self, run_id: str, bootstrap: str | Sequence[str] = ()) -> TrainResult | None:
         """Join run ``run_id`` through ``bootstrap`` multiaddrs (or the DHT) and train."""
         boot = [bootstrap] if isinstance(bootstrap, str) else list(bootstrap)
-        return trio.run(self.ajoin, run_id, boot)
+        return trio.run(lambda: self.ajoin(run_id, boot, ready=_print_ready))
 
     # -------------------------------------------------------------- async entry points
 
@@ -228,6 +229,15 @@ class Worker:
                     return config
                 await trio.sleep(0.1)
         raise GossamerError(f"run {run.run_id} has no DiLoCo settings (is its host reachable?)")
+
+
+def _print_ready(node: Any, run: Any) -> None:
+    """What a person running a script needs to know: the run id and where to join it."""
+    addrs = node.addrs()
+    print(f"gossamer: run {run.run_id} (this worker {node.peer_id})", file=sys.stderr)
+    if addrs:
+        call = f'worker.join("{run.run_id}", bootstrap="{addrs[0]}")'
+        print(f"gossamer: other workers join with {call}", file=sys.stderr)
 
 
 def _dataplane_listen(listen: Sequence[str]) -> str:
