@@ -40,7 +40,7 @@ MAX_LINE = 1 << 20
 
 # Defaults: about 5-7 minutes on a 2-core machine, baseline included (see --help).
 DEFAULT_WORKERS = 4
-DEFAULT_ROUNDS = 24
+DEFAULT_ROUNDS = 20
 DEFAULT_H = 25
 DEFAULT_CODEC = "int8"
 
