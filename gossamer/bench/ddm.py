@@ -37,6 +37,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -244,6 +245,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
                 result["network"] = {str(c): e.stats() for c, e in remote.items()}
         finally:
             _stop(procs)
+            shutil.rmtree(work, ignore_errors=True)
     result["wall_s"] = round(time.perf_counter() - started, 1)
     return result
 

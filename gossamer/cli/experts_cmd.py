@@ -107,13 +107,37 @@ def register(subparsers: Any) -> None:
     gen.set_defaults(handler=cmd_generate)
 
 
+def _add_plugin(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--plugin",
+        action="append",
+        metavar="MODULE",
+        help="import this module first: it registers your expert architecture (repeatable)",
+    )
+
+
+def _load_plugins(args: argparse.Namespace) -> None:
+    import importlib
+    import os
+
+    if os.getcwd() not in sys.path:  # as `python -m` would: a module next to the user's files
+        sys.path.insert(0, os.getcwd())
+    for name in getattr(args, "plugin", None) or []:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise CliError(f"cannot import plugin {name!r}: {exc}") from None
+
+
 def _long_running(parser: argparse.ArgumentParser) -> None:
+    _add_plugin(parser)
     add_node_args(parser)
     add_json(parser)
     add_verbose(parser)
 
 
 def _client(parser: argparse.ArgumentParser) -> None:
+    _add_plugin(parser)
     parser.add_argument(
         "--bootstrap", action="append", metavar="MULTIADDR", help="a peer of the run (repeatable)"
     )
@@ -190,6 +214,7 @@ def _run_daemon(args: argparse.Namespace, config: Any, attach: Any, info: dict[s
 
 
 def cmd_host(args: argparse.Namespace) -> int:
+    _load_plugins(args)
     config = load_node_config(args)
     spec_kwargs = _json_arg(args.expert_kwargs, "--expert-kwargs")
     import torch
@@ -245,6 +270,7 @@ def cmd_host(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    _load_plugins(args)
     run_id = _check_run_id(args.run)
     config = load_node_config(args)
     import torch
@@ -291,6 +317,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    _load_plugins(args)
     run_id = _check_run_id(args.run) if args.run else None
     config = load_node_config(args)
     blobs = [_read(p, "checkpoint") for p in args.checkpoint]
@@ -348,7 +375,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     async def main() -> dict[str, Any]:
         async with workflow.open_node(config) as node:
             _quiet_libp2p(args)
-            run = await workflow.join(node, run_id, args.bootstrap or [], member=False)
+            run = await workflow.join(node, run_id, list(config.bootstrap), member=False)
             plan = None
             with contextlib.suppress(workflow.PlanError):
                 plan = await workflow.wait_plan(run, args.wait)
@@ -400,6 +427,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    _load_plugins(args)
     run_id = _check_run_id(args.run)
     _check_mode(args.mode)
     if not 1 <= args.n <= 100_000:
@@ -428,7 +456,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     async def main() -> workflow.Generation:
         async with workflow.open_node(config) as node:
             _quiet_libp2p(args)
-            run = await workflow.join(node, run_id, args.bootstrap or [], member=False)
+            run = await workflow.join(node, run_id, list(config.bootstrap), member=False)
             return await workflow.generate(
                 node,
                 run,

@@ -235,6 +235,37 @@ async def test_an_expert_without_hosts_raises_expert_unavailable(tmp_path):
             await expert(torch.randn(2, *SHAPE), torch.rand(2))
 
 
+async def test_an_expert_of_another_architecture_than_the_runs_is_refused(tmp_path):
+    _, blob = tiny_expert(seed=1)  # TINY
+    _, other = tiny_expert(seed=2, spec=ExpertSpec("mlp", {"hidden": 48, "depth": 1}))
+    async with (
+        ddm_node(tmp_path / "s", dht=False) as s,
+        ddm_node(tmp_path / "c", dht=False) as client,
+    ):
+        server = serving.serve(s)
+        good, bad = server.add_expert(blob, cluster=0), server.add_expert(other, cluster=1)
+        await client.connect(s.addrs()[0])
+        records = {
+            0: ExpertRecord(0, good.cid, hosts=[s.peer_id]),
+            1: ExpertRecord(1, bad.cid, hosts=[s.peer_id]),
+        }
+        verifier = Verifier(client, expected_spec=TINY)
+        remote = await connect_experts(
+            client, RunExperts("t", records, None, []), verifier, use_dht=False
+        )
+        assert sorted(remote) == [0]
+        assert "architecture" in verifier.refused[s.peer_id]
+        # and a size over the limit is refused before a byte is downloaded
+        small = Verifier(client, max_bytes=1000)
+        assert (
+            await connect_experts(
+                client, RunExperts("t", {0: records[0]}, None, []), small, use_dht=False
+            )
+            == {}
+        )
+        assert "bytes" in small.refused[s.peer_id] and not small.weights
+
+
 def test_latency_deadlines_follow_measurements():
     lat = network.Latency()
     assert lat.deadline(8) == lat.initial

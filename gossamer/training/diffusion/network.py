@@ -25,12 +25,12 @@ announced bytes but computes with other weights is refused too. Refused hosts ar
 wire alone.) A host that passes once is trusted for the session; periodic re-challenges are not
 implemented.
 
-**Sampling.** :func:`sample_network` is the core sampler (``ensemble.sample``) with the experts
-called concurrently: each Euler step evaluates the router locally, plans which rows each expert
-must answer (``plan_requests``), sends every chosen expert one batched request at the same time,
-and combines the answers weighted by the router's probabilities (``ensemble``'s combination, the
-same code, so remote experts give bit for bit what local ones give). Modes: ``top1``,
-``top2``/``topk``, ``full``, and sticky (``sticky_from``).
+**Sampling.** ``sample_network`` (in ``async_sampling``, re-exported here) is the core sampler
+with the experts called concurrently: each Euler step evaluates the router locally, sends every
+chosen expert one batched request for exactly its rows, and combines the answers weighted by the
+router's probabilities with the core's own arithmetic — so remote experts give bit for bit what
+local ones give. Modes: ``top1``, ``top2``/``topk``, ``full``, and sticky (``sticky_from``; each
+expert then gets one ``integrate`` request for its rows' whole remaining trajectory).
 
 **Failures.** A :class:`RemoteExpert` has a list of hosts for its content id. A request goes to
 the verified host with the lowest smoothed latency, with a deadline derived from that host's
@@ -38,14 +38,16 @@ measured latency (``srtt + 4·rttvar``, times a safety factor, scaled by the bat
 verification challenge gives the first measurement). A host that is unreachable or answers badly
 is marked down; a host that misses its deadline gets a doubled deadline on the retry and is
 marked down after three misses in a row. When no host is left, the expert asks the DHT for more
-providers of its ``cid`` (bounded by ``fallback_timeout``), verifies them, and carries on; if none
-answers it raises ``ExpertUnavailable`` and the sampler renormalises over the experts that answer
-(rows that lose every expert are re-planned over the survivors). Every wait is bounded, so
-sampling never hangs on a dead peer.
+providers of its ``cid`` (bounded by ``fallback_timeout``), gives hosts that went down over 30 s
+ago another chance, verifies them, and carries on; if none answers it raises
+``ExpertUnavailable`` and the sampler renormalises over the experts that answer (rows that lose
+every expert are re-planned over the survivors). Every wait is bounded, so sampling never hangs
+on a dead peer.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -56,17 +58,21 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import trio
-from torch.nn import functional as nn_functional
 
 from gossamer.node.errors import DeadlineExceeded, GossamerError
-from gossamer.training.diffusion.ensemble import (
-    ExpertUnavailable,
-    NoExpertForRows,
-    RoutingMode,
-    _combine,
-    plan_requests,
+from gossamer.training.diffusion.async_sampling import (
+    AsyncExpert,
+    LocalExpert,
+    ensemble_velocity_network,
+    mode_arguments,
+    sample_network,
 )
-from gossamer.training.diffusion.models import expert_from_bytes
+from gossamer.training.diffusion.ensemble import ExpertUnavailable
+from gossamer.training.diffusion.models import (
+    ExpertSpec,
+    expert_from_bytes,
+    safetensors_metadata,
+)
 from gossamer.training.diffusion.router import Router
 from gossamer.training.diffusion.serving import (
     INLINE_MAX_BYTES,
@@ -90,8 +96,6 @@ ANNOUNCE_TTL_S = 3600.0
 CHALLENGE_ROWS = 8
 CHALLENGE_RTOL = 1e-4
 CHALLENGE_ATOL = 1e-5
-
-AsyncExpert = Callable[[torch.Tensor, torch.Tensor], Awaitable[torch.Tensor]]
 
 
 class AnnouncementRefused(GossamerError):
@@ -398,11 +402,18 @@ class Verifier:
         mode: str = "challenge",
         cache_dir: str | Path | None = None,
         timeout: float = 30.0,
+        expected_spec: ExpertSpec | None = None,
+        max_bytes: int = 1 << 30,
     ) -> None:
         if mode not in ("challenge", "hash", "none"):
             raise ValueError("verify mode must be 'challenge', 'hash' or 'none'")
         self.node = node
         self.mode = mode
+        # A checkpoint names the architecture we build from it: only the run's is accepted
+        # (a hostile spec could ask for a model too big for this machine), and its size is
+        # bounded before a byte is downloaded.
+        self.expected_spec = expected_spec
+        self.max_bytes = max_bytes
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.timeout = timeout
         self.weights: dict[str, bytes] = {}
@@ -416,6 +427,20 @@ class Verifier:
         cid = content_id(data)
         self.weights[cid] = bytes(data)
         return cid
+
+    def check_spec(self, data: bytes, who: str) -> None:
+        """Refuse an expert checkpoint whose architecture is not the run's."""
+        if self.expected_spec is None:
+            return
+        try:
+            spec = json.loads(safetensors_metadata(data)["gossamer"])["spec"]
+        except (KeyError, TypeError, ValueError):
+            raise AnnouncementRefused(f"{who} serves an expert without a readable spec") from None
+        if spec != self.expected_spec.to_dict():
+            raise AnnouncementRefused(
+                f"{who} serves architecture {str(spec)[:80]}; the run uses "
+                f"{self.expected_spec.to_dict()}"
+            )
 
     def model(self, cid: str) -> torch.nn.Module:
         """The verified weights of ``cid`` as a module (built once)."""
@@ -474,7 +499,14 @@ class Verifier:
         )
         host.max_batch = int(answer.get("max_batch") or 1)
         nbytes = int(info.get("nbytes") or record.nbytes or 0)
-        await self.weights_for(record.cid, host.peer_id, nbytes)
+        if not 0 < nbytes <= self.max_bytes:
+            raise AnnouncementRefused(
+                f"{host.peer_id[-8:]} describes {record.cid[:12]} as {nbytes} bytes "
+                f"(accepted: 1..{self.max_bytes})"
+            )
+        data = await self.weights_for(record.cid, host.peer_id, nbytes)
+        if record.kind == "expert":
+            self.check_spec(data, host.peer_id[-8:])
         if self.mode == "challenge" and record.kind == "expert":
             await self._challenge(host, record)
 
@@ -528,6 +560,10 @@ class ExpertHost:
     inline_max_bytes: int = INLINE_MAX_BYTES
     max_batch: int = 4096
     error: str = ""
+    down_at: float = 0.0
+
+    def mark_down(self, error: str) -> None:
+        self.state, self.error, self.down_at = "down", error, trio.current_time()
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -548,6 +584,8 @@ class RemoteExpert:
     """
 
     MAX_MISSES = 3
+    REFRESH_INTERVAL_S = 5.0  # at most one DHT lookup for more hosts this often
+    RETRY_DOWN_S = 30.0  # a host marked down is tried again after this long
 
     def __init__(
         self,
@@ -599,7 +637,7 @@ class RemoteExpert:
             self.verifier.refused[host.peer_id] = str(exc)
             log.warning("refused announcement: %s", exc)
         except (GossamerError, ValueError, trio.TooSlowError) as exc:
-            host.state, host.error = "down", f"{type(exc).__name__}: {exc}"
+            host.mark_down(f"{type(exc).__name__}: {exc}")
             log.info("expert %d host %s unusable: %s", self.record.cluster, host.peer_id[-8:], exc)
 
     def _pick(self, tried: dict[str, int]) -> ExpertHost | None:
@@ -613,29 +651,31 @@ class RemoteExpert:
         return min(usable, key=lambda h: (h.latency.srtt or 0.0, h.misses, h.peer_id))
 
     async def _refresh(self) -> bool:
-        """Ask the DHT for more providers of our cid and verify the new ones."""
-        dht = getattr(self.node, "dht", None)
-        if not self.use_dht or dht is None or trio.current_time() - self._last_refresh < 5.0:
+        """No host is left: retry hosts that went down a while ago, ask the DHT for other
+        providers of our cid, and verify whichever are new. True if one became usable."""
+        now = trio.current_time()
+        if now - self._last_refresh < self.REFRESH_INTERVAL_S:
             return False
-        self._last_refresh = trio.current_time()
-        found = []
-        with trio.move_on_after(self.fallback_timeout):
-            try:
-                found = await dht.find_providers(self.cid, timeout=self.fallback_timeout)
-            except GossamerError as exc:
-                log.info("provider lookup for %s failed: %s", self.cid[:12], exc)
-        new = [
-            p.peer_id
-            for p in found
-            if p.peer_id not in self.hosts and p.peer_id != self.node.peer_id
-        ]
-        for peer in new:
-            self.hosts[peer] = ExpertHost(peer)
-        if not new:
+        self._last_refresh = now
+        for host in self.hosts.values():
+            if host.state == "down" and now - host.down_at >= self.RETRY_DOWN_S:
+                host.state, host.misses, host.scale = "new", 0, 1.0
+        dht = getattr(self.node, "dht", None)
+        if self.use_dht and dht is not None:
+            found = []
+            with trio.move_on_after(self.fallback_timeout):
+                try:
+                    found = await dht.find_providers(self.cid, timeout=self.fallback_timeout)
+                except GossamerError as exc:
+                    log.info("provider lookup for %s failed: %s", self.cid[:12], exc)
+            for provider in found:
+                if provider.peer_id not in self.hosts and provider.peer_id != self.node.peer_id:
+                    self.hosts[provider.peer_id] = ExpertHost(provider.peer_id)
+        if not any(h.state == "new" for h in self.hosts.values()):
             return False
         with trio.move_on_after(self.fallback_timeout + self.verifier.timeout):
             await self.admit_all()
-        return any(self.hosts[p].state == "verified" for p in new)
+        return any(h.state == "verified" for h in self.hosts.values())
 
     async def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Velocities of the rows ``x`` at times ``t`` (one ``denoise`` request)."""
@@ -709,12 +749,12 @@ class RemoteExpert:
                 host.scale = min(16.0, host.scale * 2)
                 host.error = str(exc)
                 if host.misses >= self.MAX_MISSES:
-                    host.state = "down"
+                    host.mark_down(str(exc))
                 log.info("expert %d on %s: %s", self.record.cluster, host.peer_id[-8:], exc)
                 continue
             except (GossamerError, ValueError) as exc:  # unreachable, refused, malformed
                 host.failures += 1
-                host.state, host.error = "down", f"{type(exc).__name__}: {exc}"
+                host.mark_down(f"{type(exc).__name__}: {exc}")
                 log.warning(
                     "expert %d host %s is down: %s", self.record.cluster, host.peer_id[-8:], exc
                 )
@@ -724,31 +764,6 @@ class RemoteExpert:
             host.rows += rows * units
             host.misses, host.scale = 0, 1.0
             return out
-
-
-class LocalExpert:
-    """An in-process expert with the interface of :class:`RemoteExpert` (forwards run in a
-    worker thread): the local reference for :func:`sample_network`."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.module = module
-
-    async def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        def run() -> torch.Tensor:
-            with torch.no_grad():
-                return self.module(x, t)
-
-        return await trio.to_thread.run_sync(run)
-
-    async def integrate(self, x: torch.Tensor, start: int, end: int, steps: int) -> torch.Tensor:
-        def run() -> torch.Tensor:
-            dt, y = 1.0 / steps, x
-            with torch.no_grad():
-                for i in range(start, end):
-                    y = y + dt * self.module(y, torch.full((y.shape[0],), i * dt))
-            return y
-
-        return await trio.to_thread.run_sync(run)
 
 
 async def connect_experts(
@@ -781,8 +796,17 @@ async def connect_experts(
     return usable
 
 
-async def fetch_router(node: Node, record: ExpertRecord, verifier: Verifier) -> Router:
-    """The run's router: its bytes from a host that announced it, hash-checked."""
+async def fetch_router(
+    node: Node,
+    record: ExpertRecord,
+    verifier: Verifier,
+    expected: Mapping[str, Any] | None = None,
+) -> Router:
+    """The run's router: its bytes from a host that announced it, hash-checked.
+
+    ``expected`` (the plan's ``{"image_shape", "k", "hidden", "depth"}``) must equal the
+    router's own configuration before anything is built from it.
+    """
     from gossamer.training.diffusion.router import router_from_bytes
 
     last: Exception | None = None
@@ -791,6 +815,12 @@ async def fetch_router(node: Node, record: ExpertRecord, verifier: Verifier) -> 
             host = ExpertHost(peer)
             await verifier.admit(host, record)
             data = await verifier.weights_for(record.cid, peer, record.nbytes)
+            if expected is not None:
+                config = json.loads(safetensors_metadata(data).get("gossamer_router", "null"))
+                if config != dict(expected):
+                    raise AnnouncementRefused(
+                        f"{peer[-8:]} serves a router for {config}; the run's is {dict(expected)}"
+                    )
             return router_from_bytes(data)
         except (GossamerError, ValueError, trio.TooSlowError) as exc:
             last = exc
@@ -798,183 +828,10 @@ async def fetch_router(node: Node, record: ExpertRecord, verifier: Verifier) -> 
     raise GossamerError(f"no host served the router {record.cid[:12]}: {last}")
 
 
-# ------------------------------------------------------------------------------------ sampling
-
-
-def _router_fn(
-    router: Router | Callable[[torch.Tensor, torch.Tensor], torch.Tensor], temperature: float
-) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    if isinstance(router, Router):
-        return lambda x, t: router.probs(x, t, temperature)
-    return router
-
-
-async def ensemble_velocity_network(
-    route: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    experts: Mapping[int, AsyncExpert],
-    x_t: torch.Tensor,
-    t: torch.Tensor,
-    mode: str | RoutingMode,
-    alive: set[int],
-) -> torch.Tensor:
-    """``ensemble.ensemble_velocity`` with the experts asked concurrently.
-
-    Same plan, same combination, same handling of experts that fail (dropped from ``alive``,
-    their rows re-planned over the rest), answers combined in expert order — so it returns
-    exactly what the sequential core function returns for the same answers.
-    """
-
-    def probs_of() -> torch.Tensor:
-        with torch.no_grad():
-            return route(x_t, t)
-
-    probs = await trio.to_thread.run_sync(probs_of)
-    out = torch.empty_like(x_t)
-    pending = torch.arange(x_t.shape[0], device=x_t.device)
-    while pending.numel():
-        p, x, tt = probs[pending], x_t[pending], t[pending]
-        usable = alive & set(experts)
-        plan = plan_requests(p, mode, usable)
-        got: dict[int, torch.Tensor] = {}
-
-        async def ask(
-            e: int,
-            rows: torch.Tensor,
-            got: dict[int, torch.Tensor] = got,
-            x: torch.Tensor = x,
-            tt: torch.Tensor = tt,
-        ) -> None:
-            try:
-                got[e] = await experts[e](x[rows], tt[rows])
-            except ExpertUnavailable as exc:
-                log.warning("expert %d unavailable, dropping it: %s", e, exc)
-                alive.discard(e)
-
-        async with trio.open_nursery() as nursery:
-            for e, rows in plan.items():
-                nursery.start_soon(ask, e, rows)
-        answers = {e: got[e] for e in plan if e in got}  # expert order: the core's sum order
-        if not answers:
-            if not alive & set(experts):
-                raise NoExpertForRows(pending)
-            continue
-        with torch.no_grad():
-            v, ok = _combine(p, answers, mode, usable)
-        out[pending[ok]] = v[ok]
-        pending = pending[~ok]
-    return out
-
-
-async def sample_network(
-    router: Router | Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    experts: Mapping[int, AsyncExpert],
-    n: int,
-    steps: int = 50,
-    mode: str | RoutingMode = "full",
-    temperature: float = 1.0,
-    seed: int = 0,
-    image_shape: tuple[int, int, int] | None = None,
-    noise: torch.Tensor | None = None,
-    sticky_from: float | None = None,
-    on_step: Callable[[int, torch.Tensor], Awaitable[None] | None] | None = None,
-    offload: bool = True,
-) -> torch.Tensor:
-    """``ensemble.sample`` over async (e.g. remote) experts; same arguments, same result.
-
-    The router runs locally every step; ``on_step(i, x)`` is awaited after each Euler step
-    (progress reports; tests use it to kill a host mid-sampling). With ``sticky_from`` and
-    ``offload`` (and experts that have ``integrate``), the rows' remaining trajectories are
-    integrated by their experts in one request each from the switch on — the same numbers as
-    per-step requests, at one round trip per expert instead of one per step. If an expert dies
-    during an offloaded trajectory, its rows redraw among the living at the switch point and
-    start over there (per-step sticky redraws at the step of the death instead).
-    """
-    if noise is None:
-        shape = image_shape or getattr(router, "image_shape", None)
-        if shape is None:
-            raise ValueError("pass image_shape or noise")
-        noise = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
-    route = _router_fn(router, temperature)
-    alive = set(experts)
-    chosen = torch.full((noise.shape[0],), -1, dtype=torch.long)
-    n_experts = max(experts) + 1 if experts else 0
-    draw_gen = torch.Generator().manual_seed(seed + 1)
-
-    def living_mask() -> torch.Tensor:
-        living = torch.zeros(n_experts, dtype=torch.bool)
-        living[[e for e in alive if 0 <= e < n_experts]] = True
-        if not bool(living.any()):
-            raise NoExpertForRows(torch.arange(chosen.shape[0]))
-        return living
-
-    async def draw(x: torch.Tensor, t: torch.Tensor, living: torch.Tensor) -> None:
-        """Rows without a living expert draw one from the router (the core's arithmetic)."""
-        redraw = (chosen < 0) | ~living[chosen.clamp(min=0)]
-        if bool(redraw.any()):
-            probs = await trio.to_thread.run_sync(lambda: route(x[redraw], t[redraw]))
-            p = torch.where(living, probs.double(), 0.0)
-            p = torch.where(p.sum(1, keepdim=True) > 0, p, living.double().expand_as(p))
-            chosen[redraw] = torch.multinomial(p, 1, generator=draw_gen).flatten()
-
-    async def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if sticky_from is None or float(t[0]) < sticky_from:
-            return await ensemble_velocity_network(route, experts, x, t, mode, alive)
-        await draw(x, t, living_mask())
-        onehot = nn_functional.one_hot(chosen, n_experts).float()
-        return await ensemble_velocity_network(lambda *_: onehot, experts, x, t, "top1", alive)
-
-    async def offloaded(x: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
-        out = x.clone()
-        todo = torch.ones(x.shape[0], dtype=torch.bool)
-        while bool(todo.any()):
-            await draw(x, t, living_mask())
-            groups = {e: torch.nonzero(todo & (chosen == e)).flatten() for e in sorted(alive)}
-
-            async def run(e: int, rows: torch.Tensor) -> None:
-                try:
-                    out[rows] = await experts[e].integrate(x[rows], i, steps, steps)  # type: ignore[attr-defined]
-                    todo[rows] = False
-                except ExpertUnavailable as exc:
-                    log.warning("expert %d unavailable, its rows redraw: %s", e, exc)
-                    alive.discard(e)
-
-            async with trio.open_nursery() as nursery:
-                for e, rows in groups.items():
-                    if rows.numel():
-                        nursery.start_soon(run, e, rows)
-        return out
-
-    can_offload = offload and all(hasattr(f, "integrate") for f in experts.values())
-    x = noise.clone()
-    dt = 1.0 / steps
-    for i in range(steps):
-        t = torch.full((x.shape[0],), i * dt, device=x.device)
-        if can_offload and sticky_from is not None and float(t[0]) >= sticky_from:
-            x = await offloaded(x, t, i)
-            if on_step is not None:
-                result = on_step(steps - 1, x)
-                if result is not None:
-                    await result
-            break
-        x = x + dt * await velocity(x, t)
-        if on_step is not None:
-            result = on_step(i, x)
-            if result is not None:
-                await result
-    return x
-
-
-def mode_arguments(mode: str) -> tuple[str, float | None]:
-    """CLI mode name → (routing mode, sticky_from): ``sticky`` = draw one expert at t = 0."""
-    if mode == "sticky":
-        return "full", 0.0
-    RoutingMode.parse(mode)
-    return mode, None
-
-
 __all__ = [
     "ROUTER_SLOT",
     "AnnouncementRefused",
+    "AsyncExpert",
     "ExpertHost",
     "ExpertRecord",
     "Latency",

@@ -316,6 +316,16 @@ def train_monolith(plan: RunPlan, data: ImageSet, steps: int | None = None) -> t
     )
 
 
+def router_config(plan: RunPlan) -> dict[str, Any]:
+    """The configuration the run's router must have (its safetensors metadata)."""
+    return {
+        "image_shape": list(plan.image_shape),
+        "k": plan.k,
+        "hidden": plan.router_hidden,
+        "depth": plan.router_depth,
+    }
+
+
 def experts_training_flops(plan: RunPlan) -> int:
     """Counted training FLOPs of all the experts together (sum of steps × batch)."""
     model = plan.expert.build(plan.image_shape)
@@ -508,11 +518,11 @@ async def generate(
     with contextlib.suppress(PlanError):
         await wait_experts(run, plan.k, wait, router=router is None)
     found = await network.discover(node, run.run_id, run=run, partition=plan.partition, k=plan.k)
-    verifier = network.Verifier(node, mode=verify, cache_dir=cache_dir)
+    verifier = network.Verifier(node, mode=verify, cache_dir=cache_dir, expected_spec=plan.expert)
     if router is None:
         if found.router is None:
             raise PlanError(f"run {run.run_id} announces no router (pass one)")
-        router = await network.fetch_router(node, found.router, verifier)
+        router = await network.fetch_router(node, found.router, verifier, router_config(plan))
     experts = await network.connect_experts(node, found, verifier)
     if not experts:
         raise PlanError(f"no expert of run {run.run_id} could be reached and verified")
@@ -558,6 +568,7 @@ __all__ = [
     "plan_run",
     "publish",
     "read_plan",
+    "router_config",
     "serve_checkpoints",
     "train_cluster_expert",
     "train_monolith",
