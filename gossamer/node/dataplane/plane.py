@@ -271,14 +271,8 @@ class DataPlane:
                     sealing.HELLO, wire.pack({"c": channel_id})
                 )
                 await transport.send_all(channel_id + hello)
-                header = bytearray(sealing.HEADER.size)
-                await transport.receive_into(memoryview(header))
-                frame_type, size = sealing.parse_header(bytes(header), MAX_HANDSHAKE_FRAME)
-                sealed = bytearray(size)
-                await transport.receive_into(memoryview(sealed))
-                if frame_type != sealing.HELLO:
-                    raise ProtocolError("direct path answered without HELLO")
-                sealing.Opener(keys["hello_r2i"]).open(bytes(header), sealed)
+                header, sealed = await _read_hello(transport)
+                sealing.Opener(keys["hello_r2i"]).open(header, sealed)
                 return transport
         except (
             OSError,
@@ -412,14 +406,8 @@ class DataPlane:
                 pending = self._pending_direct.get(bytes(channel_id))
                 if pending is None or pending.attached.is_set():
                     raise ProtocolError("unknown or already used channel id")
-                header = bytearray(sealing.HEADER.size)
-                await transport.receive_into(memoryview(header))
-                frame_type, size = sealing.parse_header(bytes(header), MAX_HANDSHAKE_FRAME)
-                sealed = bytearray(size)
-                await transport.receive_into(memoryview(sealed))
-                if frame_type != sealing.HELLO:
-                    raise ProtocolError("direct connection did not start with HELLO")
-                body = wire.unpack(pending.hello_in.open(bytes(header), sealed))
+                header, sealed = await _read_hello(transport)
+                body = wire.unpack(pending.hello_in.open(header, sealed))
                 if not isinstance(body, dict) or body.get("c") != bytes(channel_id):
                     raise ProtocolError("HELLO names another channel")
                 reply = pending.hello_out.seal(sealing.HELLO, wire.pack({"c": bytes(channel_id)}))
@@ -435,6 +423,18 @@ class DataPlane:
         await pending.finished.wait()
         if not pending.finished.is_set() or pending.transport is transport:
             await socket_stream.aclose()
+
+
+async def _read_hello(transport: SocketTransport) -> tuple[bytes, bytearray]:
+    """(header, sealed body) of the HELLO frame that must come first on a direct path."""
+    header = bytearray(sealing.HEADER.size)
+    await transport.receive_into(memoryview(header))
+    frame_type, size = sealing.parse_header(bytes(header), MAX_HANDSHAKE_FRAME)
+    if frame_type != sealing.HELLO:
+        raise ProtocolError("the direct path did not start with HELLO")
+    sealed = bytearray(size)
+    await transport.receive_into(memoryview(sealed))
+    return bytes(header), sealed
 
 
 async def _read_map(reader: wire.FrameReader) -> dict[str, Any]:

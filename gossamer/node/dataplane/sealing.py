@@ -59,8 +59,8 @@ def derive_keys(
     return okm[:32], okm[32:]
 
 
-class Sealer:
-    """Seals outgoing frames of one direction."""
+class _Direction:
+    """One direction of a channel: an AEAD key and the count of frames it has seen."""
 
     def __init__(self, key: bytes) -> None:
         self._aead = AESGCM(key)
@@ -70,6 +70,10 @@ class Sealer:
         nonce = NONCE_PREFIX + self._counter.to_bytes(8, "big")
         self._counter += 1
         return nonce
+
+
+class Sealer(_Direction):
+    """Seals outgoing frames of one direction."""
 
     def seal(self, frame_type: int, plaintext: bytes | memoryview) -> bytes:
         header = HEADER.pack(frame_type, len(plaintext) + TAG_BYTES)
@@ -88,17 +92,8 @@ class Sealer:
         return HEADER.size + size
 
 
-class Opener:
+class Opener(_Direction):
     """Opens incoming frames of one direction; any failure is an IntegrityError."""
-
-    def __init__(self, key: bytes) -> None:
-        self._aead = AESGCM(key)
-        self._counter = 0
-
-    def _nonce(self) -> bytes:
-        nonce = NONCE_PREFIX + self._counter.to_bytes(8, "big")
-        self._counter += 1
-        return nonce
 
     def open(self, header: bytes, sealed: bytes | memoryview) -> bytes:
         try:
