@@ -194,12 +194,14 @@ class HolePuncher:
         state = self._state(peer_id)
         if state.relayed_at is None or state.state in ("direct", "failed"):
             state.relayed_at = time.monotonic()
-            state.state, state.attempts, state.reason = "relayed", 0, ""
+            state.state, state.attempts, state.reason, state.role = "relayed", 0, "", ""
         inbound = node.relayed_direction(peer_id) == "inbound"
         if not inbound:
             # The accepting side starts; we start too if it has not.
             await trio.sleep(DIALER_GRACE_S)
-            if peer_id in self._active or "relayed" not in node.connection_kinds(peer_id):
+            if state.role == "responder" or peer_id in self._active:
+                return  # the accepting side has started: it drives the retries
+            if "relayed" not in node.connection_kinds(peer_id):
                 return
             if "direct" in node.connection_kinds(peer_id):
                 return
@@ -315,6 +317,7 @@ class HolePuncher:
         from libp2p.relay.circuit_v2.pb.dcutr_pb2 import HolePunch
 
         node = self._node
+        state.role = "responder"
         try:
             with trio.fail_after(MESSAGE_TIMEOUT_S):
                 message = await _read(stream)
