@@ -235,6 +235,12 @@ def cmd_host(args: argparse.Namespace) -> int:
         raise CliError(f"cannot load the data: {exc}") from None
     if not 1 <= args.k <= len(data):
         raise CliError(f"--k must be in 1..{len(data)}")
+    if args.steps < args.k or args.batch < 1:
+        raise CliError("--steps must be at least --k, and --batch positive")
+    try:
+        ExpertSpec(args.expert, spec_kwargs).build(data.image_shape)
+    except Exception as exc:  # a user's factory can raise anything on bad kwargs
+        raise CliError(f"cannot build expert {args.expert!r} with {spec_kwargs}: {exc}") from None
     plan = workflow.plan_run(
         data,
         spec,

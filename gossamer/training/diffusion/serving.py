@@ -13,9 +13,12 @@ same bytes that sit on disk and that ``expert_from_bytes`` reads). Methods:
   (B, C, H, W), ``dtype`` must be ``"float32"``, ``t`` is B little-endian float32 in [0, 1].
   Small batches travel *inline*: ``x`` holds the B·C·H·W float32 bytes and the answer is
   ``{"v": bytes}``. A batch above ``inline_max_bytes`` travels on the encrypted tensor data plane
-  instead: the client sends ``{"x", "t"}`` under ``tag``, calls ``denoise`` with that ``tag``,
-  and the server answers on ``tag + "/v"`` (and returns ``{"tag": …}``), so large batches get
-  the data plane's zero-copy path rather than being packed into msgpack.
+  instead: the client sends ``{"x"}`` under ``tag`` (``t`` stays inline), calls ``denoise``
+  with that ``tag``, and the server answers on ``tag + "/v"`` (and returns ``{"tag": …}``), so
+  large batches get the data plane's zero-copy path rather than being packed into msgpack.
+* ``integrate(cid, shape, dtype, start, end, steps, x=…, tag=…)`` → the rows carried from Euler
+  step ``start`` to ``end`` (dt = 1/steps) by this expert alone: sticky sampling's whole
+  remaining trajectory in one request instead of one round trip per step.
 
 Every incoming tensor is validated before a byte of it reaches a model (:func:`check_batch`):
 known content id of kind ``expert``, dtype, rank-4 shape equal to the expert's image shape,
