@@ -408,7 +408,10 @@ class Run:
         try:
             return await self._link_to(peer_id)
         finally:
-            del self._dial_events[peer_id]
+            # Several waiters of a failed dial may each have started their own: remove only
+            # ours (a KeyError here used to take the whole run down with it).
+            if self._dial_events.get(peer_id) is event:
+                del self._dial_events[peer_id]
             event.set()
 
     async def _link_to(self, peer_id: str) -> Link:

@@ -165,6 +165,11 @@ def unflatten(flat: torch.Tensor, like: Mapping[str, torch.Tensor]) -> dict[str,
     return out
 
 
+def _outer_step(state: State, avg: Mapping[str, torch.Tensor]) -> State:
+    params, outer = apply_outer_step(state.params, avg, state.outer)
+    return State.of(params, outer)
+
+
 # ------------------------------------------------------------------------------ inner loops
 
 
@@ -389,7 +394,9 @@ class DiLoCoWorker:
                 sync_start = time.perf_counter()
                 self._write_entry(r, "syncing", state.digest)
                 # 2. pseudo-gradient: where the inner steps went, sign-flipped like a gradient
-                delta = flat_pseudo_gradient(state.params, self.inner.parameters())
+                delta = await trio.to_thread.run_sync(
+                    flat_pseudo_gradient, state.params, self.inner.parameters()
+                )
                 # 3. all-reduce among the round's members (tokens-weighted mean)
                 try:
                     result = await self.all_reduce(r, state.digest, delta, tokens)
@@ -400,15 +407,14 @@ class DiLoCoWorker:
                     continue
                 # 4. outer step: every member adds the same numbers in the same order
                 avg = unflatten(result.tensor, state.params)
-                params, outer = apply_outer_step(state.params, avg, state.outer)
-                state = await trio.to_thread.run_sync(State.of, params, outer)
-                self.inner.load(state.params)
+                state = await trio.to_thread.run_sync(_outer_step, state, avg)
+                await trio.to_thread.run_sync(self.inner.load, state.params)
                 # 5. parity: publish our digest, compare with the others; re-fetch if we diverged
                 state, verdict = await self.check_parity(state, result.members)
                 self._record(
                     r, steps, tokens, loss, result, inner_seconds, sync_start, state, verdict
                 )
-                self._save_checkpoint(state)
+                await trio.to_thread.run_sync(self._save_checkpoint, state)
             return self._result(state)
         finally:
             self._undo_listener()
@@ -433,10 +439,10 @@ class DiLoCoWorker:
                 log.info("run %s is finished (round %s)", self.run.run_id[:12], plan.round)
                 return None
             if plan.action == "resume" and checkpoint is not None:
-                return self._entered(checkpoint, "checkpoint")
+                return await self._entered(checkpoint, "checkpoint")
             if plan.action == "gather":
                 await self._gather()
-                return self._entered(self._fresh, "fresh")
+                return await self._entered(self._fresh, "fresh")
             if plan.action == "start" and plan.digest is not None:
                 state = await self._state_with(plan.digest, plan.holders, checkpoint)
                 if state is not None:
@@ -455,7 +461,7 @@ class DiLoCoWorker:
         """Our own state if it has ``digest`` (checkpoint, fresh model); else download it."""
         for source, local in (("checkpoint", checkpoint), ("fresh", self._fresh)):
             if local is not None and local.digest == digest:
-                return self._entered(local, source)
+                return await self._entered(local, source)
         self._learn_addrs(holders)
         try:
             fetched = await fetch_state(
@@ -479,12 +485,12 @@ class DiLoCoWorker:
                 "peers": len(fetched.sources),
             }
         )
-        return self._entered(State(fetched.params, fetched.outer, digest), "download")
+        return await self._entered(State(fetched.params, fetched.outer, digest), "download")
 
-    def _entered(self, state: State, source: str) -> State:
-        self.inner.load(state.params)
+    async def _entered(self, state: State, source: str) -> State:
+        await trio.to_thread.run_sync(self.inner.load, state.params)
         self.entered_by.append(source)
-        self._publish(state)
+        await self._publish(state)
         if source != "download":
             self.on_event({"event": "state", "source": source, "round": state.round})
         log.info("entering round %d from %s state %s", state.round, source, state.digest[:12])
@@ -567,7 +573,7 @@ class DiLoCoWorker:
         self, state: State, members: tuple[str, ...]
     ) -> tuple[State, rounds.ParityVerdict]:
         """Publish our digest for round state.round; compare with the members' (bounded wait)."""
-        self._publish(state)
+        await self._publish(state)
         r = state.round
         deadline = trio.current_time() + self.config.parity_timeout
         while trio.current_time() < deadline:
@@ -603,8 +609,8 @@ class DiLoCoWorker:
             return (again if again is not None else state), verdict
         self.bytes_received_state += fetched.bytes_received
         fixed = State(fetched.params, fetched.outer, verdict.digest)
-        self.inner.load(fixed.params)
-        self._publish(fixed)
+        await trio.to_thread.run_sync(self.inner.load, fixed.params)
+        await self._publish(fixed)
         self.on_event({"event": "state", "source": "refetch", "round": r})
         return fixed, verdict
 
@@ -631,9 +637,12 @@ class DiLoCoWorker:
         )
         return params, outer
 
-    def _publish(self, state: State) -> None:
+    async def _publish(self, state: State) -> None:
         """Serve ``state`` and declare it in the run document (training, or done at the end)."""
-        self.server.publish(make_snapshot(state.params, state.outer, state.digest))
+        snapshot = await trio.to_thread.run_sync(
+            make_snapshot, state.params, state.outer, state.digest
+        )
+        self.server.publish(snapshot)
         done = self.config.rounds is not None and state.round >= self.config.rounds
         self._write_entry(state.round, "done" if done else "training", state.digest)
         with contextlib.suppress(GossamerError):
