@@ -815,7 +815,13 @@ class Relays:
         if not node.is_connected(relay_id):
             if not relay_addr:
                 raise PeerUnreachable(f"no address for relay {relay_id[-8:]}")
-            await node.connect(f"{relay_addr}/p2p/{relay_id}")
+            import multiaddr
+            from libp2p.peer.id import ID
+
+            # Not node.connect(): this runs inside the node's dial limiter
+            # already, and taking a second slot could deadlock a full one.
+            node.peers.add_addrs(relay_id, [f"{relay_addr}/p2p/{relay_id}"])
+            await node._connect_any(ID.from_base58(relay_id), [multiaddr.Multiaddr(relay_addr)])
         stream = await compat.open_raw_stream(node.host, relay_id, HOP_PROTOCOL)
         try:
             from libp2p.peer.id import ID
