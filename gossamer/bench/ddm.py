@@ -19,7 +19,8 @@ images, in the penultimate layer (128 features) of a digit classifier (MLP 64-25
 dropout 0.2, AdamW lr 1e-3, 3,000 steps of batch 128 on the training split with Gaussian input
 noise σ = 0.1; its held-out accuracy is reported), plus the classifier's confident rate (max
 probability > 0.9). Modes: ``top1``, ``top2``, ``full`` (router temperature ``--temperature``)
-and ``sticky`` (each image draws one expert from the router at t = 0 and keeps it). All modes
+and ``sticky`` (each image draws one expert from the router, temperature 1, at t = 0 and keeps
+it). All modes
 and the monolith start from the same noise. ``fd_real`` (training images vs held-out) is the
 floor. Ensemble samples are drawn over the network.
 
@@ -64,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample-steps", type=int, default=50, help="Euler steps")
     parser.add_argument("--temperature", type=float, default=0.5, help="router temperature")
     parser.add_argument("--timing-n", type=int, default=64, help="images in the timed sampling")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per mode (median)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per mode (median)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--expert", default="mlp", help="registered expert architecture")
     parser.add_argument("--expert-kwargs", default="{}", metavar="JSON")
@@ -268,8 +269,11 @@ def _classifier(train: Any, held: Any, steps: int, result: dict[str, Any]) -> An
     return clf
 
 
-def _mode(mode: str) -> tuple[str, float | None]:
-    return ("full", 0.0) if mode == "sticky" else (mode, None)
+def _mode(mode: str, temperature: float) -> tuple[str, float | None, float]:
+    """(routing mode, sticky_from, router temperature). Sticky draws each image's expert from
+    the router's own probabilities (temperature 1: sharpening would skew the draw towards the
+    biggest cluster, since at t = 0 the router can only say the cluster prior)."""
+    return ("full", 0.0, 1.0) if mode == "sticky" else (mode, None, temperature)
 
 
 async def _cost(
@@ -281,12 +285,12 @@ async def _cost(
     from gossamer.training.diffusion.ensemble import sample
     from gossamer.training.diffusion.network import sample_network
 
-    n, steps, temp = args.timing_n, plan.sample_steps, plan.temperature
+    n, steps = args.timing_n, plan.sample_steps
     out: dict[str, Any] = {"timing_n": n}
     seconds: dict[str, dict[str, float]] = {}
     equal = True
     for mode in MODES:
-        routing, sticky = _mode(mode)
+        routing, sticky, temp = _mode(mode, plan.temperature)
         t_local, t_remote = [], []
         for rep in range(args.repeats):
             t0 = time.perf_counter()
@@ -302,7 +306,7 @@ async def _cost(
         seconds[mode] = {"local_s": round(lo, 4), "remote_s": round(re, 4)}
         seconds[mode]["remote_over_local"] = round(re / lo, 3)
     # sticky with one request per step, for comparison with the offloaded trajectories
-    routing, sticky = _mode("sticky")
+    routing, sticky, temp = _mode("sticky", plan.temperature)
     t0 = time.perf_counter()
     await sample_network(
         router, remote, n, steps, routing, temp, seed=0, sticky_from=sticky, offload=False
@@ -355,9 +359,9 @@ async def _quality(
     out: dict[str, Any] = {"samples": args.samples}
     samples = {}
     for mode in MODES:
-        routing, sticky = _mode(mode)
+        routing, sticky, temp = _mode(mode, plan.temperature)
         samples[f"ensemble_{mode}"] = await sample_network(
-            router, remote, 0, plan.sample_steps, routing, plan.temperature,
+            router, remote, 0, plan.sample_steps, routing, temp,
             seed=plan.seed, noise=noise, sticky_from=sticky,
         )  # fmt: skip
     samples["monolith"] = await trio.to_thread.run_sync(

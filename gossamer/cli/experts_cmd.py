@@ -94,7 +94,9 @@ def register(subparsers: Any) -> None:
     gen.add_argument("--out", default="grid.png", metavar="FILE", help="PNG grid to write")
     gen.add_argument("--steps", type=int, help="Euler steps (default: the run's)")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--temperature", type=float, help="router temperature (default: the run's)")
+    gen.add_argument(
+        "--temperature", type=float, help="router temperature (default: the run's; 1 for sticky)"
+    )
     gen.add_argument("--router", metavar="FILE", help="router weights to use instead of the run's")
     gen.add_argument(
         "--verify",

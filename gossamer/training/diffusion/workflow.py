@@ -510,7 +510,9 @@ async def generate(
     """Discover the run's experts, verify them, and sample ``n`` images over the network.
 
     ``mode``: ``top1``, ``top2``…, ``full`` or ``sticky``. The router comes from the run (its
-    announced weights, hash-checked) unless one is passed.
+    announced weights, hash-checked) unless one is passed. ``temperature`` defaults to the
+    run's for the mixtures and to 1 for sticky (which draws an expert from the router's
+    probabilities: sharpening them would skew the draw).
     """
     from gossamer.training.diffusion import network
 
@@ -534,7 +536,7 @@ async def generate(
         n,
         steps or plan.sample_steps,
         routing,
-        plan.temperature if temperature is None else temperature,
+        temperature if temperature is not None else 1.0 if mode == "sticky" else plan.temperature,
         seed=seed,
         image_shape=plan.image_shape,
         sticky_from=sticky,
