@@ -125,3 +125,20 @@ async def test_the_router_fetched_over_the_network_routes_above_chance(tmp_path)
     assert acc[1.0] > 0.85 and acc[0.6] > 0.7, acc
     assert np.mean(list(acc.values())) > chance + 0.25, (acc, chance)
     assert acc[0.4] > chance
+
+
+def test_a_trained_expert_checkpoint_names_its_cluster_run_and_partition():
+    from gossamer.training.diffusion.models import expert_from_bytes
+    from gossamer.training.diffusion.serving import ExpertServer, checkpoint_meta
+
+    train, _ = load_digits_split()
+    plan = workflow.plan_run(train, DIGITS, k=4, total_steps=100)
+    model, blob = workflow.train_cluster_expert(plan, train, 2, run_id="r-x", steps=3)
+    meta = checkpoint_meta(blob)
+    assert meta == {"cluster": 2, "run": "r-x", "partition": plan.partition, "steps": 3}
+    rebuilt, spec, shape = expert_from_bytes(blob)
+    assert spec == plan.expert and shape == plan.image_shape
+    x, t = torch.randn(3, *shape), torch.rand(3)
+    assert torch.equal(rebuilt(x, t), model(x, t))
+    entry = ExpertServer().add_expert(blob)
+    assert (entry.cluster, entry.run_id) == (2, "r-x")
