@@ -81,6 +81,7 @@ class Agent:
     async def cmd_status(self) -> dict[str, Any]:
         status = self.node.status()
         status["connections"] = self.connections()
+        status["torch_loaded"] = "torch" in sys.modules  # relays must run without it
         return status
 
     def connections(self) -> dict[str, list[dict[str, Any]]]:

@@ -33,6 +33,7 @@ def test_classification_and_cone_nat_hole_punch_carries_rpc_and_64mb_direct(
         status["reachability"]["evidence"]
     )
     assert status["nat"]["relay"]["service"]["enabled"]
+    assert not status["torch_loaded"]  # a relay never imports torch
 
     # a keeps a reservation on a relay and advertises the relayed address.
     a_status = w.a.wait_for(lambda s: circuit_addrs(s), 20, what="a relayed address")
@@ -72,6 +73,7 @@ def test_classification_and_cone_nat_hole_punch_carries_rpc_and_64mb_direct(
     assert [p["kind"] for p in sent["paths"]] == ["direct"]
     relayed_after = w.pub1.call("status")["nat"]["relay"]["service"]["bytes_relayed"]
     assert relayed_after - relayed_before < 1 * MB  # the relay did not carry it
+    assert not any(x.call("status")["torch_loaded"] for x in (w.pub1, w.a, w.b))
 
 
 def test_symmetric_nat_stays_reachable_through_the_relay(nat_world: NatWorld) -> None:
