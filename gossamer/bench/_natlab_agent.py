@@ -181,6 +181,10 @@ class NodeRunner:
         try:
             use_dht = settings.pop("dht", True)
             dht_config = settings.pop("dht_config", {})
+            # py-libp2p's own DCUtR service instead of gossamer's (for comparison)
+            stock_dcutr = settings.pop("stock_dcutr", False)
+            if stock_dcutr:
+                settings["holepunch"] = False
             config: NodeConfig = load_config(None, env={}, overrides=settings)
             async with Node(config) as node:
                 if use_dht:
@@ -192,17 +196,29 @@ class NodeRunner:
                         await DHT.start(node, DHTConfig(**dht_config))
                 with trio.CancelScope() as scope:
                     self._scope, self.node = scope, node
+                    if stock_dcutr:
+                        node.nursery.start_soon(_run_stock_dcutr, node)
                     task_status.started(node)
                     await trio.sleep_forever()
         finally:
             done.set()
 
 
+async def _run_stock_dcutr(node: Node) -> None:
+    from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+    from libp2p.tools.anyio_service import background_trio_service
+
+    async with background_trio_service(DCUtRProtocol(node.host)):
+        await trio.sleep_forever()
+
+
 async def main(settings: dict[str, Any]) -> None:
     config = load_config(
         None,
         env={},
-        overrides={k: v for k, v in settings.items() if k not in ("dht", "dht_config")},
+        overrides={
+            k: v for k, v in settings.items() if k not in ("dht", "dht_config", "stock_dcutr")
+        },
     )
     logging.basicConfig(
         level=logging.DEBUG if config.log_level == "debug" else logging.INFO,

@@ -77,6 +77,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=30.0,
         help="seconds a trial may take to go direct (the node tries 3 times, 5 s each)",
     )
+    parser.add_argument(
+        "--dcutr",
+        choices=("gossamer", "py-libp2p"),
+        default="gossamer",
+        help="hole puncher: gossamer's (default) or py-libp2p's DCUtRProtocol, for comparison",
+    )
     parser.add_argument("--workdir", default=None, help="keep lab logs here")
 
 
@@ -107,6 +113,8 @@ def _run(lab: NatLab, args: argparse.Namespace) -> dict[str, Any]:
     relay = lab.start_node("relay", LAB_SETTINGS).wait_ready()
     boot = f"/ip4/{relay_host.ip}/tcp/4001/p2p/{relay.peer_id}"
     base = {**LAB_SETTINGS, "bootstrap": [boot]}
+    if args.dcutr == "py-libp2p":
+        base["stock_dcutr"] = True
     a = lab.start_node("a", base, name="a").wait_ready()
     b = lab.start_node("b", base, name="b").wait_ready()
 
@@ -124,7 +132,7 @@ def _run(lab: NatLab, args: argparse.Namespace) -> dict[str, Any]:
             start = time.perf_counter()
             b.call("connect", addr=_circuits(status_a)[0], timeout=30)
             connect_ms.append((time.perf_counter() - start) * 1000)
-            state = _punch_outcome(b, a, args.upgrade_timeout)
+            state = _outcome(b, a, args)
         except AgentError as exc:
             failures.append(f"trial {trial}: {exc}"[:300])
             continue
@@ -138,6 +146,7 @@ def _run(lab: NatLab, args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "nat": args.nat,
         "router_firewall": args.firewall,
+        "dcutr": args.dcutr,
         "trials": args.trials,
         "holepunch_successes": successes,
         "holepunch_success_rate": successes / args.trials if args.trials else float("nan"),
@@ -151,6 +160,27 @@ def _run(lab: NatLab, args: argparse.Namespace) -> dict[str, Any]:
         "failures": failures[:10],
     }
     return result
+
+
+def _outcome(dialer: Any, target: Any, args: argparse.Namespace) -> dict[str, Any]:
+    if args.dcutr == "py-libp2p":
+        return _direct_outcome(dialer, target, args.upgrade_timeout)
+    return _punch_outcome(dialer, target, args.upgrade_timeout)
+
+
+def _direct_outcome(dialer: Any, target: Any, timeout: float) -> dict[str, Any]:
+    """py-libp2p's DCUtR keeps no per-peer state we can read: watch the connections.
+
+    ``upgrade_ms`` is counted from when the relayed connection was up.
+    """
+    start = time.perf_counter()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        kinds = [c["kind"] for c in dialer.call("status")["connections"].get(target.peer_id, [])]
+        if "direct" in kinds:
+            return {"state": "direct", "upgrade_ms": (time.perf_counter() - start) * 1000}
+        time.sleep(0.05)
+    return {"state": "failed", "reason": f"no direct connection after {timeout} s"}
 
 
 def _punch_outcome(dialer: Any, target: Any, timeout: float) -> dict[str, Any]:
@@ -206,16 +236,17 @@ def _throughput(
         status_a = _wait(a, lambda s: _circuits(s), 30, "a relayed address")
         _wait(b, lambda s: _verdict(s) == "private", 30, "b classified")
         b.call("connect", addr=_circuits(status_a)[0], timeout=30)
-        if _punch_outcome(b, a, args.upgrade_timeout).get("state") != "direct":
+        if _outcome(b, a, args).get("state") != "direct":
             out["direct_mib_s"] = None
             out["direct_note"] = "hole punch failed: no direct throughput"
             return out
-        _wait(
-            b,
-            lambda s: [c["kind"] for c in s["connections"].get(a.peer_id, [])] == ["direct"],
-            15,
-            "relayed connection closed",
-        )
+        if args.dcutr == "gossamer":  # py-libp2p's keeps the relayed one 60 s
+            _wait(
+                b,
+                lambda s: [c["kind"] for c in s["connections"].get(a.peer_id, [])] == ["direct"],
+                15,
+                "relayed connection closed",
+            )
         _transfer(b, a, MIB, "warm-direct")
         direct = _transfer(b, a, nbytes, "direct")
         out["direct_mib_s"] = _round(args.mb / direct["seconds"])
