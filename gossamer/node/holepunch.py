@@ -34,12 +34,15 @@ RPC and data-plane streams open on the direct connection.
 From py-libp2p 0.8.1 this uses the DCUtR protobuf messages and the swarm's
 connection upgrades (``upgrade_outbound_raw_conn`` / ``upgrade_inbound_raw_conn``,
 as its ``dial_addr_as_responder`` does); the connects themselves are plain
-sockets (hundreds per second may be needed behind routers that answer RST).  Its
-``DCUtRProtocol`` service is not used: it predicts addresses from identify's
-observed-address manager (unverified, and empty when identify has not
-confirmed an observation), gives each peer only 3 attempts for the life of
-the process, dials only after its own "unilateral" attempt timed out, and
-keeps the relayed connection 60 s after an upgrade.
+sockets (hundreds per second may be needed behind routers that answer RST).
+Its ``DCUtRProtocol`` service was measured in the same lab
+(``gossamer bench nat --dcutr py-libp2p``): behind firewalled cone NATs it
+succeeds (20/20) but only after ~1.6 s (its auto-drive loop polls every 2 s
+and tries a unilateral dial first), behind routers that answer RST it never
+does (0/5: one connect per address per round), it keeps the relayed
+connection 60 s after an upgrade, predicts addresses from identify's
+unverified observations, allows 3 attempts per peer, and exposes no
+per-peer outcome for ``status()``.
 """
 
 from __future__ import annotations

@@ -34,8 +34,13 @@ puncher then tries to make the connection direct (holepunch.py).
 From py-libp2p 0.8.1 this module uses the protobuf messages, the
 length-prefixed message helpers and the reservation bookkeeping
 (``RelayResourceManager``: signed vouchers, ttl, limits).  It does *not* use
-``CircuitV2Protocol``, ``CircuitV2Transport`` or ``RelayDiscovery``; see
-``_libp2p_compat.py`` and the report in tests/natlab for the defects found.
+``CircuitV2Protocol``, ``CircuitV2Transport`` or ``RelayDiscovery``: the hop
+keys circuits by peer id (two circuits of one peer tear each other down), its
+relay loop treats yamux's end of stream as an error (three logged retries
+with sleeps per closed circuit), a disconnected peer's reservation keeps its
+slot until the ttl ends (reproduced), the transport reserves before every
+CONNECT and discovery runs every 300 s (LIBP2P-NOTES pitfall 8).  See
+``_libp2p_compat.py`` and docs/nat-traversal.md.
 """
 
 from __future__ import annotations
