@@ -76,11 +76,6 @@ async def serve(
 ) -> None:
     """Start the node and its control API, call ``ready``, serve until ``stop`` is set."""
     async with Node(config) as node:
-        if not node.addrs():
-            # py-libp2p logs a failed bind and carries on listening on nothing.
-            raise GossamerError(
-                f"could not listen on {', '.join(config.listen)} (see the error above)"
-            )
         for extension in extensions:
             await extension(node)
         async with trio.open_nursery() as nursery:

@@ -21,7 +21,7 @@ from gossamer.node import _libp2p_compat as compat
 from gossamer.node import addresses
 from gossamer.node._libp2p_compat import Stream, build_host, route_libp2p_logging
 from gossamer.node.config import NodeConfig
-from gossamer.node.errors import ConfigError, GossamerError, PeerUnreachable
+from gossamer.node.errors import GossamerError, PeerUnreachable
 from gossamer.node.identity import Identity, load_or_create
 from gossamer.node.peers import PeerTable
 from gossamer.node.rpc import CallContext, RpcClient, RpcServer, Service, rpc
@@ -121,7 +121,7 @@ class Node:
             await stack.enter_async_context(self.host.run(listen))
             if not self.host.get_transport_addrs():
                 # py-libp2p logs a failed bind and carries on listening on nothing.
-                raise ConfigError(
+                raise GossamerError(
                     f"could not listen on {', '.join(self.config.listen)} "
                     "(address in use or not local)"
                 )
