@@ -29,13 +29,13 @@ from gossamer.training.diffusion.ensemble import (
 )
 from gossamer.training.diffusion.router import Router
 
-log = logging.getLogger("gossamer.training.diffusion.sampling")
+log = logging.getLogger("gossamer.training.diffusion.async_sampling")
 
 AsyncExpert = Callable[[torch.Tensor, torch.Tensor], Awaitable[torch.Tensor]]
 
 
 class LocalExpert:
-    """An in-process expert with the interface of :class:`RemoteExpert` (forwards run in a
+    """An in-process expert with the interface of ``network.RemoteExpert`` (forwards run in a
     worker thread): the local reference for :func:`sample_network`."""
 
     def __init__(self, module: torch.nn.Module) -> None:
