@@ -12,6 +12,11 @@ all-reduce sends — each member sends 2·(n−1)/n of its vector, split evenly 
 links at once — unencrypted, with no reduction. ``ratio_fp32_vs_raw`` = all-reduce time / that.
 For context (not measured here): hivemind 1.1.12's averager took 7.7 s for the same job on this
 machine class (DESIGN.md).
+
+These machines are shared: besides wall times, each trial records the CPU seconds every member
+process spent (all threads) — ``cpu_seconds_<codec>``, summed over members — which other
+people's load does not inflate; ``seconds_<codec>_if_cpus_idle`` = that / the machine's cores is
+what the all-reduce would take with the cores to itself, if it kept them all busy.
 """
 
 from __future__ import annotations
@@ -87,10 +92,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             except subprocess.TimeoutExpired:
                 p.kill()
     per_method: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
     sent: dict[str, float] = {}
     for (method, _), events in sorted(trials.items()):
         per_method.setdefault(method, []).append(max(e["seconds"] for e in events))
+        cpu.setdefault(method, []).append(sum(e["cpu"] for e in events))
         sent[method] = statistics.mean(e["sent"] for e in events)
+    cores = os.cpu_count() or 1
     raw = statistics.median(per_method["raw"])
     out: dict[str, Any] = {
         "bench": "allreduce",
@@ -107,9 +115,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out[f"all_seconds_{key}"] = [round(s, 3) for s in per_method[codec]]
         out[f"mb_sent_per_worker_{key}"] = round(sent[codec] / 1e6, 1)
         out[f"ratio_{key}_vs_raw"] = round(seconds / raw, 2)
+        # CPU seconds all members spent (every thread): what the machine's load does not change
+        out[f"cpu_seconds_{key}"] = round(statistics.median(cpu[codec]), 3)
+        out[f"seconds_{key}_if_cpus_idle"] = round(statistics.median(cpu[codec]) / cores, 3)
     out["raw_tcp_seconds"] = round(raw, 3)
     out["all_raw_tcp_seconds"] = [round(s, 3) for s in per_method["raw"]]
     out["raw_tcp_mb_sent_per_worker"] = round(sent["raw"] / 1e6, 1)
+    out["raw_tcp_cpu_seconds"] = round(statistics.median(cpu["raw"]), 3)
+    out["cpu_cores"] = cores
+    out["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
     out["reference"] = (
         "raw TCP, same processes, same bytes as the fp32 all-reduce sends, all links at once, "
         "no encryption, no reduction"

@@ -67,8 +67,10 @@ def _recipe(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import trio
 
+    from gossamer.training.memory import keep_freed_memory
     from gossamer.training.simulate import run_ddp
 
+    keep_freed_memory()
     recipe = _recipe(args)
     n = args.workers
     configs = [(args.codec, args.H)]

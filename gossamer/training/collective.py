@@ -494,8 +494,39 @@ class AllReduce:
         deadlines: tuple[float, float],
         state: _AttemptState,
     ) -> None:
-        members = plan.members
         deadline, ag_deadline = deadlines
+        # The reduced pieces go out in the background, so reducing piece k+1 overlaps sending
+        # piece k (the data plane returns from a send only once the peer has verified it).
+        async with trio.open_nursery() as senders:
+            await self._reduce_pieces(
+                prefix,
+                plan,
+                j,
+                flat,
+                weight,
+                rs_pending,
+                out,
+                deadline,
+                ag_deadline,
+                state,
+                senders,
+            )
+
+    async def _reduce_pieces(
+        self,
+        prefix: str,
+        plan: Plan,
+        j: int,
+        flat: torch.Tensor,
+        weight: float,
+        rs_pending: dict[tuple[str, int], Any],
+        out: torch.Tensor,
+        deadline: float,
+        ag_deadline: float,
+        state: _AttemptState,
+        senders: trio.Nursery,
+    ) -> None:
+        members = plan.members
         for k, (a, b) in enumerate(plan.pieces(j)):
             own = await trio.to_thread.run_sync(
                 lambda a=a, b=b: self.codec.decode(self.codec.encode(flat[a:b])).reshape(-1)
@@ -541,11 +572,9 @@ class AllReduce:
             # If our own values were refused we still reduce the others' for our
             # part: the statuses then drop only us, without anyone waiting.
             contributors = sorted(pieces)
-            reduced, total = await trio.to_thread.run_sync(
-                reduce_piece, {p: (pieces[p], weights[p]) for p in contributors}
+            encoded, total = await trio.to_thread.run_sync(
+                self._reduce_into, {p: (pieces[p], weights[p]) for p in contributors}, out, a, b
             )
-            encoded = await trio.to_thread.run_sync(self.codec.encode, reduced)
-            out[a:b] = self.codec.decode(encoded).reshape(-1)
             state.record(self.me, contributors, total)
             mask = torch.tensor([p in pieces for p in members], dtype=torch.uint8)
             message = {
@@ -553,12 +582,24 @@ class AllReduce:
                 "w": torch.tensor([total], dtype=torch.float64),
                 "c": mask,
             }
-            async with trio.open_nursery() as nursery:
-                for peer in members:
-                    if peer != self.me:
-                        nursery.start_soon(
-                            self._send, peer, f"{prefix}ag/{j}/{k}", message, ag_deadline
-                        )
+            for peer in members:
+                if peer != self.me:
+                    senders.start_soon(
+                        self._send, peer, f"{prefix}ag/{j}/{k}", message, ag_deadline
+                    )
+
+    def _reduce_into(
+        self,
+        contributions: dict[str, tuple[torch.Tensor, float]],
+        out: torch.Tensor,
+        a: int,
+        b: int,
+    ) -> tuple[EncodedTensor, float]:
+        """Reduce one piece, encode it for the all-gather and keep its decoded bits in ``out``."""
+        reduced, total = reduce_piece(contributions)
+        encoded = self.codec.encode(reduced)
+        out[a:b] = self.codec.decode(encoded).reshape(-1)
+        return encoded, total
 
     async def _receive_part(
         self,

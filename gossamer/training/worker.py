@@ -68,8 +68,10 @@ async def run_worker(
     """Host (``host`` = run name, with ``recipe`` and ``config``) or join (``run_id``) a run of
     the built-in recipe and train; returns the result and, with ``evaluate``, the eval loss."""
     from gossamer.node.node import Node
+    from gossamer.training.memory import keep_freed_memory
 
     torch.set_num_threads(1)
+    keep_freed_memory()
     async with Node(node_config) as node:
         if host is not None:
             recipe = recipe or Recipe()
