@@ -49,14 +49,21 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "demo",
         help="a local swarm of 4 workers trains a small GPT with DiLoCo (loopback only)",
-        description=(__doc__ or "").strip().splitlines()[0],
+        description=(
+            "Worker processes on 127.0.0.1 train a byte-level GPT on this Python's standard "
+            "library with DiLoCo, then a data-parallel baseline trains on the same tokens; "
+            "the table compares eval loss and bytes sent. Defaults take about 5-8 minutes "
+            "on 2 cores."
+        ),
     )
-    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS, metavar="N")
     parser.add_argument(
-        "--rounds", type=int, default=DEFAULT_ROUNDS, metavar="R", help="outer steps"
+        "--workers", type=int, default=DEFAULT_WORKERS, metavar="N", help="worker processes (4)"
     )
     parser.add_argument(
-        "--inner-steps", type=int, default=DEFAULT_H, metavar="H", help="inner steps per round"
+        "--rounds", type=int, default=DEFAULT_ROUNDS, metavar="R", help="outer steps (20)"
+    )
+    parser.add_argument(
+        "--inner-steps", type=int, default=DEFAULT_H, metavar="H", help="inner steps per round (25)"
     )
     parser.add_argument(
         "--codec",

@@ -18,6 +18,7 @@ import subprocess
 import sys
 from typing import Any
 
+import pytest
 import torch
 import trio
 from diloco_helpers import TINY, SlowInner, swarm
@@ -27,6 +28,8 @@ from gossamer.training.diloco import DiLoCoConfig, DiLoCoWorker
 torch.set_num_threads(1)
 
 STALL_ROUND = 3
+
+pytestmark = pytest.mark.slow  # separate processes
 
 
 class Child:

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import trio
 
 RUN_TOML = """
@@ -30,6 +31,8 @@ min_workers = 2
 """
 
 LOOPBACK = ["--listen", "/ip4/127.0.0.1/tcp/0", "--dataplane-listen", "127.0.0.1:0", "--no-dht"]
+
+pytestmark = pytest.mark.slow  # separate processes
 
 
 async def _lines(process, out: list[dict]) -> None:

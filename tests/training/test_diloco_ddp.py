@@ -14,6 +14,7 @@ import socket
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import trio
 from diloco_helpers import TINY, swarm
@@ -22,6 +23,8 @@ from gossamer.training.diloco import DiLoCoConfig, DiLoCoWorker
 from gossamer.training.outer import state_digest
 
 torch.set_num_threads(1)
+
+pytestmark = pytest.mark.slow  # separate processes
 
 
 def _free_port() -> int:

@@ -6,7 +6,10 @@ import json
 import os
 import sys
 
+import pytest
 import trio
+
+pytestmark = pytest.mark.slow  # separate processes
 
 
 async def test_demo_trains_a_swarm_and_compares_with_the_baseline(tmp_path):
