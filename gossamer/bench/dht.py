@@ -9,8 +9,8 @@ figures of lattica and hivemind are included as constants, labelled as such.
 
 Part b — ``--nodes`` (100) nodes in this process, each joining through one
 random earlier node (the routing tables fill on their own).  ``--keys`` (1,000)
-random keys are stored from random nodes, then each is read from a random
-other node: ``success_before_churn``.  Then 30% of the nodes, chosen at random,
+random keys are stored (from ``--writers`` random nodes), then each is read from
+a random other node: ``success_before_churn``.  Then 30% of the nodes, chosen at random,
 stop without a word (their sockets just close, as when a process is killed; no
 republish runs in between) and every key is read again from a random survivor:
 ``success_after_churn``.  ``get_p50_ms_100`` is the median get before churn.
@@ -27,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keys", type=int, default=1000, help="keys stored in part b")
     parser.add_argument("--kill", type=float, default=0.3, help="fraction of nodes killed")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--writers", type=int, default=10, help="nodes that store the keys")
+    parser.add_argument("--procs", type=int, default=4, help="processes hosting part b's nodes")
     parser.add_argument("--skip-a", action="store_true", help="run part b only")
 
 
@@ -185,126 +186,288 @@ async def _part_a(ops: int) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ part b
+#
+# A coordinator (this process) and --procs worker processes, each hosting its
+# share of the nodes.  One JSON object per line each way: the coordinator sends
+# a command, the worker answers when it is done.  Nodes are named by a global
+# index; node i lives in worker i % procs.
 
 
-async def _part_b(count: int, keys: int, kill_fraction: float, seed: int) -> dict[str, Any]:
-    from gossamer.dht import DHT, DHTConfig
-    from gossamer.node.node import Node
+def _progress(message: str) -> None:
+    sys.stderr.write(f"[bench dht] {message}\n")
+    sys.stderr.flush()
 
-    rng = random.Random(seed)
-    base = Path(tempfile.mkdtemp(prefix="gossamer-bench-dht100-"))
-    config = DHTConfig(persist=False)
-    nodes: list[Any] = []
-    scopes: dict[str, trio.CancelScope] = {}
-    stopped: dict[str, trio.Event] = {}
-    result: dict[str, Any] = {"b_nodes": count, "b_keys": keys, "b_processes": 1}
-    started_at = time.perf_counter()
 
-    async with trio.open_nursery() as nursery:
+class _Hosted:
+    """The nodes one worker process runs, each in its own task so any can be killed."""
 
-        async def run_node(index: int, task_status: Any) -> None:
-            done = trio.Event()
+    def __init__(self, nursery: trio.Nursery, base: Path) -> None:
+        self.nursery = nursery
+        self.base = base
+        self.nodes: dict[int, Any] = {}
+        self.scopes: dict[int, trio.CancelScope] = {}
+        self.stopped: dict[int, trio.Event] = {}
+
+    async def start(self, index: int) -> Any:
+        from gossamer.dht import DHT, DHTConfig
+        from gossamer.node.node import Node
+
+        # No disk (nothing restarts here) and no peer record at join: that is
+        # a put of its own per node (tested elsewhere) that would only add to
+        # the join cost on this shared CPU.
+        config = DHTConfig(persist=False, publish_peer_record=False)
+        done = trio.Event()
+
+        async def run_node(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
             try:
                 with trio.CancelScope() as scope:
-                    async with AsyncExitStack() as stack:
-                        # The node's latency pings (every 30 s to every
-                        # connected peer) would be ~200 pings/s across a
-                        # hundred nodes sharing this one process: off here.
-                        node = await stack.enter_async_context(
-                            Node(_node_config(base, f"n{index}", ping_interval=3600.0))
-                        )
+                    # The node's latency pings (every 30 s to every connected
+                    # peer) are off: thousands of them would share this CPU.
+                    node_config = _node_config(self.base, f"n{index}", ping_interval=3600.0)
+                    async with Node(node_config) as node:
                         await DHT.start(node, config)
-                        task_status.started((node, scope, done))
+                        task_status.started((node, scope))
                         await trio.sleep_forever()
             finally:
                 done.set()
 
-        # Join one at a time through a random earlier node, each waiting for
-        # its join lookups to finish: all nodes share one CPU here, and a
-        # hundred joins at once would only measure the run queue.  (This also
-        # keeps dials in flight far under pitfall 11's limit.)
-        for i in range(count):
-            node, scope, done = await nursery.start(run_node, i)
-            scopes[node.peer_id], stopped[node.peer_id] = scope, done
-            if nodes:
-                await node.connect(rng.choice(nodes).addrs()[0])
-                with trio.move_on_after(30):
-                    await node.dht.bootstrapped.wait()
-            nodes.append(node)
-        # Let the join lookups settle: stop when the tables stop growing.
-        last, calm = -1, 0
-        with trio.move_on_after(60):
-            while calm < 4:
-                await trio.sleep(0.5)
-                total = sum(len(n.dht.table) for n in nodes)
-                calm = calm + 1 if total == last else 0
-                last = total
-        sizes = [len(n.dht.table) for n in nodes]
-        result["b_join_s"] = round(time.perf_counter() - started_at, 1)
-        result["b_table_size_min"] = min(sizes)
-        result["b_table_size_mean"] = round(sum(sizes) / len(sizes), 1)
-        result["b_connections_mean"] = round(
-            sum(len(n.connected_peers()) for n in nodes) / len(nodes), 1
-        )
+        node, scope = await self.nursery.start(run_node)
+        self.nodes[index], self.scopes[index], self.stopped[index] = node, scope, done
+        return node
 
-        # Store the keys from random nodes, a few at a time (one shared CPU).
-        stored: dict[str, tuple[str, bytes]] = {}
-        put_failures = 0
-        limiter = trio.CapacityLimiter(2)
+    async def kill(self, index: int) -> None:
+        """Stop a node without a word to anyone: its sockets just close."""
+        self.scopes.pop(index).cancel()
+        await self.stopped.pop(index).wait()
+        del self.nodes[index]
 
-        async def put_one(key: str, writer: Any, value: bytes) -> None:
-            nonlocal put_failures
+
+async def _handle(hosted: _Hosted, command: dict[str, Any]) -> dict[str, Any]:
+    op = command["op"]
+    if op == "join":
+        node = await hosted.start(command["node"])
+        retries = 0
+        for addr in command["via"]:  # a loaded machine can time a dial out
+            try:
+                await node.connect(addr)
+                break
+            except Exception:
+                retries += 1
+        if command["via"]:  # the seed node has nobody to look up yet
+            with trio.move_on_after(60):
+                await node.dht.bootstrapped.wait()
+        return {"addr": node.addrs()[0], "retries": retries}
+    if op == "put":
+        limiter = trio.CapacityLimiter(command["concurrency"])
+        ok, failed, failed_keys = 0, {}, []
+
+        async def put_one(index: int, key: str, value: str) -> None:
+            nonlocal ok
             async with limiter:
                 try:
-                    await writer.dht.put(key, value, time.time() + 3600)
-                    stored[key] = (writer.peer_id, value)
-                except Exception:
-                    put_failures += 1
+                    await hosted.nodes[index].dht.put(key, value, time.time() + 3600)
+                    ok += 1
+                except Exception as exc:
+                    name = type(exc).__name__
+                    failed[name] = failed.get(name, 0) + 1
+                    failed_keys.append(key)
 
+        async with trio.open_nursery() as nursery:
+            for index, key, value in command["items"]:
+                nursery.start_soon(put_one, index, key, value)
+        return {"ok": ok, "failed": failed, "failed_keys": failed_keys}
+    if op == "get":
+        found, times = [], []
+        for index, key, value in command["items"]:
+            start = time.perf_counter()
+            try:
+                record = await hosted.nodes[index].dht.get(key, latest=True)
+            except Exception:
+                record = None
+            times.append((time.perf_counter() - start) * 1000)
+            found.append(record is not None and record.value == value)
+        return {"found": found, "ms": times}
+    if op == "kill":
+        for index in command["nodes"]:
+            await hosted.kill(index)
+        return {"killed": len(command["nodes"])}
+    if op == "stats":
+        nodes = list(hosted.nodes.values())
+        return {
+            "tables": [len(n.dht.table) for n in nodes],
+            "connections": [len(n.connected_peers()) for n in nodes],
+            "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+        }
+    raise ValueError(f"unknown op {op!r}")
+
+
+async def _hosting_worker() -> None:
+    """Worker of part b: runs commands from stdin until it closes."""
+    base = Path(tempfile.mkdtemp(prefix="gossamer-bench-dht100-"))
+    async with trio.open_nursery() as nursery:
+        hosted = _Hosted(nursery, base)
+        while True:
+            line = await trio.to_thread.run_sync(sys.stdin.readline)
+            if not line:
+                break
+            answer = await _handle(hosted, json.loads(line))
+            sys.stdout.write(json.dumps(answer) + "\n")
+            sys.stdout.flush()
+        nursery.cancel_scope.cancel()
+
+
+class _Workers:
+    """The coordinator's handles on the worker processes."""
+
+    def __init__(self, procs: int) -> None:
+        self.procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "gossamer.bench.dht", "--host-nodes"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(procs)
+        ]
+
+    def ask(self, commands: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        """Send one command to each worker named, then collect the answers (they run in
+        parallel)."""
+        for worker, command in commands.items():
+            pipe = self.procs[worker].stdin
+            assert pipe is not None
+            pipe.write(json.dumps(command) + "\n")
+            pipe.flush()
+        answers = {}
+        for worker in commands:
+            pipe = self.procs[worker].stdout
+            assert pipe is not None
+            line = pipe.readline()
+            if not line:
+                raise RuntimeError(f"bench worker {worker} died")
+            answers[worker] = json.loads(line)
+        return answers
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.stdin:
+                proc.stdin.close()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _part_b(args: argparse.Namespace) -> dict[str, Any]:
+    count, procs = args.nodes, max(1, min(args.procs, args.nodes))
+    rng = random.Random(args.seed)
+    result: dict[str, Any] = {"b_nodes": count, "b_keys": args.keys, "b_processes": procs}
+    started_at = time.perf_counter()
+    workers = _Workers(procs)
+    try:
+        # Join in rounds of one node per worker, each through a random node that
+        # already joined (first a seed node).  Rounds keep every process busy
+        # without a hundred joins at once measuring only the run queue.
+        addrs: dict[int, str] = {}
+        addrs[0] = workers.ask({0: {"op": "join", "node": 0, "via": []}})[0]["addr"]
+        retries = 0
+        for first in range(1, count, procs):
+            batch = list(range(first, min(count, first + procs)))
+            joined = list(addrs)
+            commands = {
+                i % procs: {
+                    "op": "join",
+                    "node": i,
+                    "via": [addrs[j] for j in rng.sample(joined, min(3, len(joined)))],
+                }
+                for i in batch
+            }
+            answers = workers.ask(commands)
+            for i in batch:
+                addrs[i] = answers[i % procs]["addr"]
+                retries += answers[i % procs]["retries"]
+        result["b_join_s"] = round(time.perf_counter() - started_at, 1)
+        result["b_join_retries"] = retries
+        _progress(f"{count} nodes joined in {result['b_join_s']} s")
+        stats = workers.ask({w: {"op": "stats"} for w in range(procs)})
+        tables = [t for a in stats.values() for t in a["tables"]]
+        result["b_table_size_min"] = min(tables)
+        result["b_table_size_mean"] = round(sum(tables) / len(tables), 1)
+
+        # Store: writers are a random tenth of the nodes (where a key is stored
+        # depends on its hash alone; fewer writers spare this CPU handshakes).
+        writers = rng.sample(range(count), max(1, min(args.writers, count)))
+        items = [
+            (
+                rng.choice(writers),
+                f"/gossamer/bench/{rng.getrandbits(64):016x}",
+                os.urandom(8).hex(),
+            )
+            for _ in range(args.keys)
+        ]
         t0 = time.perf_counter()
-        async with trio.open_nursery() as puts:
-            for _ in range(keys):
-                puts.start_soon(
-                    put_one,
-                    f"/gossamer/bench/{rng.getrandbits(64):016x}",
-                    rng.choice(nodes),
-                    os.urandom(32),
-                )
+        answers = workers.ask(
+            {
+                w: {"op": "put", "concurrency": 2, "items": [x for x in items if x[0] % procs == w]}
+                for w in range(procs)
+            }
+        )
         result["b_put_s"] = round(time.perf_counter() - t0, 1)
-        result["b_put_failures"] = put_failures
+        failed: dict[str, int] = {}
+        lost = {k for answer in answers.values() for k in answer["failed_keys"]}
+        for answer in answers.values():
+            for name, n in answer["failed"].items():
+                failed[name] = failed.get(name, 0) + n
+        result["b_writers"] = len(writers)
+        result["b_put_failures"] = sum(failed.values())
+        result["b_put_failure_kinds"] = failed
+        _progress(f"{args.keys} puts in {result['b_put_s']} s, failures {failed}")
+        # What counts below is whether keys that were stored can be found.
+        items = [x for x in items if x[1] not in lost]
 
-        async def read_all(pool: list[Any]) -> tuple[float, list[float]]:
-            ok, times = 0, []
-            for key, (writer_id, value) in stored.items():
-                reader = rng.choice([n for n in pool if n.peer_id != writer_id] or pool)
-                start = time.perf_counter()
-                try:
-                    record = await reader.dht.get(key, latest=True)
-                except Exception:
-                    record = None
-                times.append((time.perf_counter() - start) * 1000)
-                ok += record is not None and record.value == value
-            return ok / keys, times
+        def read_all(alive: list[int]) -> tuple[float, list[float]]:
+            """Read every key from a random live node other than its writer.  One
+            worker at a time, one get at a time: latency, not throughput."""
+            readers = [
+                (rng.choice([n for n in alive if n != w] or alive), k, v) for w, k, v in items
+            ]
+            found: list[bool] = []
+            times: list[float] = []
+            for w in range(procs):
+                batch = [x for x in readers if x[0] % procs == w]
+                answer = workers.ask({w: {"op": "get", "items": batch}})[w]
+                found += answer["found"]
+                times += answer["ms"]
+            return sum(found) / len(found), times
 
-        success, times = await read_all(nodes)
+        success, times = read_all(list(range(count)))
         result["success_before_churn"] = round(success, 4)
         result["get_p50_ms_100"] = round(_p(times, 50), 3)
         result["get_p90_ms_100"] = round(_p(times, 90), 3)
+        _progress(f"read back before churn: {success:.4f}")
 
-        victims = rng.sample(nodes, int(count * kill_fraction))
-        for victim in victims:
-            scopes[victim.peer_id].cancel()
-        for victim in victims:
-            await stopped[victim.peer_id].wait()
-        survivors = [n for n in nodes if n not in victims]
+        victims = rng.sample(range(count), int(count * args.kill))
+        workers.ask(
+            {
+                w: {"op": "kill", "nodes": [v for v in victims if v % procs == w]}
+                for w in range(procs)
+            }
+        )
         result["b_killed"] = len(victims)
-        success, times = await read_all(survivors)
+        alive = [n for n in range(count) if n not in set(victims)]
+        success, times = read_all(alive)
         result["success_after_churn"] = round(success, 4)
         result["get_p50_ms_100_after_churn"] = round(_p(times, 50), 3)
         result["get_p90_ms_100_after_churn"] = round(_p(times, 90), 3)
+        _progress(f"read back after killing {len(victims)}: {success:.4f}")
+        stats = workers.ask({w: {"op": "stats"} for w in range(procs)})
+        conns = [c for a in stats.values() for c in a["connections"]]
+        result["b_connections_mean_after_churn"] = round(sum(conns) / len(conns), 1)
+        result["b_rss_mb_per_process"] = max(a["rss_mb"] for a in stats.values())
         result["b_total_s"] = round(time.perf_counter() - started_at, 1)
-        result["b_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-        nursery.cancel_scope.cancel()
+    finally:
+        workers.close()
     result["goal_success"] = GOAL_SUCCESS
     result["goal_get_p50_ms_100"] = GOAL_GET_100_MS
     return result
@@ -318,12 +481,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not args.skip_a:
         out.update(trio.run(_part_a, args.ops))
     if args.nodes > 0:
-        out.update(trio.run(_part_b, args.nodes, args.keys, args.kill, args.seed))
+        out.update(_part_b(args))
     return out
 
 
 if __name__ == "__main__":
-    if "--worker" in sys.argv:
+    if "--host-nodes" in sys.argv:
+        import logging
+
+        logging.getLogger("gossamer").setLevel(logging.CRITICAL)
+        logging.getLogger("libp2p").setLevel(logging.CRITICAL)
+        trio.run(_hosting_worker)
+    elif "--worker" in sys.argv:
         import logging
 
         logging.getLogger("gossamer").setLevel(logging.ERROR)

@@ -19,7 +19,14 @@ that peer (records are signed with the node key).  ``provide(cid)`` /
 a peer's addresses.  Records persist under ``<data_dir>/dht.sqlite3``.
 """
 
-from gossamer.dht._dht import DHT, DHTConfig, Provider, peer_record_key, provider_key
+from gossamer.dht._dht import (
+    DHT,
+    DHTConfig,
+    Provider,
+    attach,
+    peer_record_key,
+    provider_key,
+)
 from gossamer.dht._records import (
     MAX_RECORD_BYTES,
     Entry,
@@ -56,6 +63,7 @@ __all__ = [
     "StoreLimits",
     "Validator",
     "Validators",
+    "attach",
     "owner_of",
     "peer_record_key",
     "provider_key",

@@ -115,7 +115,7 @@ class DHTService(Service):
     @rpc
     async def hello(self, ctx: CallContext, addrs: list) -> dict[str, Any]:
         self._dht.on_hello(ctx.peer_id, addrs)
-        return {"addrs": list(self._dht.own_addrs())}
+        return {"addrs": self._dht.hello_addrs()}
 
     @rpc
     async def find_node(self, ctx: CallContext, target: bytes) -> dict[str, Any]:
@@ -150,7 +150,8 @@ class DHTService(Service):
         try:
             contacts = self._dht.serve_store(key, decoded, ctx.peer_id)
         except InvalidRecord as exc:
-            log.info("refused a record for %s from %s: %s", key[:80], ctx.peer_id[-8:], exc)
+            # The sender gets the typed reason; here it is debug noise at most.
+            log.debug("refused a record for %s from %s: %s", key[:80], ctx.peer_id[-8:], exc)
             raise Refused(exc.message, exc.code) from None
         except DHTError as exc:
             raise Refused(str(exc), "bad_key") from None

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -100,3 +104,58 @@ async def chain(
                 await node.connect(swarm[-2].addrs()[0])
         yield swarm
         nursery.cancel_scope.cancel()
+
+
+# ------------------------------------------------------------ CLI + daemons
+
+CLI = [sys.executable, "-m", "gossamer.cli.main"]
+LOOPBACK_ARGS = ["--listen", "/ip4/127.0.0.1/tcp/0", "--dataplane-listen", "127.0.0.1:0"]
+
+
+def clean_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GOSSAMER_")}
+    env["GOSSAMER_HOME"] = str(tmp_path / "default-home")
+    return env
+
+
+async def cli(*args: str | Path, env: dict[str, str], timeout: float = 60.0) -> Any:
+    with trio.fail_after(timeout):
+        return await trio.run_process(
+            [*CLI, *map(str, args)],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=env,
+        )
+
+
+@contextlib.asynccontextmanager
+async def daemon(
+    tmp_path: Path, name: str, env: dict[str, str], *extra: str
+) -> AsyncIterator[dict]:
+    """``gossamer node start`` in a subprocess; yields its control file (pid, peer id ...)."""
+    data_dir = tmp_path / name
+    err = (tmp_path / f"{name}.err").open("wb")
+    process = await trio.lowlevel.open_process(
+        [*CLI, "node", "start", "--data-dir", str(data_dir), *LOOPBACK_ARGS, *extra],
+        stdout=subprocess.DEVNULL,
+        stderr=err,
+        env=env,
+    )
+    try:
+        with trio.fail_after(60):
+            while True:
+                if process.poll() is not None:
+                    raise AssertionError(f"daemon exited: {(tmp_path / f'{name}.err').read_text()}")
+                try:
+                    info = json.loads((data_dir / "control.json").read_text())
+                    break
+                except (FileNotFoundError, ValueError):
+                    await trio.sleep(0.05)
+        yield {**info, "data_dir": data_dir}
+    finally:
+        if process.returncode is None:
+            process.kill()
+            with trio.CancelScope(shield=True):
+                await process.wait()
+        err.close()

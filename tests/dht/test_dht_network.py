@@ -294,3 +294,16 @@ async def test_a_lone_node_stores_locally_and_is_attached(tmp_path: Path) -> Non
         record = await dht.get("/gossamer/test/solo")
         assert record is not None and record.value == 1
         assert await dht.find_peer(node.peer_id) == list(dht.own_addrs())
+
+
+async def test_owners_republish_what_the_network_lost(tmp_path: Path) -> None:
+    config = fast_config(republish_interval=0.3)
+    async with chain(tmp_path, 3, config) as nodes:
+        await wait_for(lambda: all(len(n.dht.table) == 2 for n in nodes), 15, "full tables")
+        key = "/gossamer/test/republished"
+        await nodes[0].dht.put(key, "keep me", time.time() + 60)
+        for node in nodes[1:]:  # the replicas forget it (restarted without their disk)
+            node.dht.store._remove(key, "")
+        await wait_for(
+            lambda: all(n.dht.store.get(key, time.time()) for n in nodes[1:]), 5, "republish"
+        )

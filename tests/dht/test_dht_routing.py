@@ -210,3 +210,31 @@ def test_deadlines_follow_measured_round_trips_with_a_floor_and_a_cap() -> None:
     assert rtt.stall_after() >= 0.002
     rtt.forget("b")
     assert rtt.srtt("b") is None
+
+
+# ------------------------------------------------------- addresses from peers
+
+
+def test_addresses_from_peers_are_checked_and_unspecified_hosts_substituted() -> None:
+    from gossamer.dht._service import clean_addrs, parse_contacts
+
+    me, other = PEERS[0], PEERS[1]
+    raw = [
+        "/ip4/0.0.0.0/tcp/4001",
+        f"/ip4/10.0.0.5/tcp/4001/p2p/{me}",
+        f"/ip4/10.0.0.6/tcp/4001/p2p/{other}",  # names someone else
+        "not a multiaddr",
+        "/ip4/10.0.0.5/tcp/4001",  # duplicate once suffixed
+        42,
+        "/" + "x" * 300,
+    ]
+    assert clean_addrs(me, raw, observed="/ip4/192.0.2.7/tcp/55555") == (
+        f"/ip4/192.0.2.7/tcp/4001/p2p/{me}",
+        f"/ip4/10.0.0.5/tcp/4001/p2p/{me}",
+    )
+    assert clean_addrs(me, ["/ip4/0.0.0.0/tcp/4001"]) == ()  # nothing to substitute
+    assert clean_addrs(me, "nope") == ()
+    contacts = parse_contacts(
+        [[me, ["/ip4/10.0.0.5/tcp/1"]], ["12D3KooWfake", []], [other], "x", [other, "y"]]
+    )
+    assert contacts == [(me, (f"/ip4/10.0.0.5/tcp/1/p2p/{me}",)), (other, ())]
