@@ -27,7 +27,7 @@ from gossamer.cli.common import (
 # "module:function" coroutines ``async def attach(node)`` that upper layers
 # (dht, crdt, training) add to every daemon: they register their services and
 # control methods on the started node.  Imported only by ``node start``.
-DAEMON_EXTENSIONS: tuple[str, ...] = ("gossamer.crdt.sync:attach",)
+DAEMON_EXTENSIONS: tuple[str, ...] = ("gossamer.dht:attach", "gossamer.crdt.sync:attach")
 
 
 def register(subparsers: Any) -> None:
