@@ -42,19 +42,19 @@ parameters, K = 4, batch 128; router 51k parameters at 5.0% of the experts' trai
     2      15.83      14.72          19.07           11.78          34.72
     mean   15.89      14.41          15.78           13.13          27.88
 
+These equal the figures of the local comparison (``experiment.py``) to the last digit: the experts
+trained in their own processes and sampled over the network give the same images bit for bit.
+So the best routed ensembles beat the FLOP-matched monolith on the mean — sticky by 2.8 FD and in
+every seed, the full mixture by 1.5 FD and in every seed — but sample-set noise is ±1–1.5 FD and
+top-2 wins in two seeds of three: a lead, not a settled result. Top-1 collapses. (Wall times say
+little here, five training processes sharing 2 cores: the last expert was serving after
+0.76–0.83 of the monolith's training time.)
+
 The default, ``gossamer bench ddm --json`` (10,000 steps, seed 0; 263 s here): monolith 22.58,
 full 22.19, top-2 23.96, sticky 19.17, top-1 32.89; remote over local: sticky 0.50, full 2.61,
 top-1 3.37, top-2 3.50.
 
-Every figure equals the local comparison's (``experiment.py``) to the last digit: the experts
-trained in their own processes and sampled over the network give the same images bit for bit.
-So the best routed ensembles beat the FLOP-matched monolith on the mean — sticky by 2.8 FD and in
-every seed, the full mixture by 1.5 FD and in every seed — but sample-set noise is ±1–1.5 FD and
-top-2 wins in one seed of three: a lead, not a settled result. Top-1 collapses. (Wall times say
-little here, five training processes sharing 2 cores: the last expert was serving after
-0.76–0.83 of the monolith's training time.)
-
-Sampling 64 images (median of 3–5, the same runs), remote over local: sticky 0.44–0.55 (one
+Sampling 64 images in the 20,000-step runs (median of 3–5), remote over local: sticky 0.44–0.55 (one
 ``integrate`` request per expert for the whole trajectory; 4 processes compute in parallel),
 full 1.9–3.5, top-2 3.0–4.0, top-1 4.5–5.5, and sticky with one request per step 1.2–4.3. The
 per-step modes pay one round trip per expert per step: about 1 ms of py-libp2p CPU (Noise, yamux,
