@@ -213,6 +213,10 @@ def _empty_buffers(codec: Codec, numel: int) -> dict[str, torch.Tensor]:
     }
 
 
+def _all_finite(tensor: torch.Tensor) -> bool:
+    return bool(torch.isfinite(tensor).all())
+
+
 def _decode(codec: Codec, numel: int, received: dict[str, Any]) -> torch.Tensor:
     count = len(codec.buffer_sizes(numel))
     buffers = [received[f"b{i}"] for i in range(count)]
@@ -243,6 +247,8 @@ class AllReduce:
             raise ValueError("the local node must be one of the members")
         self.members = tuple(sorted(set(members)))
         self.codec = get_codec(codec) if isinstance(codec, str) else codec
+        # fp32 on the wire: received bytes are used in place, never decoded into copies
+        self._identity = self.codec is get_codec("none")
         self.piece_elems = piece_elems
         self.phase_timeout = phase_timeout
         self.error_feedback = error_feedback
@@ -341,7 +347,9 @@ class AllReduce:
         }
         ag_pending = {
             (j, k): dataplane.post_recv(
-                members[j], f"{prefix}ag/{j}/{k}", into=self._ag_buffers(b - a, len(members))
+                members[j],
+                f"{prefix}ag/{j}/{k}",
+                into=self._ag_buffers(b - a, len(members), out[a:b]),
             )
             for j in range(len(members))
             if j != me_index
@@ -408,8 +416,14 @@ class AllReduce:
         buffers["w"] = torch.empty(1, dtype=torch.float64)
         return buffers
 
-    def _ag_buffers(self, numel: int, members: int) -> dict[str, torch.Tensor]:
-        buffers = _empty_buffers(self.codec, numel)
+    def _ag_buffers(
+        self, numel: int, members: int, target: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        if self._identity:
+            # fp32 on the wire: the reduced piece lands in its final place, no copy
+            buffers = {"b0": target.view(torch.uint8)}
+        else:
+            buffers = _empty_buffers(self.codec, numel)
         buffers["w"] = torch.empty(1, dtype=torch.float64)
         buffers["c"] = torch.empty(members, dtype=torch.uint8)
         return buffers
@@ -528,8 +542,12 @@ class AllReduce:
     ) -> None:
         members = plan.members
         for k, (a, b) in enumerate(plan.pieces(j)):
-            own = await trio.to_thread.run_sync(
-                lambda a=a, b=b: self.codec.decode(self.codec.encode(flat[a:b])).reshape(-1)
+            own = (
+                flat[a:b]
+                if self._identity
+                else await trio.to_thread.run_sync(
+                    lambda a=a, b=b: self.codec.decode(self.codec.encode(flat[a:b])).reshape(-1)
+                )
             )
             pieces: dict[str, torch.Tensor] = {self.me: own}
             weights: dict[str, float] = {self.me: weight}
@@ -543,7 +561,11 @@ class AllReduce:
                     piece_weight = float(received["w"][0])
                     if not (math.isfinite(piece_weight) and piece_weight > 0):
                         raise CodecError(f"weight {piece_weight!r} is not a positive number")
-                    pieces[peer] = _decode(self.codec, b - a, received.tensors)
+                    pieces[peer] = (
+                        received["b0"].view(torch.float32)
+                        if self._identity
+                        else _decode(self.codec, b - a, received.tensors)
+                    )
                     weights[peer] = piece_weight
                 except (CodecError, KeyError, ValueError) as exc:
                     log.warning(
@@ -597,6 +619,9 @@ class AllReduce:
     ) -> tuple[EncodedTensor, float]:
         """Reduce one piece, encode it for the all-gather and keep its decoded bits in ``out``."""
         reduced, total = reduce_piece(contributions)
+        if self._identity:
+            out[a:b] = reduced
+            return self.codec.encode(out[a:b]), total
         encoded = self.codec.encode(reduced)
         out[a:b] = self.codec.decode(encoded).reshape(-1)
         return encoded, total
@@ -618,7 +643,13 @@ class AllReduce:
             state.missing_parts.add(owner)
             return
         try:
-            out[a:b] = await trio.to_thread.run_sync(_decode, self.codec, b - a, received.tensors)
+            if self._identity:
+                if not await trio.to_thread.run_sync(_all_finite, out[a:b]):
+                    raise CodecError("received non-finite values")
+            else:
+                out[a:b] = await trio.to_thread.run_sync(
+                    _decode, self.codec, b - a, received.tensors
+                )
             mask = received["c"]
             contributors = [p for p, bit in zip(plan.members, mask.tolist(), strict=True) if bit]
             total = float(received["w"][0])
