@@ -38,6 +38,27 @@ def _patch_dial_delay() -> None:
     swarm_module._HAPPY_EYEBALLS_DELAY = _DIAL_HEAD_START_S
 
 
+def _no_window_update_per_read() -> bool:
+    return False
+
+
+def _patch_yamux_window_updates() -> None:
+    """Send yamux WINDOW_UPDATEs at half a window, as go-yamux does, not after every read.
+
+    Defect (not in the notes): py-libp2p's yamux defaults PY_YAMUX_RELEASE_ON_READ
+    to on, which answers every read with a WINDOW_UPDATE frame — one extra
+    frame and socket send per RPC message in each direction.  Measured with
+    ``gossamer bench rpc``: p50 0.97 → 0.77 ms, p99 3.3 → 1.3 ms.  An explicit
+    PY_YAMUX_RELEASE_ON_READ in the environment still wins.
+    """
+    import os
+
+    import libp2p.stream_muxer.yamux.yamux as yamux_module
+
+    if "PY_YAMUX_RELEASE_ON_READ" not in os.environ:
+        yamux_module._yamux_release_on_read = _no_window_update_per_read
+
+
 class _IntoGossamerLogging(logging.Handler):
     """Re-emit a ``libp2p.*`` record as ``gossamer.libp2p.*``."""
 
@@ -133,6 +154,7 @@ def build_host(
     from libp2p.stream_muxer.yamux.yamux import Yamux
 
     _patch_dial_delay()
+    _patch_yamux_window_updates()
     connection_config = ConnectionConfig(
         max_connections=config.max_connections,
         max_connections_per_peer=config.max_connections_per_peer,
