@@ -277,16 +277,21 @@ async def _handle(hosted: _Hosted, command: dict[str, Any]) -> dict[str, Any]:
                 nursery.start_soon(put_one, index, key, value)
         return {"ok": ok, "failed": failed, "failed_keys": failed_keys}
     if op == "get":
-        found, times = [], []
+        found, times, misses = [], [], {}
         for index, key, value in command["items"]:
             start = time.perf_counter()
             try:
                 record = await hosted.nodes[index].dht.get(key, latest=True)
-            except Exception:
-                record = None
+                miss = "not found" if record is None else "" if record.value == value else "wrong"
+            except Exception as exc:
+                miss = type(exc).__name__
             times.append((time.perf_counter() - start) * 1000)
-            found.append(record is not None and record.value == value)
-        return {"found": found, "ms": times}
+            found.append(not miss)
+            if miss:
+                table = len(hosted.nodes[index].dht.table)
+                kind = f"{miss} (reader table {'empty' if not table else 'non-empty'})"
+                misses[kind] = misses.get(kind, 0) + 1
+        return {"found": found, "ms": times, "misses": misses}
     if op == "kill":
         for index in command["nodes"]:
             await hosted.kill(index)
@@ -393,6 +398,7 @@ def _part_b(args: argparse.Namespace) -> dict[str, Any]:
         stats = workers.ask({w: {"op": "stats"} for w in range(procs)})
         tables = [t for a in stats.values() for t in a["tables"]]
         result["b_table_size_min"] = min(tables)
+        result["b_nodes_with_empty_table"] = sum(1 for t in tables if not t)
         result["b_table_size_mean"] = round(sum(tables) / len(tables), 1)
 
         # Store: writers are a random tenth of the nodes (where a key is stored
@@ -439,9 +445,14 @@ def _part_b(args: argparse.Namespace) -> dict[str, Any]:
                 answer = workers.ask({w: {"op": "get", "items": batch}})[w]
                 found += answer["found"]
                 times += answer["ms"]
+                for kind, n in answer["misses"].items():
+                    misses[kind] = misses.get(kind, 0) + n
             return sum(found) / len(found), times
 
+        misses: dict[str, int] = {}
         success, times = read_all(list(range(count)))
+        result["misses_before_churn"] = dict(misses)
+        misses.clear()
         result["success_before_churn"] = round(success, 4)
         result["get_p50_ms_100"] = round(_p(times, 50), 3)
         result["get_p90_ms_100"] = round(_p(times, 90), 3)
@@ -458,6 +469,7 @@ def _part_b(args: argparse.Namespace) -> dict[str, Any]:
         alive = [n for n in range(count) if n not in set(victims)]
         success, times = read_all(alive)
         result["success_after_churn"] = round(success, 4)
+        result["misses_after_churn"] = dict(misses)
         result["get_p50_ms_100_after_churn"] = round(_p(times, 50), 3)
         result["get_p90_ms_100_after_churn"] = round(_p(times, 90), 3)
         _progress(f"read back after killing {len(victims)}: {success:.4f}")

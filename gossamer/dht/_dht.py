@@ -690,16 +690,17 @@ class DHT:
 
     async def _reconcile_loop(self) -> None:
         """Greet connected peers that are not in the routing table (a hello that
-        failed under load, a peer whose DHT started after we connected)."""
-        greeted: dict[str, float] = {}
+        failed under load, a peer whose DHT started after we connected); with an
+        empty table, also peers we know addresses of (rejoin after an outage)."""
         while True:
             await self._sleep_jittered(self.config.reconcile_interval)
-            now = trio.current_time()
             connected = self.node.connected_peers()
-            greeted = {p: t for p, t in greeted.items() if now - t < 60.0}
             for peer_id in connected:
-                if peer_id not in self.table and peer_id not in greeted:
-                    greeted[peer_id] = now
+                if peer_id not in self.table:
+                    self._schedule_hello(peer_id)
+            if not len(self.table):
+                known = [p.peer_id for p in self.node.peers.all() if p.addrs]
+                for peer_id in random.sample(known, min(8, len(known))):
                     self._schedule_hello(peer_id)
 
     @staticmethod
@@ -724,17 +725,25 @@ class DHT:
                     nursery.start_soon(self._hello, peer_id)
 
     async def _refresh_loop(self) -> None:
-        await self._joined.wait()
-        if self.config.bootstrap_on_join:
-            await self._bootstrap()
-        self.bootstrapped.set()
+        """Join once someone answers; refresh stale buckets; join afresh after an
+        outage that emptied the routing table."""
         while True:
-            await trio.sleep(self.config.refresh_interval / 4 * random.uniform(0.8, 1.2))
-            if not len(self.table):
-                continue
-            for index in self.table.stale_buckets(time.time(), self.config.refresh_interval):
-                target = self.table.random_id_in_bucket(index)
-                await self._quiet_lookup(target)
+            await self._joined.wait()
+            if self.config.bootstrap_on_join:
+                await self._bootstrap()
+            self.bootstrapped.set()
+            period = self.config.refresh_interval / 4
+            next_refresh = trio.current_time() + period
+            while len(self.table):
+                await self._sleep_jittered(min(self.config.reconcile_interval, period))
+                if trio.current_time() < next_refresh:
+                    continue
+                next_refresh = trio.current_time() + period
+                for index in self.table.stale_buckets(time.time(), self.config.refresh_interval):
+                    await self._quiet_lookup(self.table.random_id_in_bucket(index))
+            self._joined = trio.Event()
+            if len(self.table):  # someone answered while we swapped events
+                self._joined.set()
 
     async def _bootstrap(self) -> None:
         """Join: a lookup of our own id (finds our neighbours and tells them about us),

@@ -128,8 +128,11 @@ class RoutingTable:
     def record_failure(self, peer_id: str, definitive: bool = False) -> bool:
         """A call to ``peer_id`` failed; True if it was evicted.
 
-        ``definitive`` (connection refused, reset): evict at once; a timeout
-        counts towards ``max_failures`` instead, so one slow answer is forgiven.
+        ``definitive`` (a refused dial): evict at once.  Otherwise (a timeout,
+        a connection that broke) the contact goes after ``max_failures`` in a
+        row, and only when a replacement is waiting: as the Kademlia paper
+        says, a stale contact is better than none, or an overloaded or briefly
+        cut-off node would empty its own table and be left with nobody.
         """
         contact = self._by_peer.get(peer_id)
         if contact is None:
@@ -137,7 +140,8 @@ class RoutingTable:
                 cache[:] = [c for c in cache if c.peer_id != peer_id]
             return False
         contact.failures += 1
-        if definitive or contact.failures >= self.max_failures:
+        index = bucket_index(self.self_id, contact.id)
+        if definitive or (contact.failures >= self.max_failures and self._replacements[index]):
             self._evict(contact)
             return True
         return False

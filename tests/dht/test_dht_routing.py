@@ -238,3 +238,13 @@ def test_addresses_from_peers_are_checked_and_unspecified_hosts_substituted() ->
         [[me, ["/ip4/10.0.0.5/tcp/1"]], ["12D3KooWfake", []], [other], "x", [other, "y"]]
     )
     assert contacts == [(me, (f"/ip4/10.0.0.5/tcp/1/p2p/{me}",)), (other, ())]
+
+
+def test_a_stale_contact_is_kept_when_nobody_could_replace_it() -> None:
+    table = RoutingTable(PEERS[0], k=20, max_failures=2)
+    table.update(PEERS[1], (), 0.0)
+    for _ in range(5):  # an overloaded moment: timeouts, no replacement waiting
+        assert not table.record_failure(PEERS[1])
+    assert PEERS[1] in table and table.get(PEERS[1]).failures == 5
+    assert table.record_failure(PEERS[1], definitive=True)  # a refused dial is proof
+    assert len(table) == 0
