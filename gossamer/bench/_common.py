@@ -30,7 +30,9 @@ def peer_process(*args: str, timeout: float = 60.0) -> Iterator[dict[str, Any]]:
         line = proc.stdout.readline() if proc.stdout else ""
         if not line:
             raise RuntimeError(f"benchmark peer {args[0]} exited before it was ready")
-        yield json.loads(line)
+        ready = json.loads(line)
+        ready["_pid"] = proc.pid
+        yield ready
     finally:
         if proc.stdin:
             proc.stdin.close()
@@ -39,6 +41,16 @@ def peer_process(*args: str, timeout: float = 60.0) -> Iterator[dict[str, Any]]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a (child) process has used so far, from /proc."""
+    import os
+
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    # fields after the command: state is [0]; utime and stime are [11] and [12]
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -18,7 +18,12 @@ from typing import Any
 
 import trio
 
-from gossamer.bench._common import median, peer_process, temp_node_config
+from gossamer.bench._common import (
+    median,
+    peer_process,
+    process_cpu_seconds,
+    temp_node_config,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _raw_tcp(total: int, rounds: int, payload: memoryview) -> list[float]:
+def _raw_tcp(total: int, rounds: int, payload: memoryview) -> tuple[list[float], float]:
+    """MB/s per round, and CPU seconds per GB moved (both processes together)."""
     rates = []
     with (
         peer_process("raw-sink", "--round-bytes", str(total)) as ready,
@@ -42,6 +48,7 @@ def _raw_tcp(total: int, rounds: int, payload: memoryview) -> list[float]:
             conn.sendall(payload[offset : offset + chunk])
         if conn.recv(1) != b"k":
             raise RuntimeError("raw sink closed early")
+        cpu_start = time.process_time() + process_cpu_seconds(ready["_pid"])
         for _ in range(rounds):
             start = time.perf_counter()
             for offset in range(0, total, chunk):
@@ -49,7 +56,8 @@ def _raw_tcp(total: int, rounds: int, payload: memoryview) -> list[float]:
             if conn.recv(1) != b"k":
                 raise RuntimeError("raw sink closed early")
             rates.append(total / (time.perf_counter() - start) / 1e6)
-    return rates
+        cpu = time.process_time() + process_cpu_seconds(ready["_pid"]) - cpu_start
+    return rates, cpu / (total * rounds / 1e9)
 
 
 def _make_tensors(total: int, count: int) -> dict[str, Any]:
@@ -66,7 +74,10 @@ def _make_tensors(total: int, count: int) -> dict[str, Any]:
         return {f"t{i}": rng.random(per, dtype=np.float32) for i in range(count)}
 
 
-async def _dataplane(mb: int, count: int, rounds: int, direct: bool) -> tuple[list[float], str]:
+async def _dataplane(
+    mb: int, count: int, rounds: int, direct: bool
+) -> tuple[list[float], str, float]:
+    """MB/s per round, the path, and CPU seconds per GB moved (both processes together)."""
     from gossamer.node.node import Node
 
     tensors = _make_tensors(mb << 20, count)
@@ -80,20 +91,22 @@ async def _dataplane(mb: int, count: int, rounds: int, direct: bool) -> tuple[li
             peer = await node.connect(ready["addr"])
             # round 0 is a warm-up: channel handshake, first-touch page faults
             await node.dataplane.send(peer, "round-0", tensors, timeout=300)
+            cpu_start = time.process_time() + process_cpu_seconds(ready["_pid"])
             for index in range(1, rounds + 1):
                 start = time.perf_counter()
                 report = await node.dataplane.send(peer, f"round-{index}", tensors, timeout=300)
                 rates.append(total / (time.perf_counter() - start) / 1e6)
                 path = report.path
-    return rates, path
+            cpu = time.process_time() + process_cpu_seconds(ready["_pid"]) - cpu_start
+    return rates, path, cpu / (total * rounds / 1e9)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     total = (args.mb << 20) // args.tensors // 4 * 4 * args.tensors
     payload = memoryview(bytearray(total))
-    raw = _raw_tcp(total, args.rounds, payload)
-    direct, path = trio.run(_dataplane, args.mb, args.tensors, args.rounds, True)
-    fallback, fallback_path = trio.run(_dataplane, args.fallback_mb, 1, 1, False)
+    raw, raw_cpu = _raw_tcp(total, args.rounds, payload)
+    direct, path, cpu = trio.run(_dataplane, args.mb, args.tensors, args.rounds, True)
+    fallback, fallback_path, _ = trio.run(_dataplane, args.fallback_mb, 1, 1, False)
     mb_per_s, raw_mb_per_s = median(direct), median(raw)
     return {
         "bench": "transfer",
@@ -105,6 +118,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "path": path,
         "all_mb_per_s": [round(r, 1) for r in direct],
         "all_raw_tcp_mb_per_s": [round(r, 1) for r in raw],
+        # CPU seconds per GB, sender and receiver together: steadier than wall
+        # time on a shared machine (what another tenant takes does not count)
+        "cpu_s_per_gb": round(cpu, 3),
+        "raw_tcp_cpu_s_per_gb": round(raw_cpu, 3),
+        "cpu_ratio": round(raw_cpu / cpu, 3),
         "libp2p_fallback_mb_per_s": round(median(fallback), 1),
         "libp2p_fallback_path": fallback_path,
         "encryption": "AES-256-GCM, keys from a handshake over the Noise-secured libp2p stream",

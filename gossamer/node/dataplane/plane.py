@@ -262,11 +262,10 @@ class DataPlane:
         self, target: tuple[str, int], channel_id: bytes, keys: dict[str, bytes]
     ) -> SocketTransport | None:
         """Open and authenticate the direct TCP path; None when it cannot be had."""
-        socket_stream: trio.SocketStream | None = None
+        transport: SocketTransport | None = None
         try:
             with trio.fail_after(HELLO_TIMEOUT_S):
-                socket_stream = await trio.open_tcp_stream(*target)
-                transport = SocketTransport(socket_stream)
+                transport = SocketTransport(await trio.open_tcp_stream(*target))
                 hello = sealing.Sealer(keys["hello_i2r"]).seal(
                     sealing.HELLO, wire.pack({"c": channel_id})
                 )
@@ -283,8 +282,8 @@ class DataPlane:
             ChannelClosed,
         ) as exc:
             log.info("direct data path to %s:%d unavailable (%s); using libp2p", *target, exc)
-            if socket_stream is not None:
-                await socket_stream.aclose()
+            if transport is not None:
+                await transport.aclose()
             return None
 
     def _make_channel(self, peer_id: str, transport: Transport, out_key: bytes, in_key: bytes):
@@ -414,7 +413,7 @@ class DataPlane:
                 await transport.send_all(reply)
         except (trio.TooSlowError, ProtocolError, IntegrityError, EOFError, ChannelClosed) as exc:
             log.warning("refused direct data connection from %s:%s: %s", remote[0], remote[1], exc)
-            await socket_stream.aclose()
+            await transport.aclose()
             return
         pending.transport = transport
         pending.attached.set()
@@ -422,7 +421,7 @@ class DataPlane:
         # this task only keeps serve_listeners from forgetting it.
         await pending.finished.wait()
         if not pending.finished.is_set() or pending.transport is transport:
-            await socket_stream.aclose()
+            await transport.aclose()
 
 
 async def _read_hello(transport: SocketTransport) -> tuple[bytes, bytearray]:
