@@ -55,7 +55,7 @@ class NodeConfig:
     dataplane_listen: str = "0.0.0.0:0"
     dataplane_announce: str = ""
     dataplane_direct: bool = True
-    dataplane_chunk_bytes: int = 1 << 20
+    dataplane_chunk_bytes: int = 4 << 20
     dataplane_max_message_bytes: int = 32 << 30
     dataplane_unsolicited_budget_bytes: int = 1 << 30
     dataplane_unsolicited_timeout: float = 30.0

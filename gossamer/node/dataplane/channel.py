@@ -193,8 +193,12 @@ class Channel:
         chunk_bytes: int,
         max_message_bytes: int,
         stall_timeout: float = STALL_TIMEOUT_S,
+        limiters: tuple[trio.CapacityLimiter, trio.CapacityLimiter] | None = None,
     ) -> None:
         self.peer_id = peer_id
+        # (send, receive) worker-thread slots shared by the node's channels: more
+        # threads than that only fight over the GIL (measured in the all-reduce)
+        self._limiters = limiters or (trio.CapacityLimiter(1), trio.CapacityLimiter(1))
         self.transport = transport
         self.number = next(self._ids)
         self._sealer = sealer
@@ -347,7 +351,9 @@ class Channel:
 
     async def _send_data_in_thread(self, items: list[tuple[BufferSpec, memoryview]]) -> int:
         try:
-            return await trio.to_thread.run_sync(self._send_data_sync, items)
+            return await trio.to_thread.run_sync(
+                self._send_data_sync, items, limiter=self._limiters[0]
+            )
         except ChannelClosed as exc:
             self.close_reason = self.close_reason or str(exc)
             await self._shutdown()
@@ -443,7 +449,7 @@ class Channel:
         try:
             if self.transport.threaded:
                 outcome = await trio.to_thread.run_sync(
-                    self._receive_payload_sync, msg_id, specs, delivery
+                    self._receive_payload_sync, msg_id, specs, delivery, limiter=self._limiters[1]
                 )
             else:
                 outcome = await self._receive_payload(msg_id, specs, delivery)
