@@ -28,7 +28,7 @@ from gossamer.bench._common import (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mb", type=int, default=256, help="payload per round, MB (default 256)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds per method (median)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per method (median)")
     parser.add_argument("--tensors", type=int, default=4, help="tensors the payload is split into")
     parser.add_argument(
         "--fallback-mb", type=int, default=32, help="payload for the libp2p-fallback path"
