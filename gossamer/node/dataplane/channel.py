@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
-import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +32,11 @@ import trio
 from gossamer.node import wire
 from gossamer.node.dataplane import sealing
 from gossamer.node.dataplane.tensors import BufferSpec
+from gossamer.node.dataplane.transports import (
+    STALL_TIMEOUT_S,
+    SocketTransport,
+    Transport,
+)
 from gossamer.node.errors import (
     ChannelClosed,
     GossamerError,
@@ -44,111 +47,16 @@ from gossamer.node.errors import (
 )
 
 if TYPE_CHECKING:
-    from gossamer.node._libp2p_compat import Stream
+    pass
 
 log = logging.getLogger("gossamer.node.dataplane")
 
 MAX_FRAME = 16 << 20  # largest DATA plaintext a receiver accepts
 MAX_CONTROL_FRAME = 4 << 20  # BEGIN with many specs stays far below this
-STALL_TIMEOUT_S = 30.0  # a peer that reads nothing for this long is gone
 
 
 class StaleChannel(ChannelClosed):
     """The channel was already dead when a message started: nothing of it was delivered."""
-
-
-class Transport:
-    """A reliable byte pipe: a direct socket or a libp2p stream."""
-
-    path = ""
-    threaded = False  # offers send_all_sync / receive_into_sync for worker threads
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        raise NotImplementedError
-
-    async def receive_into(self, view: memoryview) -> None:
-        """Fill ``view`` completely; EOFError if the pipe ends first."""
-        raise NotImplementedError
-
-    async def aclose(self) -> None:
-        raise NotImplementedError
-
-
-class SocketTransport(Transport):
-    path = "direct"
-    threaded = True
-
-    def __init__(self, stream: trio.SocketStream, stall_timeout: float = STALL_TIMEOUT_S) -> None:
-        self._stream = stream
-        self._socket = stream.socket
-        # A second handle on the same connection for worker threads.  Its
-        # timeout makes Python wait with poll() on the non-blocking descriptor
-        # trio already uses, without the GIL, and bounds a stalled peer.
-        self._raw = socket.socket(fileno=os.dup(stream.socket.fileno()))
-        self._raw.settimeout(stall_timeout)
-
-    def send_all_sync(self, data: bytes | bytearray | memoryview) -> None:
-        try:
-            self._raw.sendall(data)
-        except OSError as exc:  # TimeoutError included: the peer stopped reading
-            raise ChannelClosed(f"direct data connection broke: {exc!r}") from None
-
-    def receive_into_sync(self, view: memoryview) -> None:
-        got = 0
-        while got < len(view):
-            try:
-                n = self._raw.recv_into(view[got:])
-            except OSError as exc:
-                raise EOFError(f"direct data connection broke: {exc!r}") from None
-            if n == 0:
-                raise EOFError(f"direct data connection ended after {got} of {len(view)} bytes")
-            got += n
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        try:
-            await self._stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise ChannelClosed(f"direct data connection broke: {exc!r}") from None
-
-    async def receive_into(self, view: memoryview) -> None:
-        got = 0
-        while got < len(view):
-            try:
-                n = await self._socket.recv_into(view[got:])
-            except (OSError, trio.ClosedResourceError) as exc:
-                raise EOFError(f"direct data connection broke: {exc!r}") from None
-            if n == 0:
-                raise EOFError(f"direct data connection ended after {got} of {len(view)} bytes")
-            got += n
-
-    async def aclose(self) -> None:
-        self._raw.close()
-        await self._stream.aclose()
-
-
-class Libp2pTransport(Transport):
-    """Fallback when no direct socket can be made: frames ride the libp2p stream."""
-
-    path = "libp2p"
-
-    def __init__(self, stream: Stream, reader: wire.FrameReader) -> None:
-        self._stream = stream
-        self._reader = reader  # may already hold bytes read past the handshake
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        try:
-            await self._stream.write(data)
-        except ConnectionError as exc:
-            raise ChannelClosed(str(exc)) from None
-
-    async def receive_into(self, view: memoryview) -> None:
-        try:
-            view[:] = await self._reader.read_exactly(len(view))
-        except ConnectionError as exc:
-            raise EOFError(str(exc)) from None
-
-    async def aclose(self) -> None:
-        await self._stream.close()
 
 
 @dataclass
@@ -335,18 +243,26 @@ class Channel:
             raise verdict
         return SendReport(total, time.perf_counter() - start, self.path, frames)
 
-    async def _send_data(self, items: list[tuple[BufferSpec, memoryview]]) -> int:
+    def _data_frames(self, items: list[tuple[BufferSpec, memoryview]]) -> Iterator[memoryview]:
+        """Seal each chunk of every buffer into the one outgoing frame buffer, in order.
+
+        Sans-I/O: the caller writes each frame before asking for the next one.
+        """
         out = memoryview(self._out)
-        frames = 0
         for _spec, view in items:
             for offset in range(0, len(view), self._chunk):
                 size = self._sealer.seal_into(
                     sealing.DATA, view[offset : offset + self._chunk], out
                 )
-                await self._write_frame(out[:size])
-                frames += 1
-                # let cancellation and other tasks in between frames
-                await trio.lowlevel.checkpoint()
+                yield out[:size]
+
+    async def _send_data(self, items: list[tuple[BufferSpec, memoryview]]) -> int:
+        frames = 0
+        for frame in self._data_frames(items):
+            await self._write_frame(frame)
+            frames += 1
+            # let cancellation and other tasks in between frames
+            await trio.lowlevel.checkpoint()
         return frames
 
     async def _send_data_in_thread(self, items: list[tuple[BufferSpec, memoryview]]) -> int:
@@ -363,17 +279,12 @@ class Channel:
         """Worker thread: seal and send every DATA frame of a message (send lock held)."""
         transport = self.transport
         assert isinstance(transport, SocketTransport)
-        out = memoryview(self._out)
         frames = 0
-        for _spec, view in items:
-            for offset in range(0, len(view), self._chunk):
-                size = self._sealer.seal_into(
-                    sealing.DATA, view[offset : offset + self._chunk], out
-                )
-                transport.send_all_sync(out[:size])
-                frames += 1
-                # between whole frames only: the sender may then ABORT cleanly
-                trio.from_thread.check_cancelled()
+        for frame in self._data_frames(items):
+            transport.send_all_sync(frame)
+            frames += 1
+            # between whole frames only: the sender may then ABORT cleanly
+            trio.from_thread.check_cancelled()
         return frames
 
     async def _ack_writer(self) -> None:
@@ -394,11 +305,7 @@ class Channel:
             if at_boundary:
                 raise
             raise TruncatedTransfer(f"channel ended inside a message: {exc}") from None
-        header = bytes(header)
-        frame_type, size = sealing.parse_header(header, MAX_FRAME)
-        if frame_type != sealing.DATA and size > MAX_CONTROL_FRAME:
-            raise IntegrityError(f"control frame of {size} bytes is too large")
-        return header, frame_type, size
+        return _parse_frame_header(bytes(header))
 
     async def _read_sealed(self, size: int) -> memoryview:
         if len(self._in) < size:
@@ -470,26 +377,32 @@ class Channel:
         delivery.finish(time.perf_counter() - start, self.path)
         await self._ack_send.send(wire.pack({"i": msg_id, "ok": True}))
 
-    async def _receive_payload(
+    def _payload_parser(
         self, msg_id: int, specs: list[BufferSpec], delivery: Delivery
-    ) -> str | None:
-        """Read DATA frames into the delivery's views and check END; the abort reason if any."""
+    ) -> Generator[int | None, Any, str | None]:
+        """Sans-I/O reader of a message's DATA frames and END; returns the abort reason if any.
+
+        It yields ``None`` for the next frame header, answered with
+        ``(header, type, size)``, and a size for that frame's sealed body,
+        answered with a view of exactly those bytes.  The async and the
+        worker-thread drivers below only move bytes.
+        """
         frames = 0
         scratch = memoryview(bytearray(self._chunk if delivery.discard else 0))
         for index, spec in enumerate(specs):
             view = scratch if delivery.discard else delivery.views[index]
             offset = 0
             while offset < spec.nbytes:
-                header, frame_type, size = await self._read_header(at_boundary=False)
+                header, frame_type, size = yield None
                 if frame_type == sealing.ABORT:
-                    abort = await self._read_control(size, header)
+                    abort = wire.unpack(self._opener.open(header, (yield size)))
                     return str(abort.get("why", "?")) if isinstance(abort, dict) else "?"
                 if frame_type != sealing.DATA:
                     raise ProtocolError(f"frame type {frame_type} inside a message")
                 plain = size - sealing.TAG_BYTES
                 if plain > spec.nbytes - offset or plain == 0:
                     raise ProtocolError(f"DATA frame overruns buffer {spec.name!r}")
-                sealed = await self._read_sealed(size)
+                sealed = yield size
                 if delivery.discard:
                     if plain > len(scratch):
                         scratch = memoryview(bytearray(plain))
@@ -499,11 +412,26 @@ class Channel:
                     self._opener.open_into(header, sealed, view[offset : offset + plain])
                 offset += plain
                 frames += 1
-        header, frame_type, size = await self._read_header(at_boundary=False)
-        end = await self._read_control(size, header)
+        header, frame_type, size = yield None
+        end = wire.unpack(self._opener.open(header, (yield size)))
         return _check_end(frame_type, end, msg_id, frames, specs)
 
-    # The same reading rules, for a worker thread on a direct socket.
+    async def _receive_payload(
+        self, msg_id: int, specs: list[BufferSpec], delivery: Delivery
+    ) -> str | None:
+        parser = self._payload_parser(msg_id, specs, delivery)
+        request = next(parser)
+        while True:
+            if request is None:
+                reply: Any = await self._read_header(at_boundary=False)
+            else:
+                reply = await self._read_sealed(request)
+            try:
+                request = parser.send(reply)
+            except StopIteration as done:
+                return done.value
+
+    # The same reading, for a worker thread on a direct socket.
 
     def _read_header_sync(self) -> tuple[bytes, int, int]:
         header = bytearray(sealing.HEADER.size)
@@ -511,10 +439,7 @@ class Channel:
             self.transport.receive_into_sync(memoryview(header))  # type: ignore[attr-defined]
         except EOFError as exc:
             raise TruncatedTransfer(f"channel ended inside a message: {exc}") from None
-        frame_type, size = sealing.parse_header(bytes(header), MAX_FRAME)
-        if frame_type != sealing.DATA and size > MAX_CONTROL_FRAME:
-            raise IntegrityError(f"control frame of {size} bytes is too large")
-        return bytes(header), frame_type, size
+        return _parse_frame_header(bytes(header))
 
     def _read_sealed_sync(self, size: int) -> memoryview:
         if len(self._in) < size:
@@ -530,35 +455,25 @@ class Channel:
     def _receive_payload_sync(
         self, msg_id: int, specs: list[BufferSpec], delivery: Delivery
     ) -> str | None:
-        """Worker thread: :meth:`_receive_payload` with blocking reads."""
-        frames = 0
-        scratch = memoryview(bytearray(self._chunk if delivery.discard else 0))
-        for index, spec in enumerate(specs):
-            view = scratch if delivery.discard else delivery.views[index]
-            offset = 0
-            while offset < spec.nbytes:
-                header, frame_type, size = self._read_header_sync()
-                if frame_type == sealing.ABORT:
-                    abort = wire.unpack(self._opener.open(header, self._read_sealed_sync(size)))
-                    return str(abort.get("why", "?")) if isinstance(abort, dict) else "?"
-                if frame_type != sealing.DATA:
-                    raise ProtocolError(f"frame type {frame_type} inside a message")
-                plain = size - sealing.TAG_BYTES
-                if plain > spec.nbytes - offset or plain == 0:
-                    raise ProtocolError(f"DATA frame overruns buffer {spec.name!r}")
-                sealed = self._read_sealed_sync(size)
-                if delivery.discard:
-                    if plain > len(scratch):
-                        scratch = memoryview(bytearray(plain))
-                    self._opener.open_into(header, sealed, scratch[:plain])
-                else:
-                    self._opener.open_into(header, sealed, view[offset : offset + plain])
-                offset += plain
-                frames += 1
-                trio.from_thread.check_cancelled()
-        header, frame_type, size = self._read_header_sync()
-        end = wire.unpack(self._opener.open(header, self._read_sealed_sync(size)))
-        return _check_end(frame_type, end, msg_id, frames, specs)
+        parser = self._payload_parser(msg_id, specs, delivery)
+        request = next(parser)
+        while True:
+            if request is None:
+                trio.from_thread.check_cancelled()  # a frame boundary
+                reply: Any = self._read_header_sync()
+            else:
+                reply = self._read_sealed_sync(request)
+            try:
+                request = parser.send(reply)
+            except StopIteration as done:
+                return done.value
+
+
+def _parse_frame_header(header: bytes) -> tuple[bytes, int, int]:
+    frame_type, size = sealing.parse_header(header, MAX_FRAME)
+    if frame_type != sealing.DATA and size > MAX_CONTROL_FRAME:
+        raise IntegrityError(f"control frame of {size} bytes is too large")
+    return header, frame_type, size
 
 
 def _check_end(

@@ -37,16 +37,10 @@ import trio
 from gossamer.node import wire
 from gossamer.node.addresses import is_unspecified, parse_host_port
 from gossamer.node.dataplane import sealing
-from gossamer.node.dataplane.channel import (
-    Channel,
-    Libp2pTransport,
-    SendReport,
-    SocketTransport,
-    StaleChannel,
-    Transport,
-)
+from gossamer.node.dataplane.channel import Channel, SendReport, StaleChannel
 from gossamer.node.dataplane.mailbox import Mailbox, PendingReceive, Received
 from gossamer.node.dataplane.tensors import describe, normalize
+from gossamer.node.dataplane.transports import Libp2pTransport, SocketTransport, Transport
 from gossamer.node.errors import (
     ChannelClosed,
     DeadlineExceeded,

@@ -1,0 +1,116 @@
+"""Byte pipes under a data channel: a direct TCP socket, or a libp2p stream as fallback.
+
+Both give whole-buffer sends and exact-length receives and turn every failure
+into ``ChannelClosed`` (sending) or ``EOFError`` (receiving).  The direct socket
+also offers blocking variants for a worker thread (see :mod:`channel`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import TYPE_CHECKING
+
+import trio
+
+from gossamer.node import wire
+from gossamer.node.errors import ChannelClosed
+
+if TYPE_CHECKING:
+    from gossamer.node._libp2p_compat import Stream
+
+STALL_TIMEOUT_S = 30.0  # a peer that reads nothing for this long is gone
+
+
+class Transport:
+    """A reliable byte pipe: a direct socket or a libp2p stream."""
+
+    path = ""
+    threaded = False  # offers send_all_sync / receive_into_sync for worker threads
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        raise NotImplementedError
+
+    async def receive_into(self, view: memoryview) -> None:
+        """Fill ``view`` completely; EOFError if the pipe ends first."""
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+
+class SocketTransport(Transport):
+    path = "direct"
+    threaded = True
+
+    def __init__(self, stream: trio.SocketStream, stall_timeout: float = STALL_TIMEOUT_S) -> None:
+        self._stream = stream
+        self._socket = stream.socket
+        # A second handle on the same connection for worker threads.  Its
+        # timeout makes Python wait with poll() on the non-blocking descriptor
+        # trio already uses, without the GIL, and bounds a stalled peer.
+        self._raw = socket.socket(fileno=os.dup(stream.socket.fileno()))
+        self._raw.settimeout(stall_timeout)
+
+    def send_all_sync(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            self._raw.sendall(data)
+        except OSError as exc:  # TimeoutError included: the peer stopped reading
+            raise ChannelClosed(f"direct data connection broke: {exc!r}") from None
+
+    def receive_into_sync(self, view: memoryview) -> None:
+        got = 0
+        while got < len(view):
+            try:
+                n = self._raw.recv_into(view[got:])
+            except OSError as exc:
+                raise EOFError(f"direct data connection broke: {exc!r}") from None
+            if n == 0:
+                raise EOFError(f"direct data connection ended after {got} of {len(view)} bytes")
+            got += n
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise ChannelClosed(f"direct data connection broke: {exc!r}") from None
+
+    async def receive_into(self, view: memoryview) -> None:
+        got = 0
+        while got < len(view):
+            try:
+                n = await self._socket.recv_into(view[got:])
+            except (OSError, trio.ClosedResourceError) as exc:
+                raise EOFError(f"direct data connection broke: {exc!r}") from None
+            if n == 0:
+                raise EOFError(f"direct data connection ended after {got} of {len(view)} bytes")
+            got += n
+
+    async def aclose(self) -> None:
+        self._raw.close()
+        await self._stream.aclose()
+
+
+class Libp2pTransport(Transport):
+    """Fallback when no direct socket can be made: frames ride the libp2p stream."""
+
+    path = "libp2p"
+
+    def __init__(self, stream: Stream, reader: wire.FrameReader) -> None:
+        self._stream = stream
+        self._reader = reader  # may already hold bytes read past the handshake
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            await self._stream.write(data)
+        except ConnectionError as exc:
+            raise ChannelClosed(str(exc)) from None
+
+    async def receive_into(self, view: memoryview) -> None:
+        try:
+            view[:] = await self._reader.read_exactly(len(view))
+        except ConnectionError as exc:
+            raise EOFError(str(exc)) from None
+
+    async def aclose(self) -> None:
+        await self._stream.close()
