@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
@@ -45,9 +45,6 @@ from gossamer.node.errors import (
     TransferError,
     TruncatedTransfer,
 )
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger("gossamer.node.dataplane")
 
