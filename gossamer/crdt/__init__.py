@@ -12,7 +12,9 @@ Training code uses :class:`RunDocument` (typed accessors, no pycrdt) through a
 
 Modules: ``rules`` (layout and permissions), ``replica`` (checks + pycrdt +
 signed log, no I/O), ``document`` (typed view), ``envelope`` / ``charter``
-(signatures), ``store`` (disk), ``sync`` (the libp2p protocol).
+(signatures), ``store`` (disk), and the libp2p protocol: ``sync`` (the
+service), ``run``, ``protocol`` (messages), ``options``, ``handshake``,
+``link``, ``mesh`` (flooding, anti-entropy), ``discovery`` (via the DHT).
 Imported lazily: ``import gossamer.crdt`` costs nothing until a name is used.
 """
 
@@ -39,9 +41,9 @@ _EXPORTS = {
     "Limits": "gossamer.crdt.replica",
     "WriteError": "gossamer.crdt.replica",
     "CrdtService": "gossamer.crdt.sync",
-    "Run": "gossamer.crdt.sync",
-    "SyncOptions": "gossamer.crdt.sync",
-    "RunAccessError": "gossamer.crdt.sync",
+    "Run": "gossamer.crdt.run",
+    "SyncOptions": "gossamer.crdt.options",
+    "RunAccessError": "gossamer.crdt.protocol",
 }
 
 __all__ = sorted(_EXPORTS)

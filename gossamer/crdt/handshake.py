@@ -1,0 +1,179 @@
+"""Opening a link: the HELLO exchange, from the dialing and from the listening side.
+
+The dialer sends ``HELLO`` (run id, its charter, its state vector); the
+listener answers with its own ``HELLO`` or an ``ERROR`` (unknown run, not
+admitted, banned) and closes.  Either side adopts a newer charter it is shown
+before deciding whether the other is admitted.  A ``HELLO`` without a state
+vector is a charter probe: the listener answers and closes, which is how a
+joiner learns the charter of a run id.  Every step waits at most
+``hello_timeout``; what follows the hello is :class:`.link.Link`'s.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import trio
+
+from gossamer.crdt.charter import Charter, CharterError
+from gossamer.crdt.link import Link
+from gossamer.crdt.protocol import (
+    ERROR,
+    MAX_HELLO_BYTES,
+    PENALTY_FORBIDDEN,
+    PROTOCOL,
+    RunAccessError,
+    error_message,
+    hello_message,
+    parse_hello,
+)
+from gossamer.node import wire
+from gossamer.node.errors import FrameTooLarge, GossamerError, PeerUnreachable, ProtocolError
+
+if TYPE_CHECKING:
+    from gossamer.crdt.run import Run
+    from gossamer.crdt.sync import CrdtService
+    from gossamer.node._libp2p_compat import Stream
+    from gossamer.node.node import Node
+
+log = logging.getLogger("gossamer.crdt.sync")
+
+
+async def dial(run: Run, peer_id: str) -> Link:
+    """A new link to ``peer_id`` for ``run``, served in the run's nursery."""
+    if peer_id == run.node.peer_id:
+        raise GossamerError("cannot link to ourselves")
+    if not run.service.may_talk(peer_id):
+        raise RunAccessError(f"{peer_id[-8:]} is banned or filtered")
+    stream = await run.node.open_stream(peer_id, PROTOCOL)
+    reader = wire.FrameReader(stream)
+    try:
+        with trio.fail_after(run.options.hello_timeout):
+            await stream.write(hello_message(run.run_id, run.charter, run.replica.state_vector()))
+            payload = await reader.read_frame(MAX_HELLO_BYTES, "crdt hello")
+    except (trio.TooSlowError, ConnectionError, EOFError, FrameTooLarge) as exc:
+        await stream.reset()
+        raise PeerUnreachable(f"crdt hello to {peer_id[-8:]} failed: {exc!r}") from None
+    if payload is None:
+        await stream.reset()
+        raise PeerUnreachable(f"{peer_id[-8:]} closed the crdt stream during the hello")
+    try:
+        msg = wire.unpack(payload)
+        if isinstance(msg, list) and msg and msg[0] == ERROR:
+            raise RunAccessError(f"{peer_id[-8:]} refused run {run.run_id}: {msg[1:3]}")
+        run_id, charter_blob, sv = parse_hello(payload)
+        if run_id != run.run_id or sv is None:
+            raise ProtocolError("hello answered for another run or without a state vector")
+    except (ProtocolError, RunAccessError) as exc:
+        await stream.reset()
+        if isinstance(exc, ProtocolError):
+            run.service.penalise(peer_id, PENALTY_FORBIDDEN, f"bad hello: {exc}")
+        raise
+    if charter_blob is not None:
+        run.consider_charter(charter_blob, peer_id)
+    if not run.charter.may_join(peer_id):
+        await stream.reset()
+        raise RunAccessError(f"{peer_id[-8:]} is not admitted to run {run.run_id}")
+    link = Link(run, stream, reader, initiator=True)
+    await run.nursery.start(link.serve, sv)
+    if link.closed:
+        raise RunAccessError(f"{peer_id[-8:]} is banned or filtered")
+    return link
+
+
+async def accept(service: CrdtService, stream: Stream) -> None:
+    """Answer an inbound hello; serve the link (or the charter probe) if the peer is admitted."""
+    peer = stream.peer_id
+    timeout = service.options.hello_timeout
+    if not service.may_talk(peer):
+        await stream.reset()
+        return
+    reader = wire.FrameReader(stream)
+    try:
+        with trio.fail_after(timeout):
+            payload = await reader.read_frame(MAX_HELLO_BYTES, "crdt hello")
+    except (trio.TooSlowError, ConnectionError, EOFError, FrameTooLarge) as exc:
+        log.info("crdt: no hello from %s: %r", peer[-8:], exc)
+        await stream.reset()
+        return
+    if payload is None:
+        await stream.close()
+        return
+    try:
+        run_id, charter_blob, sv = parse_hello(payload)
+    except ProtocolError as exc:
+        service.penalise(peer, PENALTY_FORBIDDEN, f"bad hello: {exc}")
+        await _refuse(stream, "protocol", str(exc), timeout)
+        return
+    run = service.runs.get(run_id)
+    if run is None:
+        await _refuse(stream, "unknown_run", f"this node does not replicate {run_id}", timeout)
+        return
+    if charter_blob is not None:
+        run.consider_charter(charter_blob, peer)
+    if not run.charter.may_join(peer):
+        log.info("run %s: refused %s (not admitted)", run_id, peer[-8:])
+        await _refuse(stream, "not_admitted", f"you are not admitted to {run_id}", timeout)
+        return
+    try:
+        with trio.fail_after(timeout):
+            await stream.write(hello_message(run_id, run.charter, run.replica.state_vector()))
+            if sv is None:  # a charter probe: done
+                await reader.read_frame(0, "end of probe")
+    except (trio.TooSlowError, ConnectionError, EOFError, FrameTooLarge):
+        await stream.reset()
+        return
+    if sv is None:
+        await stream.close()
+        return
+    link = Link(run, stream, reader, initiator=False)
+    await link.serve(sv)
+
+
+async def _refuse(stream: Stream, code: str, text: str, timeout: float) -> None:
+    try:
+        with trio.move_on_after(timeout):
+            await stream.write(error_message(code, text))
+    except ConnectionError:
+        pass
+    await stream.close()
+
+
+async def fetch_charter(node: Node, run_id: str, peers: list[str], timeout: float) -> Charter:
+    """The charter of ``run_id``, probed from the first of ``peers`` that answers."""
+    if not peers:
+        raise PeerUnreachable(f"no peer to ask about run {run_id} (give --bootstrap)")
+    last: Exception | None = None
+    for peer in peers:
+        try:
+            stream = await node.open_stream(peer, PROTOCOL)
+        except GossamerError as exc:
+            last = exc
+            continue
+        try:
+            with trio.fail_after(timeout):
+                await stream.write(hello_message(run_id, None, None))
+                payload = await wire.FrameReader(stream).read_frame(MAX_HELLO_BYTES, "hello")
+            if payload is None:
+                raise PeerUnreachable(f"{peer[-8:]} closed the stream")
+            msg = wire.unpack(payload)
+            if isinstance(msg, list) and msg and msg[0] == ERROR:
+                raise RunAccessError(f"{peer[-8:]} refused run {run_id}: {msg[1:3]}")
+            _, blob, _ = parse_hello(payload)
+            if blob is None:
+                raise ProtocolError("the hello carries no charter")
+            return Charter.decode(blob, run_id)
+        except (
+            trio.TooSlowError,
+            ConnectionError,
+            EOFError,
+            GossamerError,
+            CharterError,
+        ) as exc:
+            last = exc
+        finally:
+            await stream.close()
+    if isinstance(last, RunAccessError):
+        raise last
+    raise PeerUnreachable(f"could not get the charter of run {run_id}: {last}")
