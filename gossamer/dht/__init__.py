@@ -19,14 +19,8 @@ that peer (records are signed with the node key).  ``provide(cid)`` /
 a peer's addresses.  Records persist under ``<data_dir>/dht.sqlite3``.
 """
 
-from gossamer.dht._dht import (
-    DHT,
-    DHTConfig,
-    Provider,
-    attach,
-    peer_record_key,
-    provider_key,
-)
+from gossamer.dht._config import DHTConfig
+from gossamer.dht._dht import DHT, Provider, attach
 from gossamer.dht._records import (
     MAX_RECORD_BYTES,
     Entry,
@@ -35,6 +29,8 @@ from gossamer.dht._records import (
     Validator,
     Validators,
     owner_of,
+    peer_record_key,
+    provider_key,
 )
 from gossamer.dht._store import StoreLimits
 from gossamer.dht.errors import (

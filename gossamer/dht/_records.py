@@ -114,6 +114,20 @@ def check_key(key: Any) -> str:
     return kind
 
 
+PROVIDERS_KIND = "providers"
+PEER_KIND = "peer"
+
+
+def provider_key(content_id: str) -> str:
+    if not isinstance(content_id, str) or not content_id or "/" in content_id:
+        raise InvalidKey("a content id is a non-empty string without '/'")
+    return f"/gossamer/{PROVIDERS_KIND}/{content_id}"
+
+
+def peer_record_key(peer_id: str) -> str:
+    return f"/gossamer/{PEER_KIND}/{peer_id}"
+
+
 def check_subkey(subkey: Any) -> str:
     if not isinstance(subkey, str):
         raise InvalidKey("a sub-key must be a string")

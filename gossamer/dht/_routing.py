@@ -32,6 +32,11 @@ def peer_key(peer_id: str) -> int:
     return int.from_bytes(hashlib.sha256(base58.b58decode(peer_id)).digest(), "big")
 
 
+def target_bytes(target: int) -> bytes:
+    """A keyspace position as the 32 bytes ``find_node`` carries."""
+    return target.to_bytes(32, "big")
+
+
 def bucket_index(self_id: int, other: int) -> int:
     """Index of the bucket ``other`` falls in, -1 for ourselves."""
     return (self_id ^ other).bit_length() - 1
