@@ -337,7 +337,7 @@ class Node:
         A relayed address (``<relay addr>/p2p/<relay>/p2p-circuit/p2p/<id>``)
         connects through that relay.
         """
-        from gossamer.node.relay import target_peer
+        from gossamer.node.relay_addrs import target_peer
 
         maddr = addresses.parse_multiaddr(addr, what="peer address", need_peer_id=True)
         # the *last* /p2p/ names the peer (a relayed address names its relay first)
