@@ -7,16 +7,9 @@ import torch
 import trio
 
 from gossamer.training.codecs import Codec, EncodedTensor, get_codec
-from gossamer.training.collective import (
-    BLOCK,
-    AllReduce,
-    Plan,
-    Status,
-    all_reduce,
-    decide,
-    reduce_piece,
-    screen,
-)
+from gossamer.training.collective import AllReduce, all_reduce
+from gossamer.training.collective_membership import Status, decide
+from gossamer.training.collective_plan import BLOCK, Plan, reduce_piece, screen
 
 torch.set_num_threads(1)
 

@@ -1,0 +1,280 @@
+"""One attempt's data movement: reduce-scatter, then all-gather, with the codec on the wire.
+
+Every member sends its encoded piece ``k`` of part ``j`` to part ``j``'s owner
+(:meth:`PieceExchange.send_contributions`). The owner decodes and screens each contribution and
+reduces a piece as soon as it is complete, then sends the encoded result to every member while
+it reduces the next (:meth:`PieceExchange.reduce_my_part`); everybody, the owner included, keeps
+the *decoded* bits (:meth:`PieceExchange.receive_part`), so all members end with identical
+vectors. :class:`AttemptState` collects what this member holds, for its status.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import trio
+
+from gossamer.training.codecs import Codec, CodecError, EncodedTensor, get_codec
+from gossamer.training.collective_links import Links
+from gossamer.training.collective_plan import Plan, reduce_piece, screen
+
+log = logging.getLogger("gossamer.training.collective")
+
+
+def _buffers(encoded: EncodedTensor) -> dict[str, Any]:
+    return {f"b{i}": buf for i, buf in enumerate(encoded.buffers)}
+
+
+def _empty_buffers(codec: Codec, numel: int) -> dict[str, torch.Tensor]:
+    return {
+        f"b{i}": torch.empty(size, dtype=torch.uint8)
+        for i, size in enumerate(codec.buffer_sizes(numel))
+    }
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    return bool(torch.isfinite(tensor).all())
+
+
+def _decode(codec: Codec, numel: int, received: dict[str, Any]) -> torch.Tensor:
+    count = len(codec.buffer_sizes(numel))
+    buffers = [received[f"b{i}"] for i in range(count)]
+    header = {"codec": codec.name, "shape": [numel], "dtype": "float32"}
+    return codec.decode(EncodedTensor.from_header(header, buffers)).reshape(-1)
+
+
+@dataclass
+class AttemptState:
+    """What this member holds after an attempt's exchange: the makings of its status."""
+
+    missing_parts: set[str] = field(default_factory=set)
+    unreachable: set[str] = field(default_factory=set)
+    refused: dict[str, str] = field(default_factory=dict)
+    contributors_by_owner: dict[str, set[str]] = field(default_factory=dict)
+    totals: set[float] = field(default_factory=set)
+
+    def record(self, owner: str, contributors: list[str], total: float) -> None:
+        """A piece of ``owner``'s part, summed over ``contributors``, is in hand."""
+        seen = self.contributors_by_owner.get(owner)
+        self.contributors_by_owner[owner] = (
+            set(contributors) if seen is None else (seen & set(contributors))
+        )
+        self.totals.add(total)
+
+    @property
+    def total_weight(self) -> float:
+        return max(self.totals) if self.totals else 0.0
+
+
+class PieceExchange:
+    """Sends and receives the pieces of one all-reduce's attempts over ``links``, in ``codec``."""
+
+    def __init__(self, links: Links, codec: Codec) -> None:
+        self.links = links
+        self.key = links.key
+        self.me = links.me
+        self.codec = codec
+        # fp32 on the wire: received bytes are used in place, never decoded into copies
+        self._identity = self.codec is get_codec("none")
+
+    def rs_buffers(self, numel: int) -> dict[str, torch.Tensor]:
+        buffers = _empty_buffers(self.codec, numel)
+        buffers["w"] = torch.empty(1, dtype=torch.float64)
+        return buffers
+
+    def ag_buffers(self, numel: int, members: int, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self._identity:
+            # fp32 on the wire: the reduced piece lands in its final place, no copy
+            buffers = {"b0": target.view(torch.uint8)}
+        else:
+            buffers = _empty_buffers(self.codec, numel)
+        buffers["w"] = torch.empty(1, dtype=torch.float64)
+        buffers["c"] = torch.empty(members, dtype=torch.uint8)
+        return buffers
+
+    async def send_contributions(
+        self,
+        prefix: str,
+        plan: Plan,
+        j: int,
+        owner: str,
+        flat: torch.Tensor,
+        weight: float,
+        deadline: float,
+        state: AttemptState,
+    ) -> None:
+        for k, (a, b) in enumerate(plan.pieces(j)):
+            encoded = await trio.to_thread.run_sync(self.codec.encode, flat[a:b])
+            message = {**_buffers(encoded), "w": torch.tensor([weight], dtype=torch.float64)}
+            if not await self.links.send(owner, f"{prefix}rs/{j}/{k}", message, deadline):
+                state.unreachable.add(owner)
+                return
+
+    async def reduce_my_part(
+        self,
+        prefix: str,
+        plan: Plan,
+        j: int,
+        flat: torch.Tensor,
+        weight: float,
+        rs_pending: dict[tuple[str, int], Any],
+        out: torch.Tensor,
+        deadlines: tuple[float, float],
+        state: AttemptState,
+    ) -> None:
+        deadline, ag_deadline = deadlines
+        # The reduced pieces go out in the background, so reducing piece k+1 overlaps sending
+        # piece k (the data plane returns from a send only once the peer has verified it).
+        async with trio.open_nursery() as senders:
+            await self._reduce_pieces(
+                prefix,
+                plan,
+                j,
+                flat,
+                weight,
+                rs_pending,
+                out,
+                deadline,
+                ag_deadline,
+                state,
+                senders,
+            )
+
+    async def _reduce_pieces(
+        self,
+        prefix: str,
+        plan: Plan,
+        j: int,
+        flat: torch.Tensor,
+        weight: float,
+        rs_pending: dict[tuple[str, int], Any],
+        out: torch.Tensor,
+        deadline: float,
+        ag_deadline: float,
+        state: AttemptState,
+        senders: trio.Nursery,
+    ) -> None:
+        members = plan.members
+        for k, (a, b) in enumerate(plan.pieces(j)):
+            own = (
+                flat[a:b]
+                if self._identity
+                else await trio.to_thread.run_sync(
+                    lambda a=a, b=b: self.codec.decode(self.codec.encode(flat[a:b])).reshape(-1)
+                )
+            )
+            pieces: dict[str, torch.Tensor] = {self.me: own}
+            weights: dict[str, float] = {self.me: weight}
+            for peer in members:
+                if peer == self.me:
+                    continue
+                received = await self.links.wait_from(peer, rs_pending[(peer, k)], deadline)
+                if received is None:
+                    continue
+                try:
+                    piece_weight = float(received["w"][0])
+                    if not (math.isfinite(piece_weight) and piece_weight > 0):
+                        raise CodecError(f"weight {piece_weight!r} is not a positive number")
+                    pieces[peer] = (
+                        received["b0"].view(torch.float32)
+                        if self._identity
+                        else _decode(self.codec, b - a, received.tensors)
+                    )
+                    weights[peer] = piece_weight
+                except (CodecError, KeyError, ValueError) as exc:
+                    log.warning(
+                        "all-reduce %s: refusing %s's contribution to piece %d/%d: %s",
+                        self.key,
+                        peer[-8:],
+                        j,
+                        k,
+                        exc,
+                    )
+                    state.refused[peer] = f"undecodable contribution: {exc}"
+            for peer, why in screen(pieces).items():
+                log.warning(
+                    "all-reduce %s: refusing %s's contribution to piece %d/%d: %s",
+                    self.key,
+                    peer[-8:],
+                    j,
+                    k,
+                    why,
+                )
+                state.refused[peer] = why
+                pieces.pop(peer, None)
+            if not pieces:  # nothing sane to reduce
+                state.missing_parts.add(self.me)
+                return
+            # If our own values were refused we still reduce the others' for our
+            # part: the statuses then drop only us, without anyone waiting.
+            contributors = sorted(pieces)
+            encoded, total = await trio.to_thread.run_sync(
+                self._reduce_into, {p: (pieces[p], weights[p]) for p in contributors}, out, a, b
+            )
+            state.record(self.me, contributors, total)
+            mask = torch.tensor([p in pieces for p in members], dtype=torch.uint8)
+            message = {
+                **_buffers(encoded),
+                "w": torch.tensor([total], dtype=torch.float64),
+                "c": mask,
+            }
+            for peer in members:
+                if peer != self.me:
+                    senders.start_soon(
+                        self.links.send, peer, f"{prefix}ag/{j}/{k}", message, ag_deadline
+                    )
+
+    def _reduce_into(
+        self,
+        contributions: dict[str, tuple[torch.Tensor, float]],
+        out: torch.Tensor,
+        a: int,
+        b: int,
+    ) -> tuple[EncodedTensor, float]:
+        """Reduce one piece, encode it for the all-gather and keep its decoded bits in ``out``."""
+        reduced, total = reduce_piece(contributions)
+        if self._identity:
+            out[a:b] = reduced
+            return self.codec.encode(out[a:b]), total
+        encoded = self.codec.encode(reduced)
+        out[a:b] = self.codec.decode(encoded).reshape(-1)
+        return encoded, total
+
+    async def receive_part(
+        self,
+        plan: Plan,
+        j: int,
+        k: int,
+        pending: Any,
+        out: torch.Tensor,
+        deadline: float,
+        state: AttemptState,
+    ) -> None:
+        a, b = plan.pieces(j)[k]
+        owner = plan.members[j]
+        received = await self.links.wait_from(owner, pending, deadline)
+        if received is None:
+            state.missing_parts.add(owner)
+            return
+        try:
+            if self._identity:
+                if not await trio.to_thread.run_sync(_all_finite, out[a:b]):
+                    raise CodecError("received non-finite values")
+            else:
+                out[a:b] = await trio.to_thread.run_sync(
+                    _decode, self.codec, b - a, received.tensors
+                )
+            mask = received["c"]
+            contributors = [p for p, bit in zip(plan.members, mask.tolist(), strict=True) if bit]
+            total = float(received["w"][0])
+        except (CodecError, KeyError, ValueError) as exc:
+            log.warning(
+                "all-reduce %s: part %d from %s is malformed: %s", self.key, j, owner[-8:], exc
+            )
+            state.missing_parts.add(owner)
+            return
+        state.record(owner, contributors, total)
