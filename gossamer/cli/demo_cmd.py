@@ -285,7 +285,7 @@ async def _demo(args: argparse.Namespace, ui: _Ui) -> dict[str, Any]:
 
     import trio
 
-    from gossamer.training.diloco import DiLoCoConfig
+    from gossamer.training.diloco_config import DiLoCoConfig
     from gossamer.training.recipe import Recipe
 
     started = time.perf_counter()

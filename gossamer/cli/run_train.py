@@ -130,7 +130,7 @@ def load_run_file(path: str | Path) -> tuple[str, dict[str, Any], dict[str, Any]
 
 
 def _build(recipe_fields: dict[str, Any], diloco_fields: dict[str, Any], where: str) -> Any:
-    from gossamer.training.diloco import DiLoCoConfig
+    from gossamer.training.diloco_config import DiLoCoConfig
     from gossamer.training.recipe import Recipe
 
     try:

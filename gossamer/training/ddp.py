@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gossamer.training.diloco import _to_device, count_tokens
+from gossamer.training.inner import _to_device, count_tokens
 
 __all__ = ["DDPInnerLoop", "init_process_group", "rank", "world_size"]
 

@@ -16,26 +16,26 @@ heartbeats, metrics), :func:`gossamer.training.collective.all_reduce`,
 others. The round rules (who is in a round, when it closes, how to enter a run, what parity
 means) are pure functions in :mod:`gossamer.training.rounds`; the arithmetic is
 :mod:`gossamer.training.outer`. Inner steps run in a worker thread so the node keeps serving
-the network meanwhile; the inner loop itself is pluggable (:class:`InnerLoop`): a plain model +
-optimizer (:class:`LocalInnerLoop`) or several GPUs under torch.distributed
-(:mod:`gossamer.training.ddp`).
+the network meanwhile; the inner loop itself is pluggable (:mod:`gossamer.training.inner`): a
+plain model + optimizer or several GPUs under torch.distributed (:mod:`gossamer.training.ddp`).
 
 The shared state — parameters and outer optimizer state, fp32 on the CPU — is the ground truth;
-the model (maybe on a GPU) is loaded from it after every outer step.
+the model (maybe on a GPU) is loaded from it after every outer step. The worker is here; the
+settings are in :mod:`gossamer.training.diloco_config`, the state and the flat vectors that move
+it in :mod:`gossamer.training.diloco_state`, what a member reports in
+:mod:`gossamer.training.diloco_results`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import trio
@@ -45,7 +45,11 @@ from gossamer.training import rounds
 from gossamer.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from gossamer.training.codecs import ErrorFeedback, get_codec
 from gossamer.training.collective import AllReduceResult, CollectiveError, all_reduce
-from gossamer.training.outer import OuterState, apply_outer_step, init_outer_state, state_digest
+from gossamer.training.diloco_config import DiLoCoConfig
+from gossamer.training.diloco_results import RoundRecord, TrainResult
+from gossamer.training.diloco_state import State, flat_pseudo_gradient, outer_step, unflatten
+from gossamer.training.inner import InnerLoop, LocalInnerLoop
+from gossamer.training.outer import OuterState, init_outer_state
 from gossamer.training.statesync import (
     StateService,
     StateSyncError,
@@ -56,6 +60,8 @@ from gossamer.training.statesync import (
 
 log = logging.getLogger("gossamer.training.diloco")
 
+# The names that moved to diloco_config, diloco_state, inner and diloco_results stay importable
+# from here: the SDK surface (gossamer/__init__.py) and users import them from this module.
 __all__ = [
     "DiLoCoConfig",
     "DiLoCoWorker",
@@ -67,260 +73,6 @@ __all__ = [
     "flat_pseudo_gradient",
     "unflatten",
 ]
-
-
-# ------------------------------------------------------------------------------ configuration
-
-
-@dataclass(frozen=True)
-class DiLoCoConfig:
-    """The algorithm's settings; the host publishes them in the run document (``hparams``)."""
-
-    inner_steps: int = 50  # H: the most inner steps a member takes per round
-    min_inner_steps: int | None = None  # None: = H. Fewer: close early when others have
-    round_seconds: float | None = None  # close a round after this long (once min steps done)
-    rounds: int | None = None  # outer steps in the run; None: until stopped
-    codec: str = "none"  # none/fp32, fp16, bf16, int8, int4
-    error_feedback: bool = True  # carry the codec's error into the next round (lossy codecs)
-    outer_lr: float = 0.7
-    outer_momentum: float = 0.9
-    min_workers: int = 1  # the host waits for this many members before round 0
-    gather_timeout: float = 120.0  # ... but not longer than this (seconds)
-    join_timeout: float | None = None  # wait for slower members; None: max(10 s, 2× our round)
-    parity_timeout: float = 10.0  # wait this long for the others' digests after an outer step
-    heartbeat_max_age: float = 60.0  # a member silent for longer is not counted live
-    checkpoint_every: int = 1  # rounds between checkpoints (0: never)
-
-    def __post_init__(self) -> None:
-        rounds.RoundPolicy(self.inner_steps, self.min_inner_steps, self.round_seconds)
-        get_codec(self.codec)
-        if self.rounds is not None and self.rounds < 1:
-            raise ValueError("rounds must be >= 1")
-        if self.min_workers < 1:
-            raise ValueError("min_workers must be >= 1")
-
-    @property
-    def policy(self) -> rounds.RoundPolicy:
-        return rounds.RoundPolicy(self.inner_steps, self.min_inner_steps, self.round_seconds)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> DiLoCoConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown DiLoCo setting(s): {', '.join(unknown)}")
-        return cls(**dict(values))
-
-
-# ------------------------------------------------------------------------------ state and math
-
-
-@dataclass(frozen=True)
-class State:
-    """What all members agree on at the start of a round: S_r (fp32, CPU)."""
-
-    params: dict[str, torch.Tensor]
-    outer: OuterState
-    digest: str
-
-    @property
-    def round(self) -> int:
-        return self.outer.step
-
-    @classmethod
-    def of(cls, params: Mapping[str, torch.Tensor], outer: OuterState) -> State:
-        params = dict(params)
-        return cls(params, outer, state_digest(params, outer))
-
-
-def flat_pseudo_gradient(
-    start: Mapping[str, torch.Tensor], local: Mapping[str, torch.Tensor]
-) -> torch.Tensor:
-    """θ_start − θ_local as one flat fp32 vector, names sorted (outer.pseudo_gradient's bits)."""
-    if set(start) != set(local):
-        raise ValueError(f"parameter names differ: {sorted(set(start) ^ set(local))[:5]}")
-    total = sum(t.numel() for t in start.values())
-    out = torch.empty(total, dtype=torch.float32)
-    offset = 0
-    for name in sorted(start):
-        a = start[name].reshape(-1)
-        b = local[name].detach().to("cpu", torch.float32).reshape(-1)
-        torch.sub(a, b, out=out[offset : offset + a.numel()])
-        offset += a.numel()
-    return out
-
-
-def unflatten(flat: torch.Tensor, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Views of ``flat`` shaped like ``like`` (names sorted)."""
-    out, offset = {}, 0
-    for name in sorted(like):
-        n = like[name].numel()
-        out[name] = flat[offset : offset + n].view(like[name].shape)
-        offset += n
-    if offset != flat.numel():
-        raise ValueError(f"flat vector has {flat.numel()} values, the parameters {offset}")
-    return out
-
-
-def _outer_step(state: State, avg: Mapping[str, torch.Tensor]) -> State:
-    params, outer = apply_outer_step(state.params, avg, state.outer)
-    return State.of(params, outer)
-
-
-# ------------------------------------------------------------------------------ inner loops
-
-
-class InnerLoop(Protocol):
-    """The compute side of a member: takes inner steps, holds the live parameters."""
-
-    def step(self, step: int) -> tuple[float, int]:
-        """One inner step (``step``: index in the run's schedule); returns (loss, tokens)."""
-        ...
-
-    def parameters(self) -> Mapping[str, torch.Tensor]:
-        """The live parameters by name (each distinct tensor once)."""
-        ...
-
-    def load(self, params: Mapping[str, torch.Tensor]) -> None:
-        """Copy the agreed parameters into the model."""
-        ...
-
-    def close(self) -> None: ...
-
-
-def count_tokens(batch: Any) -> int:
-    """Default token count of a batch: the size of its first tensor (inputs)."""
-    if isinstance(batch, torch.Tensor):
-        return int(batch.numel())
-    if isinstance(batch, Mapping):
-        batch = list(batch.values())
-    if isinstance(batch, list | tuple):
-        for item in batch:
-            if isinstance(item, torch.Tensor):
-                return int(item.numel())
-    raise TypeError("cannot count tokens in this batch: pass tokens_fn=")
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, list | tuple):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
-
-
-class LocalInnerLoop:
-    """A model, its inner optimizer, a batch iterator and a loss, on one device.
-
-    ``loss_fn(model, batch) -> scalar tensor``; ``lr_schedule(step) -> lr`` (optional) sets the
-    learning rate of every parameter group before each step. On CUDA the forward pass runs
-    under bf16 autocast (``autocast=False`` to turn it off); parameters stay fp32.
-    """
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        batches: Iterator[Any],
-        loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
-        *,
-        tokens_fn: Callable[[Any], int] = count_tokens,
-        lr_schedule: Callable[[int], float] | None = None,
-        autocast: bool | None = None,
-    ) -> None:
-        self.model = model
-        self.optimizer = optimizer
-        self.batches = batches
-        self.loss_fn = loss_fn
-        self.tokens_fn = tokens_fn
-        self.lr_schedule = lr_schedule
-        self._params = dict(model.named_parameters())
-        first = next(iter(self._params.values()))
-        self.device = first.device
-        use_autocast = self.device.type == "cuda" if autocast is None else autocast
-        self._autocast = (
-            (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16))
-            if use_autocast
-            else contextlib.nullcontext
-        )
-
-    def step(self, step: int) -> tuple[float, int]:
-        batch = next(self.batches)
-        tokens = self.tokens_fn(batch)
-        batch = _to_device(batch, self.device)
-        if self.lr_schedule is not None:
-            lr = self.lr_schedule(step)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-        with self._autocast():
-            loss = self.loss_fn(self.model, batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return float(loss.detach()), int(tokens)
-
-    def parameters(self) -> Mapping[str, torch.Tensor]:
-        return self._params
-
-    @torch.no_grad()
-    def load(self, params: Mapping[str, torch.Tensor]) -> None:
-        for name, p in self._params.items():
-            p.copy_(params[name].to(p.device, p.dtype))
-
-    def close(self) -> None:
-        return None
-
-
-# ------------------------------------------------------------------------------ results
-
-
-@dataclass
-class RoundRecord:
-    """One round as this member saw it."""
-
-    round: int
-    steps: int
-    tokens: int
-    loss: float
-    members: tuple[str, ...]  # whose pseudo-gradients the average holds
-    attempts: int
-    bytes_sent: int
-    seconds_inner: float
-    seconds_sync: float
-    digest: str  # of S_{round+1}, after the outer step (and any re-fetch)
-    parity_ok: bool  # our digest matched the majority's right after the outer step
-    parity_compared: int  # digests compared (ours included)
-    refused: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class TrainResult:
-    run_id: str
-    peer_id: str
-    records: list[RoundRecord]
-    state: State | None
-    entered_by: list[str]  # how we (re-)entered: fresh / checkpoint / download / local
-    bytes_sent_collective: int
-    bytes_received_state: int
-    refetches: int
-
-    @property
-    def final_digest(self) -> str | None:
-        return None if self.state is None else self.state.digest
-
-    @property
-    def parity_rounds(self) -> tuple[int, int]:
-        """(rounds whose parity check compared ≥ 2 digests and matched, rounds compared)."""
-        compared = [r for r in self.records if r.parity_compared >= 2]
-        return sum(r.parity_ok for r in compared), len(compared)
-
-
-# ------------------------------------------------------------------------------ the worker
 
 
 class DiLoCoWorker:
@@ -407,7 +159,7 @@ class DiLoCoWorker:
                     continue
                 # 4. outer step: every member adds the same numbers in the same order
                 avg = unflatten(result.tensor, state.params)
-                state = await trio.to_thread.run_sync(_outer_step, state, avg)
+                state = await trio.to_thread.run_sync(outer_step, state, avg)
                 await trio.to_thread.run_sync(self.inner.load, state.params)
                 # 5. parity: publish our digest, compare with the others; re-fetch if we diverged
                 state, verdict = await self.check_parity(state, result.members)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from gossamer.training.data import batches, eval_loss, load_corpus, worker_shard
-from gossamer.training.diloco import LocalInnerLoop
+from gossamer.training.inner import LocalInnerLoop
 from gossamer.training.model import GPT, GPTConfig
 from gossamer.training.simulate import SimConfig, lr_at
 

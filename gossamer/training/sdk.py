@@ -36,14 +36,10 @@ import trio
 
 from gossamer.node.config import NodeConfig, default_data_dir
 from gossamer.node.errors import GossamerError
-from gossamer.training.diloco import (
-    DiLoCoConfig,
-    DiLoCoWorker,
-    InnerLoop,
-    LocalInnerLoop,
-    TrainResult,
-    count_tokens,
-)
+from gossamer.training.diloco import DiLoCoWorker
+from gossamer.training.diloco_config import DiLoCoConfig
+from gossamer.training.diloco_results import TrainResult
+from gossamer.training.inner import InnerLoop, LocalInnerLoop, count_tokens
 
 log = logging.getLogger("gossamer.training.sdk")
 

@@ -25,7 +25,9 @@ import trio
 
 from gossamer.node.config import NodeConfig
 from gossamer.node.errors import GossamerError
-from gossamer.training.diloco import DiLoCoConfig, DiLoCoWorker, TrainResult
+from gossamer.training.diloco import DiLoCoWorker
+from gossamer.training.diloco_config import DiLoCoConfig
+from gossamer.training.diloco_results import TrainResult
 from gossamer.training.recipe import Recipe
 from gossamer.training.sdk import open_run, run_config_of
 

@@ -10,7 +10,8 @@ import trio
 
 from gossamer.crdt.sync import CrdtService, SyncOptions
 from gossamer.node.node import Node
-from gossamer.training.diloco import DiLoCoConfig, DiLoCoWorker
+from gossamer.training.diloco import DiLoCoWorker
+from gossamer.training.diloco_config import DiLoCoConfig
 from gossamer.training.recipe import Recipe
 
 FAST = SyncOptions(

@@ -23,7 +23,8 @@ import torch
 import trio
 from diloco_helpers import TINY, SlowInner, swarm
 
-from gossamer.training.diloco import DiLoCoConfig, DiLoCoWorker
+from gossamer.training.diloco import DiLoCoWorker
+from gossamer.training.diloco_config import DiLoCoConfig
 
 torch.set_num_threads(1)
 

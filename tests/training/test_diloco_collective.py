@@ -14,7 +14,7 @@ import trio
 
 from gossamer.training.codecs import ErrorFeedback
 from gossamer.training.collective import all_reduce
-from gossamer.training.diloco import unflatten
+from gossamer.training.diloco_state import unflatten
 from gossamer.training.outer import (
     Contribution,
     apply_outer_step,

@@ -12,7 +12,9 @@ import trio
 from diloco_helpers import TINY, SlowInner, swarm, train_all
 
 from gossamer.training import statesync
-from gossamer.training.diloco import DiLoCoConfig, DiLoCoWorker, State
+from gossamer.training.diloco import DiLoCoWorker
+from gossamer.training.diloco_config import DiLoCoConfig
+from gossamer.training.diloco_state import State
 from gossamer.training.outer import (
     Contribution,
     apply_outer_step,

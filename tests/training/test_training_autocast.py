@@ -12,7 +12,7 @@ import itertools
 
 import torch
 
-from gossamer.training.diloco import LocalInnerLoop
+from gossamer.training.inner import LocalInnerLoop
 from gossamer.training.model import GPT, GPTConfig
 from gossamer.training.outer import pseudo_gradient
 

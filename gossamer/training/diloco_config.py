@@ -1,0 +1,54 @@
+"""The DiLoCo settings of a run, as the host publishes them in the run document (``hparams``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from gossamer.training import rounds
+from gossamer.training.codecs import get_codec
+
+
+@dataclass(frozen=True)
+class DiLoCoConfig:
+    """The algorithm's settings; the host publishes them in the run document (``hparams``)."""
+
+    inner_steps: int = 50  # H: the most inner steps a member takes per round
+    min_inner_steps: int | None = None  # None: = H. Fewer: close early when others have
+    round_seconds: float | None = None  # close a round after this long (once min steps done)
+    rounds: int | None = None  # outer steps in the run; None: until stopped
+    codec: str = "none"  # none/fp32, fp16, bf16, int8, int4
+    error_feedback: bool = True  # carry the codec's error into the next round (lossy codecs)
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    min_workers: int = 1  # the host waits for this many members before round 0
+    gather_timeout: float = 120.0  # ... but not longer than this (seconds)
+    join_timeout: float | None = None  # wait for slower members; None: max(10 s, 2× our round)
+    parity_timeout: float = 10.0  # wait this long for the others' digests after an outer step
+    heartbeat_max_age: float = 60.0  # a member silent for longer is not counted live
+    checkpoint_every: int = 1  # rounds between checkpoints (0: never)
+
+    def __post_init__(self) -> None:
+        rounds.RoundPolicy(self.inner_steps, self.min_inner_steps, self.round_seconds)
+        get_codec(self.codec)
+        if self.rounds is not None and self.rounds < 1:
+            raise ValueError("rounds must be >= 1")
+        if self.min_workers < 1:
+            raise ValueError("min_workers must be >= 1")
+
+    @property
+    def policy(self) -> rounds.RoundPolicy:
+        return rounds.RoundPolicy(self.inner_steps, self.min_inner_steps, self.round_seconds)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> DiLoCoConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown DiLoCo setting(s): {', '.join(unknown)}")
+        return cls(**dict(values))
