@@ -470,7 +470,7 @@ async def serve_checkpoints(
 
 async def wait_experts(run: Run, k: int, timeout: float, *, router: bool = False) -> None:
     """Until every cluster 0..k-1 (and the router, if asked) has a serving peer."""
-    from gossamer.training.diffusion.network import ROUTER_SLOT
+    from gossamer.training.diffusion.announcements import ROUTER_SLOT
 
     def ready(doc: Any) -> bool:
         served = doc.experts()
