@@ -324,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--codecs", default="int4,none", help="comma-separated codec names")
     ap.add_argument("--error-feedback", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr", type=float, default=SimConfig.lr, help="inner (and DDP) peak lr")
+    ap.add_argument("--outer-lr", type=float, default=SimConfig.outer_lr)
+    ap.add_argument("--outer-momentum", type=float, default=SimConfig.outer_momentum)
     ap.add_argument("--skip-ddp", action="store_true", help="DiLoCo only (no ratios)")
     args = ap.parse_args(argv)
     base = SimConfig(
@@ -332,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
         sync_every=args.H,
         error_feedback=args.error_feedback,
         seed=args.seed,
+        lr=args.lr,
+        outer_lr=args.outer_lr,
+        outer_momentum=args.outer_momentum,
     )
     ddp = None if args.skip_ddp else run_ddp(base)
     if ddp is not None:
