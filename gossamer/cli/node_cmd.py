@@ -89,6 +89,9 @@ def cmd_start(args: argparse.Namespace) -> int:
     from gossamer.logs import setup_logging
 
     config = load_node_config(args)  # config mistakes surface before the slow imports
+    from gossamer.dht import DHTConfig
+
+    DHTConfig.from_table(config.tables.get("dht", {}))  # the daemon's DHT reads it again
     verbose = getattr(args, "verbose", 0)
     setup_logging(config.log_level, libp2p_level="debug" if verbose >= 2 else None)
 

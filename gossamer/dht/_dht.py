@@ -480,8 +480,9 @@ class DHT:
 
 
 async def attach(node: Node) -> None:
-    """Daemon extension (``gossamer.dht:attach``): a DHT with default settings on ``node``."""
-    await DHT.start(node)
+    """Daemon extension (``gossamer.dht:attach``): a DHT on ``node``, tuned by the config
+    file's ``[dht]`` table if it has one."""
+    await DHT.start(node, DHTConfig.from_table(node.config.tables.get("dht", {})))
 
 
 @dataclass(frozen=True)

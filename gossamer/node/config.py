@@ -93,6 +93,9 @@ class NodeConfig:
 
     log_level: str = "info"
 
+    # the config file's other tables ([dht], ...), for the layers above to read; not a key
+    tables: dict[str, dict[str, Any]] = field(default_factory=dict)
+
     def identity_path(self) -> Path:
         return self.data_dir / "identity.key"
 
@@ -100,7 +103,7 @@ class NodeConfig:
         return dataclasses.replace(self, **changes)
 
 
-_FIELD_TYPES = get_type_hints(NodeConfig)
+_FIELD_TYPES = {k: v for k, v in get_type_hints(NodeConfig).items() if k != "tables"}
 
 
 def _coerce(name: str, value: Any, from_text: bool) -> Any:
@@ -197,6 +200,7 @@ def load_config(
         if not isinstance(node_table, dict):
             raise ConfigError(f"[node] in {path} must be a table")
         # other tables ([run], [dht], ...) belong to other layers
+        config.tables = {k: v for k, v in data.items() if isinstance(v, dict)}
         top_level = {k: v for k, v in data.items() if not isinstance(v, dict)}
         _apply(config, top_level, str(path), from_text=False)
         _apply(config, node_table, f"{path} [node]", from_text=False)
