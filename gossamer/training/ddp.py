@@ -19,7 +19,6 @@ the tests use, with two local ranks).
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -29,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gossamer.training.inner import _to_device, count_tokens
+from gossamer.training.inner import LocalInnerLoop, count_tokens
 
 __all__ = ["DDPInnerLoop", "init_process_group", "rank", "world_size"]
 
@@ -73,7 +72,7 @@ class _LossModule(nn.Module):
         return self.loss_fn(self.model, batch)
 
 
-class DDPInnerLoop:
+class DDPInnerLoop(LocalInnerLoop):
     """The inner loop of one member spread over the ranks of a process group."""
 
     def __init__(
@@ -88,22 +87,18 @@ class DDPInnerLoop:
         autocast: bool | None = None,
     ) -> None:
         init_process_group()
-        self.model = model
-        self.optimizer = optimizer
-        self.batches = batches
-        self.tokens_fn = tokens_fn
-        self.lr_schedule = lr_schedule
-        self._params = dict(model.named_parameters())
-        self.device = next(iter(self._params.values())).device
+        super().__init__(
+            model,
+            optimizer,
+            batches,
+            loss_fn,
+            tokens_fn=tokens_fn,
+            lr_schedule=lr_schedule,
+            autocast=autocast,
+        )
         ids = [self.device.index] if self.device.type == "cuda" else None
         # DDP broadcasts rank 0's parameters here: every rank starts identical.
         self.ddp = nn.parallel.DistributedDataParallel(_LossModule(model, loss_fn), device_ids=ids)
-        use_autocast = self.device.type == "cuda" if autocast is None else autocast
-        self._autocast = (
-            (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16))
-            if use_autocast
-            else contextlib.nullcontext
-        )
         self._closed = False
 
     def _command(self, op: float = 0.0, arg: float = 0.0) -> tuple[float, float]:
@@ -111,20 +106,12 @@ class DDPInnerLoop:
         dist.broadcast(cmd, src=0)
         return float(cmd[0]), float(cmd[1])
 
+    def _forward(self, batch: Any) -> torch.Tensor:
+        return self.ddp(batch)  # the backward pass then averages the gradients across ranks
+
     def _step(self, step: int) -> tuple[float, int]:
-        batch = next(self.batches)
-        tokens = self.tokens_fn(batch)
-        batch = _to_device(batch, self.device)
-        if self.lr_schedule is not None:
-            lr = self.lr_schedule(step)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-        with self._autocast():
-            loss = self.ddp(batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # DDP averages the gradients across ranks here
-        self.optimizer.step()
-        totals = torch.tensor([float(loss.detach()), float(tokens)], dtype=torch.float64)
+        loss, tokens = self._train_step(step)
+        totals = torch.tensor([float(loss), float(tokens)], dtype=torch.float64)
         dist.all_reduce(totals)
         return float(totals[0]) / dist.get_world_size(), int(totals[1])
 
@@ -134,13 +121,9 @@ class DDPInnerLoop:
         self._command(STEP, float(step))
         return self._step(step)
 
-    def parameters(self) -> Mapping[str, torch.Tensor]:
-        return self._params
-
     @torch.no_grad()
     def load(self, params: Mapping[str, torch.Tensor]) -> None:
-        for name, p in self._params.items():
-            p.copy_(params[name].to(p.device, p.dtype))
+        super().load(params)
         self._command(LOAD)
         self._broadcast_params()
 

@@ -91,6 +91,11 @@ class LocalInnerLoop:
         )
 
     def step(self, step: int) -> tuple[float, int]:
+        loss, tokens = self._train_step(step)
+        return float(loss), tokens
+
+    def _train_step(self, step: int) -> tuple[torch.Tensor, int]:
+        """One optimizer step on the next batch: (detached loss, tokens in the batch)."""
         batch = next(self.batches)
         tokens = self.tokens_fn(batch)
         batch = _to_device(batch, self.device)
@@ -99,11 +104,14 @@ class LocalInnerLoop:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
         with self._autocast():
-            loss = self.loss_fn(self.model, batch)
+            loss = self._forward(batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return float(loss.detach()), int(tokens)
+        return loss.detach(), int(tokens)
+
+    def _forward(self, batch: Any) -> torch.Tensor:
+        return self.loss_fn(self.model, batch)
 
     def parameters(self) -> Mapping[str, torch.Tensor]:
         return self._params
