@@ -34,8 +34,16 @@ def peer_process(*args: str, timeout: float = 60.0) -> Iterator[dict[str, Any]]:
         ready["_pid"] = proc.pid
         yield ready
     finally:
+        stop_processes([proc], timeout)
+
+
+def stop_processes(procs: list[subprocess.Popen[Any]], timeout: float) -> None:
+    """End children that exit when their stdin closes: close every stdin first (so they wind
+    down together), then wait up to ``timeout`` for each and kill the ones still running."""
+    for proc in procs:
         if proc.stdin:
             proc.stdin.close()
+    for proc in procs:
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -29,6 +29,8 @@ import subprocess
 import sys
 from typing import Any
 
+from gossamer.bench._common import stop_processes
+
 GOAL_SECONDS_FP32 = 1.5
 HIVEMIND_SECONDS = 7.7
 
@@ -83,14 +85,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     break
                 trials.setdefault((event["method"], event["rep"]), []).append(event)
     finally:
-        for p in procs:
-            if p.stdin:
-                p.stdin.close()
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(procs, 30)
     per_method: dict[str, list[float]] = {}
     cpu: dict[str, list[float]] = {}
     sent: dict[str, float] = {}

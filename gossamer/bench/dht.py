@@ -42,6 +42,8 @@ from typing import Any
 
 import trio
 
+from gossamer.bench._common import stop_processes
+
 # Published figures (DESIGN.md, measured on this class of machine, 4 peers on
 # loopback): references only, not re-measured here.
 REFERENCE_LATTICA_STORE_MS = 2.4
@@ -162,14 +164,7 @@ async def _part_a(ops: int) -> dict[str, Any]:
                 get.append((time.perf_counter() - start) * 1000)
                 found += record is not None and record.value == value
     finally:
-        for p in procs:
-            if p.stdin:
-                p.stdin.close()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(procs, 10)
     rtt_p50, store_p50, get_p50 = _p(rtt, 50), _p(store, 50), _p(get, 50)
     return {
         "a_nodes": 4,
