@@ -132,9 +132,9 @@ class Agent:
 
     async def cmd_peer_record(self, peer_id: str, timeout: float = 10.0) -> list[str]:
         """The addresses ``peer_id`` published in the DHT (its signed peer record)."""
-        from gossamer.dht import peer_record_key
+        from gossamer.dht import DHT, peer_record_key
 
-        dht = getattr(self.node, "dht", None)
+        dht = self.node.service(DHT)
         if dht is None:
             raise GossamerError("this node runs no DHT")
         record = await dht.get(peer_record_key(peer_id), timeout=timeout)

@@ -43,6 +43,7 @@ from typing import Any
 import trio
 
 from gossamer.bench._common import stop_processes
+from gossamer.dht import DHT
 
 # Published figures (DESIGN.md, measured on this class of machine, 4 peers on
 # loopback): references only, not re-measured here.
@@ -96,7 +97,6 @@ def _node_config(base: Path, name: str, **overrides: Any) -> Any:
 
 async def _worker(join: str | None) -> None:
     """A node + DHT in its own process; prints its address, serves until stdin closes."""
-    from gossamer.dht import DHT
     from gossamer.node.node import Node
 
     base = Path(tempfile.mkdtemp(prefix="gossamer-bench-dht-"))
@@ -120,7 +120,6 @@ def _spawn_worker(join: str | None = None) -> subprocess.Popen[str]:
 
 
 async def _part_a(ops: int) -> dict[str, Any]:
-    from gossamer.dht import DHT
     from gossamer.node.node import Node
 
     procs = [_spawn_worker()]
@@ -214,7 +213,7 @@ class _Hosted:
         self.stopped: dict[int, trio.Event] = {}
 
     async def start(self, index: int) -> Any:
-        from gossamer.dht import DHT, DHTConfig
+        from gossamer.dht import DHTConfig
         from gossamer.node.node import Node
 
         # No disk (nothing restarts here) and no peer record at join: that is
@@ -260,7 +259,7 @@ async def _handle(hosted: _Hosted, command: dict[str, Any]) -> dict[str, Any]:
                 retries += 1
         if command["via"]:  # the seed node has nobody to look up yet
             with trio.move_on_after(60):
-                await node.dht.bootstrapped.wait()
+                await node.service(DHT).bootstrapped.wait()
         return {"addr": node.addrs()[0], "retries": retries}
     if op == "put":
         limiter = trio.CapacityLimiter(command["concurrency"])
@@ -270,7 +269,7 @@ async def _handle(hosted: _Hosted, command: dict[str, Any]) -> dict[str, Any]:
             nonlocal ok
             async with limiter:
                 try:
-                    await hosted.nodes[index].dht.put(key, value, time.time() + 3600)
+                    await hosted.nodes[index].service(DHT).put(key, value, time.time() + 3600)
                     ok += 1
                 except Exception as exc:
                     name = type(exc).__name__
@@ -286,14 +285,14 @@ async def _handle(hosted: _Hosted, command: dict[str, Any]) -> dict[str, Any]:
         for index, key, value in command["items"]:
             start = time.perf_counter()
             try:
-                record = await hosted.nodes[index].dht.get(key, latest=True)
+                record = await hosted.nodes[index].service(DHT).get(key, latest=True)
                 miss = "not found" if record is None else "" if record.value == value else "wrong"
             except Exception as exc:
                 miss = type(exc).__name__
             times.append((time.perf_counter() - start) * 1000)
             found.append(not miss)
             if miss:
-                table = len(hosted.nodes[index].dht.table)
+                table = len(hosted.nodes[index].service(DHT).table)
                 kind = f"{miss} (reader table {'empty' if not table else 'non-empty'})"
                 misses[kind] = misses.get(kind, 0) + 1
         return {"found": found, "ms": times, "misses": misses}
@@ -304,7 +303,7 @@ async def _handle(hosted: _Hosted, command: dict[str, Any]) -> dict[str, Any]:
     if op == "stats":
         nodes = list(hosted.nodes.values())
         return {
-            "tables": [len(n.dht.table) for n in nodes],
+            "tables": [len(n.service(DHT).table) for n in nodes],
             "connections": [len(n.connected_peers()) for n in nodes],
             "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
         }

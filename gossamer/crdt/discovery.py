@@ -1,7 +1,7 @@
 """Finding a run's members through the node's DHT, when one is attached.
 
-A narrow use of ``node.dht``: announce that we replicate a run, and find who
-else does.  The DHT is an optimisation here, never a requirement — everything
+A narrow use of the node's DHT (``node.service(DHT)``): announce that we replicate
+a run, and find who else does.  The DHT is an optimisation here, never a requirement — everything
 works without it, given bootstrap addresses — so failures are logged, not
 raised.
 """
@@ -14,10 +14,12 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from gossamer.dht import DHT
+
 if TYPE_CHECKING:
     from gossamer.node.node import Node
 
-log = logging.getLogger("gossamer.crdt.sync")
+log = logging.getLogger(__name__)
 
 
 def run_content_id(run_id: str) -> str:
@@ -25,7 +27,7 @@ def run_content_id(run_id: str) -> str:
 
 
 async def announce_run(node: Node, run_id: str) -> None:
-    dht = getattr(node, "dht", None)
+    dht = node.service(DHT)
     if dht is None:
         return
     try:
@@ -36,7 +38,7 @@ async def announce_run(node: Node, run_id: str) -> None:
 
 
 async def find_run_peers(node: Node, run_id: str) -> list[str]:
-    dht = getattr(node, "dht", None)
+    dht = node.service(DHT)
     if dht is None:
         return []
     try:

@@ -20,7 +20,7 @@ a peer's addresses.  Records persist under ``<data_dir>/dht.sqlite3``.
 """
 
 from gossamer.dht._config import DHTConfig
-from gossamer.dht._dht import DHT, Provider, attach
+from gossamer.dht._dht import DHT, attach
 from gossamer.dht._records import (
     MAX_RECORD_BYTES,
     Entry,
@@ -51,7 +51,6 @@ __all__ = [
     "InvalidKey",
     "InvalidRecord",
     "Item",
-    "Provider",
     "QuotaExceeded",
     "Record",
     "RecordTooLarge",

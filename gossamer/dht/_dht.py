@@ -2,8 +2,9 @@
 
 ``dht = await DHT.start(node)`` (or ``async with DHT(node) as dht``) registers
 the ``dht`` RPC service, hooks the node's connection events, loads what was
-persisted, starts the background loops in the node's nursery and sets
-``node.dht = dht``.  Everything that decides something lives in the pure
+persisted, starts the background loops in the node's nursery and attaches
+itself to the node (``node.service(DHT)``; the node's own behaviours see it as
+:class:`gossamer.node.hooks.ContentRouting`).  Everything that decides something lives in the pure
 modules (:mod:`._records`, :mod:`._routing`, :mod:`._lookup`, :mod:`._store`,
 :mod:`._rtt`); the trio code around them is split by direction: outbound
 calls and lookups in :mod:`._queries`, inbound RPCs in :mod:`._service`,
@@ -45,19 +46,13 @@ from gossamer.dht._service import DHTService, clean_addrs
 from gossamer.dht._store import RecordStore
 from gossamer.dht._upkeep import Upkeep
 from gossamer.dht.errors import DHTError
-from gossamer.node.errors import DeadlineExceeded
+from gossamer.node.errors import DeadlineExceeded, GossamerError
+from gossamer.node.hooks import Provider
 
 if TYPE_CHECKING:
     from gossamer.node.node import Node
 
 log = logging.getLogger("gossamer.dht")
-
-
-@dataclass(frozen=True)
-class Provider:
-    peer_id: str
-    addrs: tuple[str, ...]
-    expires_at: float
 
 
 class DHT:
@@ -118,7 +113,8 @@ class DHT:
         node.add_connection_listener(self.upkeep.on_connection)
         node.on_close(self.aclose)
         register_control(self)
-        node.dht = self  # type: ignore[attr-defined]  # the documented attachment point
+        node.attach(self)
+        node.add_addresses_listener(self._on_addresses_changed)
         for peer_id in node.connected_peers():
             self.upkeep.schedule_hello(peer_id)
         if self._persist is not None and self.config.reconnect_saved_contacts:
@@ -353,6 +349,24 @@ class DHT:
             return None
         self.node.peers.add_addrs(peer_id, addrs)
         return addrs
+
+    def _on_addresses_changed(self) -> None:
+        if self._nursery is not None and not self._closed:
+            self._nursery.start_soon(self._republish_peer_record)
+
+    async def _republish_peer_record(self) -> None:
+        """Our addresses changed: put the new ones in our peer record now, not at
+        the next republish."""
+        addrs = [a for a in self.node.addrs() if "/0.0.0.0/" not in a]
+        try:
+            await self.put(
+                peer_record_key(self.peer_id),
+                {"addrs": addrs},
+                time.time() + self.config.peer_record_ttl,
+                timeout=10.0,
+            )
+        except GossamerError as exc:
+            log.info("publishing our addresses in the DHT failed: %s", exc)
 
     def own_addrs(self) -> tuple[str, ...]:
         """Our dialable addresses as we publish them (unspecified hosts left out)."""

@@ -22,6 +22,7 @@ from gossamer.node import addresses
 from gossamer.node._libp2p_compat import Stream, build_host, route_libp2p_logging
 from gossamer.node.config import NodeConfig
 from gossamer.node.errors import GossamerError, PeerUnreachable
+from gossamer.node.hooks import Services, T
 from gossamer.node.identity import Identity, load_or_create
 from gossamer.node.peers import PeerTable
 from gossamer.node.rpc import CallContext, RpcClient, RpcServer, Service, rpc
@@ -98,6 +99,9 @@ class Node:
         self._closers: list[Callable[[], Awaitable[None]]] = []
         # callback(peer_id, connected) when a connection opens / the last one closes
         self._connection_listeners: list[Callable[[str, bool], None]] = []
+        # callback() when our advertised addresses change (relay, UPnP, dial-back)
+        self._addresses_listeners: list[Callable[[], None]] = []
+        self._services = Services()
         # name -> handler(params) for the daemon's local control API; layers
         # above the node (dht, crdt, training) add their own methods here.
         self.control_methods: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {}
@@ -187,6 +191,24 @@ class Node:
         ``(peer_id, False)`` when its last one closes (synchronously: start tasks for I/O)."""
         self._connection_listeners.append(listener)
 
+    def attach(self, service: object) -> None:
+        """Attach a service of a layer above (the DHT, the run documents, …) so
+        that others find it with :meth:`service`; one per type."""
+        self._services.attach(service)
+
+    def detach(self, service: object) -> None:
+        self._services.detach(service)
+
+    def service(self, kind: type[T]) -> T | None:
+        """The attached service that is a ``kind`` (a class, or a protocol such as
+        :class:`gossamer.node.hooks.ContentRouting`), or None."""
+        return self._services.get(kind)
+
+    def add_addresses_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` (synchronously: start tasks for I/O) whenever our
+        advertised addresses change, after identify has been pushed."""
+        self._addresses_listeners.append(listener)
+
     def _notify_connection(self, peer_id: str, connected: bool) -> None:
         for listener in self._connection_listeners:
             try:
@@ -250,27 +272,15 @@ class Node:
 
     def addresses_changed(self) -> None:
         """Our advertised addresses changed (relay reservation, UPnP, dial-back):
-        push identify to connected peers and republish our DHT peer record."""
+        push identify to connected peers and tell the addresses listeners."""
         if self._nursery is None:
             return
         self._nursery.start_soon(compat.push_identify, self.host)
-        dht = getattr(self, "dht", None)
-        if dht is not None:
-            self._nursery.start_soon(self._republish_addrs, dht)
-
-    async def _republish_addrs(self, dht: Any) -> None:
-        from gossamer.dht import peer_record_key
-
-        addrs = [a for a in self.addrs() if "/0.0.0.0/" not in a]
-        try:
-            await dht.put(
-                peer_record_key(self.peer_id),
-                {"addrs": addrs},
-                time.time() + dht.config.peer_record_ttl,
-                timeout=10.0,
-            )
-        except GossamerError as exc:
-            log.info("publishing our addresses in the DHT failed: %s", exc)
+        for listener in self._addresses_listeners:
+            try:
+                listener()
+            except Exception:
+                log.warning("addresses listener failed", exc_info=True)
 
     # ------------------------------------------------------- connection kinds
 

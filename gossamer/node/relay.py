@@ -13,7 +13,7 @@ loop every ``relay_check_interval`` seconds or at once when reachability or
 a reserved relay's connection changes, answers the ``relay.peers`` RPC
 ("which other relays do you know"), and announces a public relay in the DHT
 (provider record for :data:`RELAY_CONTENT_ID`) when a DHT runs.  The DHT is
-reached as ``node.dht`` at run time: this layer never imports it.
+found as ``node.service(ContentRouting)`` at run time: this layer never imports it.
 
 From py-libp2p 0.8.1 the relay uses the protobuf messages, the
 length-prefixed message helpers and the reservation bookkeeping; not
@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from gossamer.node import _libp2p_compat as compat
+from gossamer.node.hooks import ContentRouting
 from gossamer.node.reachability import PUBLIC, Verdict
 from gossamer.node.relay_addrs import (
     MAX_RELAY_ADDRS,
@@ -165,9 +166,10 @@ class Relays:
 
     async def _step(self) -> None:
         node = self._node
-        if self.server.enabled and not self._provided and getattr(node, "dht", None) is not None:
+        routing = node.service(ContentRouting)
+        if self.server.enabled and not self._provided and routing is not None:
             try:
-                await node.dht.provide(RELAY_CONTENT_ID, timeout=5.0)
+                await routing.provide(RELAY_CONTENT_ID, timeout=5.0)
                 self._provided = True
             except Exception as exc:  # no DHT peers yet: next round
                 log.debug("announcing the relay in the DHT failed: %r", exc)

@@ -30,6 +30,7 @@ import trio
 
 from gossamer.node import _libp2p_compat as compat
 from gossamer.node.errors import GossamerError
+from gossamer.node.hooks import ContentRouting
 from gossamer.node.reachability import PRIVATE
 from gossamer.node.relay_addrs import (
     MAX_RELAY_ADDRS,
@@ -223,10 +224,10 @@ class RelayClient:
                 if isinstance(item, dict) and isinstance(item.get("peer_id"), str):
                     addrs = item.get("addrs") if isinstance(item.get("addrs"), list) else []
                     self._add_candidate(item["peer_id"][:128], addrs[:MAX_RELAY_ADDRS], "exchange")
-        dht = getattr(node, "dht", None)
-        if dht is not None:
+        routing = node.service(ContentRouting)
+        if routing is not None:
             try:
-                providers = await dht.find_providers(RELAY_CONTENT_ID, timeout=5.0)
+                providers = await routing.find_providers(RELAY_CONTENT_ID, timeout=5.0)
             except Exception as exc:  # DHT errors of any kind: discovery is best effort
                 log.debug("dht relay lookup failed: %r", exc)
                 providers = []

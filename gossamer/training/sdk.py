@@ -72,7 +72,7 @@ async def open_run(
         try:
             from gossamer.dht import DHT
 
-            if getattr(node, "dht", None) is None:
+            if node.service(DHT) is None:
                 await DHT.start(node)
         except (ImportError, GossamerError) as exc:  # the DHT only helps discovery here
             log.info("running without the DHT: %s", exc)

@@ -44,7 +44,7 @@ def loopback(data_dir: Path) -> NodeConfig:
 
 @contextlib.asynccontextmanager
 async def started(data_dir: Path, config: DHTConfig | None = None) -> AsyncIterator[Node]:
-    """One node with its DHT (``node.dht``)."""
+    """One node with its DHT (``dht_of(node)``)."""
     async with Node(loopback(data_dir)) as node:
         await DHT.start(node, config or fast_config())
         yield node
@@ -159,3 +159,10 @@ async def daemon(
             with trio.CancelScope(shield=True):
                 await process.wait()
         err.close()
+
+
+def dht_of(node: Node) -> DHT:
+    """The DHT attached to ``node`` (asserting there is one)."""
+    dht = node.service(DHT)
+    assert dht is not None, f"no DHT attached to {node.peer_id[-8:]}"
+    return dht

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import trio
 import trio.from_thread
-from dht_helpers import fast_config, started, wait_for
+from dht_helpers import dht_of, fast_config, started, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -52,7 +52,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
             started(base / "attacker", fast_config()) as attacker,
         ):
             await attacker.connect(victim.addrs()[0])
-            await wait_for(lambda: len(victim.dht.table) == 1, 10, "victim knows attacker")
+            await wait_for(lambda: len(dht_of(victim).table) == 1, 10, "victim knows attacker")
             box.victim, box.attacker = victim, attacker
             box.stop = trio.Event()  # type: ignore[attr-defined]
             ready.set()
@@ -83,7 +83,7 @@ def _healthy(box: Pair) -> None:
             box.victim.peer_id, "dht", "find_node", {"target": b"\x00" * 32}, timeout=5
         )
         assert isinstance(result, dict) and "peers" in result
-        assert not box.victim.dht._closed
+        assert not dht_of(box.victim)._closed
 
     box.run(check)
 
@@ -179,8 +179,8 @@ def test_raw_bytes_on_the_dht_protocol_never_crash_the_node(pair: Pair, raw: byt
 
 def test_the_victim_still_stores_and_serves_after_the_fuzzing(pair: Pair) -> None:
     async def roundtrip() -> None:
-        await pair.attacker.dht.put("/gossamer/test/after", "fine", time.time() + 30)
-        record = await pair.victim.dht.get("/gossamer/test/after")
+        await dht_of(pair.attacker).put("/gossamer/test/after", "fine", time.time() + 30)
+        record = await dht_of(pair.victim).get("/gossamer/test/after")
         assert record is not None and record.value == "fine"
 
     pair.run(roundtrip)

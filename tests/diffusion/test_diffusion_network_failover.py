@@ -19,6 +19,7 @@ from ddm_net_helpers import (
 )
 
 from gossamer.crdt.sync import CrdtService
+from gossamer.dht import DHT
 from gossamer.training.diffusion import network, workflow
 from gossamer.training.diffusion.ensemble import ExpertUnavailable, sample
 from gossamer.training.diffusion.serving import content_id
@@ -74,7 +75,7 @@ async def test_sampling_survives_a_host_killed_mid_sampling(tmp_path):
             await workflow.wait_experts(follower, 3, timeout=20)
             with trio.fail_after(20):  # the replica's provider record is out there
                 while replica.peer_id not in {
-                    p.peer_id for p in await me.dht.find_providers(content_id(blobs[1]))
+                    p.peer_id for p in await me.service(DHT).find_providers(content_id(blobs[1]))
                 }:
                     await trio.sleep(0.2)
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from gossamer.dht import DHT, provider_key
 from gossamer.node.errors import GossamerError
 from gossamer.training.diffusion.serving import ServedCheckpoint
 
@@ -88,14 +89,13 @@ async def announce(
         if run is not None:
             run.doc.serve_expert(slot, True, announcement_info(node, entry, partition))
             written["doc"].append(slot)
-    dht = getattr(node, "dht", None)
+    dht = node.service(DHT)
     if dht is None:
         return written
     expires = time.time() + ttl
     listing = [
         {"cid": e.cid, "kind": e.kind, "cluster": e.cluster, "nbytes": len(e.data)} for e in entries
     ]
-    from gossamer.dht import provider_key
 
     async def put(key: str, value: dict[str, Any]) -> None:
         try:
@@ -207,7 +207,7 @@ def experts_from_doc(run: Run) -> list[ExpertRecord]:
 
 async def experts_from_dht(node: Node, run_id: str, *, timeout: float = 3.0) -> list[ExpertRecord]:
     """The run index in the DHT (empty without a DHT or a record)."""
-    dht = getattr(node, "dht", None)
+    dht = node.service(DHT)
     if dht is None:
         return []
     try:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import trio
 
+from gossamer.dht import DHT
 from gossamer.node.errors import DeadlineExceeded, GossamerError
 from gossamer.training.diffusion.announcements import ExpertRecord, RunExperts
 from gossamer.training.diffusion.ensemble import ExpertUnavailable
@@ -122,7 +123,7 @@ class RemoteExpert:
         for host in self.hosts.values():
             if host.state == "down" and now - host.down_at >= self.RETRY_DOWN_S:
                 host.state, host.misses, host.scale = "new", 0, 1.0
-        dht = getattr(self.node, "dht", None)
+        dht = self.node.service(DHT)
         if self.use_dht and dht is not None:
             found = []
             with trio.move_on_after(self.fallback_timeout):
