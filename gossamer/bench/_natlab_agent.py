@@ -27,6 +27,8 @@ from gossamer.node.config import NodeConfig, load_config
 from gossamer.node.errors import GossamerError
 from gossamer.node.node import Node
 
+log = logging.getLogger(__name__)
+
 
 class Agent:
     def __init__(self, runner: NodeRunner) -> None:
@@ -71,7 +73,7 @@ class Agent:
             result = await method(**params)
             await self.emit({"id": request.get("id"), "ok": True, "result": result})
         except Exception as exc:
-            logging.getLogger("gossamer.natlab").info("command failed", exc_info=True)
+            log.info("command failed", exc_info=True)
             await self.emit(
                 {"id": request.get("id"), "ok": False, "error": f"{type(exc).__name__}: {exc}"}
             )
@@ -191,25 +193,17 @@ class NodeRunner:
                     try:
                         from gossamer.dht import DHT, DHTConfig
                     except ImportError:
-                        logging.getLogger("gossamer.natlab").info("no DHT package: none")
+                        log.info("no DHT package: none")
                     else:
                         await DHT.start(node, DHTConfig(**dht_config))
                 with trio.CancelScope() as scope:
                     self._scope, self.node = scope, node
                     if stock_dcutr:
-                        node.nursery.start_soon(_run_stock_dcutr, node)
+                        node.nursery.start_soon(node.host.run_stock_dcutr)
                     task_status.started(node)
                     await trio.sleep_forever()
         finally:
             done.set()
-
-
-async def _run_stock_dcutr(node: Node) -> None:
-    from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
-    from libp2p.tools.anyio_service import background_trio_service
-
-    async with background_trio_service(DCUtRProtocol(node.host)):
-        await trio.sleep_forever()
 
 
 async def main(settings: dict[str, Any]) -> None:

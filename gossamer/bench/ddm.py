@@ -202,7 +202,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
     async with workflow.open_node(temp_node_config(data_dir=work / "host")) as host:
         # py-libp2p logs every failed dial to a peer that has gone as an ERROR: noise here
         logging.getLogger("libp2p").setLevel(logging.CRITICAL)
-        run = await CrdtService.of(host).host_run(
+        run = await host.service(CrdtService).host_run(
             "ddmbench", config={workflow.CONFIG_FIELD: plan.to_doc()}
         )
         boot = host.addrs()[0]

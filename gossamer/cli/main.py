@@ -24,7 +24,7 @@ from typing import Any
 from gossamer import __version__
 from gossamer.cli.common import ArgumentParser, CliError, add_verbose, one_line
 
-log = logging.getLogger("gossamer.cli")
+log = logging.getLogger(__name__)
 
 # Modules under gossamer.cli that register command groups, in --help order.
 COMMAND_MODULES: tuple[str, ...] = (

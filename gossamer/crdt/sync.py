@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import time
-import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,7 +40,7 @@ from gossamer.crdt.store import RunStore
 from gossamer.node.errors import GossamerError, PeerUnreachable
 
 if TYPE_CHECKING:
-    from gossamer.node._libp2p_compat import Stream
+    from gossamer.node.host import Stream
     from gossamer.node.node import Node
 
 __all__ = [
@@ -55,10 +54,7 @@ __all__ = [
     "hello_message",
 ]
 
-log = logging.getLogger("gossamer.crdt.sync")
-
-_SERVICES: weakref.WeakKeyDictionary[Any, CrdtService] = weakref.WeakKeyDictionary()
-
+log = logging.getLogger(__name__)
 
 class CrdtService:
     """The run documents of one node, and the ``/gossamer/crdt/1.0.0`` protocol."""
@@ -79,11 +75,11 @@ class CrdtService:
         cls, node: Node, options: SyncOptions | None = None, *, resume: bool = True
     ) -> CrdtService:
         """The node's service (created, registered and, with ``resume``, stored runs reopened)."""
-        existing = _SERVICES.get(node)
+        existing = node.service(CrdtService)
         if existing is not None:
             return existing
         service = cls(node, options)
-        _SERVICES[node] = service
+        node.attach(service)
         node.set_stream_handler(PROTOCOL, service._handle_stream)
         node.add_connection_listener(service._on_connection)
         service._register_control()
@@ -99,10 +95,6 @@ class CrdtService:
                 except GossamerError as exc:
                     log.warning("cannot reopen run %s: %s", directory.name, exc)
         return service
-
-    @classmethod
-    def of(cls, node: Node) -> CrdtService | None:
-        return _SERVICES.get(node)
 
     async def aclose(self) -> None:
         for run in list(self.runs.values()):

@@ -45,7 +45,7 @@ from typing import Any
 
 from gossamer.node.errors import GossamerError
 
-log = logging.getLogger("gossamer.node.control")
+log = logging.getLogger(__name__)
 
 CONTROL_FILE_NAME = "control.json"
 CONTROL_HOST = "127.0.0.1"

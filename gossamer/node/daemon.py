@@ -42,7 +42,7 @@ from gossamer.node.control import ControlServer
 from gossamer.node.errors import GossamerError
 from gossamer.node.node import Node
 
-log = logging.getLogger("gossamer.node.daemon")
+log = logging.getLogger(__name__)
 
 LOCK_FILE_NAME = "daemon.lock"
 

@@ -58,12 +58,13 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from gossamer.node import _libp2p_compat as compat
+from gossamer.node.host import raw_stream_peer
 from gossamer.node.reachability import is_public_ip, tcp_multiaddr
 
 if TYPE_CHECKING:
     from gossamer.node.node import Node
 
-log = logging.getLogger("gossamer.node.holepunch")
+log = logging.getLogger(__name__)
 
 DCUTR_PROTOCOL = "/libp2p/dcutr"
 DIALER_GRACE_S = 1.5
@@ -160,7 +161,7 @@ class HolePuncher:
 
     def start(self) -> None:
         node = self._node
-        compat.set_raw_stream_handler(node.host, DCUTR_PROTOCOL, self._handle)
+        node.host.set_stream_handler(DCUTR_PROTOCOL, self._handle)
         node.add_connection_listener(self._on_connection)
 
     def status(self) -> dict[str, Any]:
@@ -256,11 +257,10 @@ class HolePuncher:
         return False
 
     async def _initiate(self, peer_id: str) -> tuple[bool, str]:
-        from libp2p.relay.circuit_v2.pb.dcutr_pb2 import HolePunch
-
+        HolePunch = compat.dcutr_hole_punch()
         node = self._node
         try:
-            stream = await compat.open_raw_stream(node.host, peer_id, DCUTR_PROTOCOL)
+            stream = await node.host.new_stream(peer_id, DCUTR_PROTOCOL)
         except Exception as exc:  # the peer does not speak DCUtR, or the relay went
             return False, f"cannot open DCUtR stream: {exc!r}"[:160]
         try:
@@ -293,7 +293,7 @@ class HolePuncher:
 
     async def _handle(self, stream: Any) -> None:
         node = self._node
-        peer_id = stream.muxed_conn.peer_id.to_base58()
+        peer_id = raw_stream_peer(stream)
         if not node.config.holepunch:
             await _close(stream)
             return
@@ -317,8 +317,7 @@ class HolePuncher:
             await _close(stream)
 
     async def _respond(self, stream: Any, peer_id: str, state: PunchState) -> None:
-        from libp2p.relay.circuit_v2.pb.dcutr_pb2 import HolePunch
-
+        HolePunch = compat.dcutr_hole_punch()
         node = self._node
         state.role = "responder"
         try:
@@ -355,7 +354,7 @@ class HolePuncher:
 
     def _our_addrs(self) -> list[str]:
         node = self._node
-        listen = compat.tcp_listen_addrs(node.host)
+        listen = node.host.tcp_listeners()
         verdict = node.reachability.verdict
         return predicted_addrs(
             listen, node.reachability.external_ips(), list(verdict.confirmed_addrs)
@@ -363,7 +362,7 @@ class HolePuncher:
 
     def _own_ips(self) -> set[str]:
         node = self._node
-        ips = {ip for ip, _ in compat.tcp_listen_addrs(node.host)}
+        ips = {ip for ip, _ in node.host.tcp_listeners()}
         ips.update(node.reachability.external_ips())
         return ips
 
@@ -376,7 +375,7 @@ class HolePuncher:
         self, peer_id: str, targets: list[tuple[str, int]], as_responder: bool, timeout: float
     ) -> bool:
         node = self._node
-        listen = compat.tcp_listen_addrs(node.host)
+        listen = node.host.tcp_listeners()
         if not listen:
             return False
         source = listen[0]
@@ -390,7 +389,7 @@ class HolePuncher:
             # waiting until the peer's SYN opens the way).
             while True:
                 try:
-                    stream = await compat.open_punch_socket(ip, port, source)
+                    stream = await _open_punch_socket(ip, port, source)
                 except OSError as exc:
                     if exc.errno in (errno.ECONNREFUSED, errno.ECONNRESET):
                         await trio.sleep(random.uniform(0.0, REDIAL_JITTER_S))
@@ -401,7 +400,7 @@ class HolePuncher:
                     log.debug("hole-punch connect to %s:%d failed: %r", ip, port, exc)
                     return
                 try:
-                    await compat.upgrade_punched(node.host, stream, peer_id, as_responder)
+                    await node.host.upgrade_punched(stream, peer_id, as_responder)
                 except Exception as exc:  # handshake failed: not our peer, or it gave up
                     log.debug("hole-punch upgrade with %s:%d failed: %r", ip, port, exc)
                     await stream.aclose()
@@ -471,17 +470,35 @@ def _decode(raw: Any) -> list[str]:
     return out
 
 
-async def _read(stream: Any) -> Any:
-    from libp2p.relay.circuit_v2.dcutr import read_dcutr_msg
-    from libp2p.relay.circuit_v2.pb.dcutr_pb2 import HolePunch
+async def _open_punch_socket(ip: str, port: int, source: tuple[str, int]) -> Any:
+    """One TCP connect to (ip, port) from our listening ``source`` (SO_REUSEPORT).
 
-    return await read_dcutr_msg(stream, HolePunch)
+    Returns a ``trio.SocketStream``; raises ``OSError`` (refused, reset,
+    unreachable).  A plain socket instead of a swarm dial: a hole punch may
+    need hundreds of these per second (see holepunch.py), and py-libp2p's dial
+    path costs milliseconds and an ERROR log line per refused attempt.
+    """
+    import socket as stdlib_socket
+
+    family = trio.socket.AF_INET6 if ":" in ip else trio.socket.AF_INET
+    sock = trio.socket.socket(family, stdlib_socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEADDR, 1)
+        sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEPORT, 1)
+        await sock.bind(source)
+        await sock.connect((ip, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
+async def _read(stream: Any) -> Any:
+    return await compat.read_dcutr(stream)
 
 
 async def _write(stream: Any, message: Any) -> None:
-    from libp2p.relay.circuit_v2.utils import write_delimited_msg
-
-    await write_delimited_msg(stream, message)
+    await compat.write_delimited(stream, message)
 
 
 async def _close(stream: Any) -> None:

@@ -54,11 +54,6 @@ class Identity:
     def peer_id(self) -> str:
         return peer_id_from_public_key(self.public_key_bytes)
 
-    def libp2p_keypair(self):  # -> libp2p.crypto.keys.KeyPair (imported lazily: libp2p is heavy)
-        from libp2p.crypto.ed25519 import create_new_key_pair
-
-        return create_new_key_pair(self.seed)
-
 
 def verify_signature(public_key: bytes, signature: bytes, data: bytes) -> bool:
     """True when ``signature`` is ``public_key``'s Ed25519 signature of ``data``."""
@@ -87,6 +82,21 @@ def peer_id_from_public_key(public_key: bytes) -> str:
     return base58.b58encode(
         _IDENTITY_MULTIHASH_PREFIX + _ED25519_PROTOBUF_PREFIX + public_key
     ).decode()
+
+
+def peer_id_to_bytes(peer_id: str) -> bytes:
+    """The binary form of a base58 peer id (as the relay and DCUtR protobufs carry it);
+    ValueError if it is not base58."""
+    import base58
+
+    return base58.b58decode(peer_id)
+
+
+def peer_id_from_bytes(raw: bytes) -> str:
+    """The base58 text of a binary peer id."""
+    import base58
+
+    return base58.b58encode(raw).decode()
 
 
 def public_key_from_peer_id(peer_id: str) -> bytes:

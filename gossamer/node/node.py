@@ -13,21 +13,29 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-from gossamer.node import _libp2p_compat as compat
 from gossamer.node import addresses
-from gossamer.node._libp2p_compat import Stream, build_host, route_libp2p_logging
 from gossamer.node.config import NodeConfig
 from gossamer.node.errors import GossamerError, PeerUnreachable
 from gossamer.node.hooks import Services, T
+from gossamer.node.host import Connection, Host, Stream
 from gossamer.node.identity import Identity, load_or_create
 from gossamer.node.peers import PeerTable
 from gossamer.node.rpc import CallContext, RpcClient, RpcServer, Service, rpc
 
-log = logging.getLogger("gossamer.node")
+if TYPE_CHECKING:
+    import multiaddr
+
+    from gossamer.node.dataplane import DataPlane
+    from gossamer.node.holepunch import HolePuncher
+    from gossamer.node.reachability import Reachability
+    from gossamer.node.relay import Relays
+    from gossamer.node.upnp import PortMapper
+
+log = logging.getLogger(__name__)
 
 StreamHandler = Callable[[Stream], Awaitable[None]]
 
@@ -54,31 +62,6 @@ class NodeService(Service):
         }
 
 
-class _Notifee:
-    """Receives py-libp2p connection events and keeps the peer table current."""
-
-    def __init__(self, node: Node) -> None:
-        self._node = node
-
-    async def opened_stream(self, network: Any, stream: Any) -> None:
-        return None
-
-    async def closed_stream(self, network: Any, stream: Any) -> None:
-        return None
-
-    async def listen(self, network: Any, multiaddr: Any) -> None:
-        return None
-
-    async def listen_close(self, network: Any, multiaddr: Any) -> None:
-        return None
-
-    async def connected(self, network: Any, conn: Any) -> None:
-        self._node._on_connected(conn)
-
-    async def disconnected(self, network: Any, conn: Any) -> None:
-        self._node._on_disconnected(conn)
-
-
 class Node:
     """A gossamer node: identity, libp2p host, RPC, data plane and peers."""
 
@@ -89,13 +72,13 @@ class Node:
         self.peers = PeerTable()
         self.rpc_server = RpcServer(self)
         self.rpc = RpcClient(self)
-        self.host: Any = None
+        self.host: Host | None = None
         self.started_at: float | None = None
         self._dial_limiter = trio.Semaphore(self.config.max_concurrent_dials)
         self._exit_stack: AsyncExitStack | None = None
         self._nursery: trio.Nursery | None = None
         self._connection_events: dict[str, trio.Event] = {}
-        self._dataplane: Any = None
+        self._dataplane: DataPlane | None = None
         self._closers: list[Callable[[], Awaitable[None]]] = []
         # callback(peer_id, connected) when a connection opens / the last one closes
         self._connection_listeners: list[Callable[[str, bool], None]] = []
@@ -106,30 +89,29 @@ class Node:
         # above the node (dht, crdt, training) add their own methods here.
         self.control_methods: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {}
         # NAT traversal (reachability.py, relay.py, holepunch.py, upnp.py), set on start
-        self.reachability: Any = None
-        self.relays: Any = None
-        self.holepunch: Any = None
-        self.upnp: Any = None
+        self.reachability: Reachability | None = None
+        self.relays: Relays | None = None
+        self.holepunch: HolePuncher | None = None
+        self.upnp: PortMapper | None = None
         self._register_builtin_control()
 
     # ----------------------------------------------------------------- lifecycle
 
     async def __aenter__(self) -> Node:
-        route_libp2p_logging(logging.DEBUG if self.config.log_level == "debug" else logging.WARNING)
         listen = [addresses.parse_multiaddr(a, what="listen address") for a in self.config.listen]
-        self.host = build_host(self.identity, self.config, listen, self._advertised_addrs)
+        host = self.host = Host(self.identity, self.config, listen, self._advertised_addrs)
         stack = AsyncExitStack()
         await stack.__aenter__()
         try:
             self._nursery = await stack.enter_async_context(trio.open_nursery())
-            await stack.enter_async_context(self.host.run(listen))
-            if not self.host.get_transport_addrs():
+            await stack.enter_async_context(host.run())
+            if not host.listen_addrs():
                 # py-libp2p logs a failed bind and carries on listening on nothing.
                 raise GossamerError(
                     f"could not listen on {', '.join(self.config.listen)} "
                     "(address in use or not local)"
                 )
-            self.host.get_network().register_notifee(_Notifee(self))
+            host.on_connections(self._on_connected, self._on_disconnected)
             self.register(NodeService(self))
             from gossamer.node.dataplane import DataPlane
 
@@ -164,10 +146,8 @@ class Node:
                         await self._dataplane.aclose()
                     except Exception:
                         log.warning("error while stopping the data plane", exc_info=True)
-                try:
-                    await self.host.close()
-                except Exception:  # py-libp2p close of half-open connections raises assorted errors
-                    log.debug("error while closing the libp2p host", exc_info=True)
+                assert self.host is not None
+                await self.host.close()
         finally:
             # Whatever happened above, the nursery and host.run() must be exited
             # here, in this task, or trio's nursery stack is corrupted.
@@ -221,7 +201,7 @@ class Node:
         self._closers.append(closer)
 
     @property
-    def dataplane(self) -> Any:
+    def dataplane(self) -> DataPlane:
         """The tensor data plane (:class:`gossamer.node.dataplane.DataPlane`)."""
         if self._dataplane is None:
             raise GossamerError("the node is not running")
@@ -253,8 +233,7 @@ class Node:
         if self.host is None:
             return []
         out = []
-        for addr in self.host.get_addrs():
-            text = str(addr)
+        for text in self.host.advertised_addrs():
             if "/p2p/" not in text:
                 text += f"/p2p/{self.peer_id}"
             out.append(text)
@@ -264,7 +243,7 @@ class Node:
 
     def _advertised_addrs(self, candidates: list[str]) -> list[str]:
         """What the libp2p host advertises: listen addrs + dial-back-confirmed ones."""
-        listening = {str(a) for a in self.host.get_transport_addrs()} if self.host else set()
+        listening = set(self.host.listen_addrs()) if self.host else set()
         out = [c for c in candidates if c in listening]
         if self.reachability is not None:
             out.extend(a for a in self.reachability.verdict.confirmed_addrs if a not in out)
@@ -275,7 +254,8 @@ class Node:
         push identify to connected peers and tell the addresses listeners."""
         if self._nursery is None:
             return
-        self._nursery.start_soon(compat.push_identify, self.host)
+        assert self.host is not None
+        self._nursery.start_soon(self.host.push_identify)
         for listener in self._addresses_listeners:
             try:
                 listener()
@@ -288,42 +268,41 @@ class Node:
         """``"direct"`` / ``"relayed"`` for each open connection to ``peer_id``."""
         if self.host is None:
             return []
-        return [compat.connection_kind(c) for c in compat.peer_connections(self.host, peer_id)]
+        return [c.kind for c in self.host.connections(peer_id)]
 
     def connection_paths(self) -> dict[str, list[dict[str, Any]]]:
         """Every open connection per peer: kind, direction and remote address."""
         out: dict[str, list[dict[str, Any]]] = {}
+        assert self.host is not None
         for peer_id in self.connected_peers():
-            for conn in compat.peer_connections(self.host, peer_id):
-                remote = compat.connection_remote(conn)
+            for conn in self.host.connections(peer_id):
+                remote = conn.remote
                 out.setdefault(peer_id, []).append(
                     {
-                        "kind": compat.connection_kind(conn),
-                        "direction": str(getattr(conn, "direction", "")).rsplit(".", 1)[-1].lower(),
+                        "kind": conn.kind,
+                        "direction": conn.direction,
                         "remote": f"{remote[0]}:{remote[1]}" if remote else "",
-                        "streams": len(conn.get_streams()),
+                        "streams": conn.streams,
                     }
                 )
         return out
 
     def peer_remote(self, peer_id: str) -> tuple[str, int] | None:
         """(ip, port) we see ``peer_id`` at on a direct connection; None if relayed only."""
-        for conn in compat.peer_connections(self.host, peer_id):
-            remote = compat.connection_remote(conn)
+        assert self.host is not None
+        for conn in self.host.connections(peer_id):
+            remote = conn.remote
             if remote is not None:
                 return remote
         return None
 
     def relayed_direction(self, peer_id: str) -> str:
         """``"inbound"`` if a relay brought ``peer_id`` to us, ``"outbound"`` if we dialed."""
-        for conn in compat.peer_connections(self.host, peer_id):
-            if compat.connection_kind(conn) == "relayed":
-                muxed = conn.muxed_conn
-                return "outbound" if getattr(muxed, "is_initiator", False) else "inbound"
+        assert self.host is not None
+        for conn in self.host.connections(peer_id):
+            if conn.kind == "relayed":
+                return "outbound" if conn.initiated_by_us else "inbound"
         return ""
-
-    def stream_is_relayed(self, stream: Stream) -> bool:
-        return compat.stream_kind(stream._stream) == "relayed"
 
     def connection_upgraded(self, peer_id: str) -> None:
         """A hole punch made the connection to ``peer_id`` direct: move traffic off the relay."""
@@ -335,9 +314,10 @@ class Node:
         await trio.sleep(self.config.holepunch_relay_grace)
         if "direct" not in self.connection_kinds(peer_id):
             return  # never strand the peer
-        for conn in compat.peer_connections(self.host, peer_id):
-            if compat.connection_kind(conn) == "relayed":
-                await _close_quietly(conn)
+        assert self.host is not None
+        for conn in self.host.connections(peer_id):
+            if conn.kind == "relayed":
+                await conn.close()
 
     # --------------------------------------------------------------- connections
 
@@ -368,28 +348,19 @@ class Node:
         await self._dial(peer_id, known)
 
     def is_connected(self, peer_id: str) -> bool:
-        from libp2p.peer.id import ID
-
-        try:
-            conns = self.host.get_network().get_connections(ID.from_base58(peer_id))
-        except ValueError:
-            return False
-        return any(not c.is_closed for c in conns)
+        return self.host is not None and self.host.is_connected(peer_id)
 
     def connected_peers(self) -> list[str]:
-        return [str(pid) for pid in self.host.get_network().get_connections_map()]
+        return self.host.connected_peers() if self.host is not None else []
 
-    async def _dial(self, peer_id: str, maddrs: list[Any]) -> None:
-        from libp2p.peer.id import ID
-
+    async def _dial(self, peer_id: str, maddrs: list[multiaddr.Multiaddr]) -> None:
         if self.is_connected(peer_id):
             return
-        target = ID.from_base58(peer_id)
         bare = [_strip_p2p(a) for a in maddrs]
         try:
             async with self._dial_limiter:
                 with trio.fail_after(self.config.dial_timeout):
-                    await self._connect_any(target, bare)
+                    await self.dial_addresses(peer_id, bare)
         except trio.TooSlowError:
             self.peers.on_dial_failed(peer_id)
             raise PeerUnreachable(
@@ -399,20 +370,19 @@ class Node:
             self.peers.on_dial_failed(peer_id)
             raise PeerUnreachable(f"cannot connect to {peer_id[-8:]}: {_root_cause(exc)}") from None
 
-    async def _connect_any(self, target: Any, bare: list[Any]) -> None:
-        """Dial ``bare`` addresses one at a time, newest (last) first.
+    async def dial_addresses(self, peer_id: str, bare: list[multiaddr.Multiaddr]) -> None:
+        """Dial ``peer_id`` at ``bare`` addresses (no /p2p/ suffix) one at a time,
+        newest (last) first, each with its own fresh peerstore entry (see
+        :meth:`Host.dial`).
 
-        py-libp2p 0.8.1 dials only the first address per transport class that
-        its peerstore holds for a peer, and keeps every address it ever saw: a
-        peer that restarted on a new port would be dialed at its dead old port
-        forever.  So each attempt leaves exactly one address in the peerstore.
+        Takes no dial-limiter slot and sets no overall deadline: it is the step
+        inside a dial (``connect``/``ensure_connected``) that a relay dial also
+        uses to reach its relay, which already holds a slot.
         """
-        from libp2p.peer.peerinfo import PeerInfo
-
+        assert self.host is not None
         if not bare:
-            await self.host.connect(PeerInfo(target, []))
+            await self.host.dial(peer_id, None)
             return
-        peerstore = self.host.get_peerstore()
         failure: Exception | None = None
         # Direct addresses first; relayed ones (through a relay) only if no
         # direct one answers.  With a relayed fallback, a direct attempt gets
@@ -421,10 +391,9 @@ class Node:
         direct = [a for a in bare if not addresses.is_relayed(a)]
         per_direct = self.config.dial_timeout / 3 if relayed else float("inf")
         for addr in reversed(direct):
-            peerstore.clear_addrs(target)
             try:
                 with trio.fail_after(per_direct):
-                    await self.host.connect(PeerInfo(target, [addr]))
+                    await self.host.dial(peer_id, addr)
                 return
             except Exception as exc:  # try the next address
                 failure = exc
@@ -432,7 +401,7 @@ class Node:
             if self.relays is None:
                 break
             try:
-                await self.relays.dial(target.to_base58(), str(addr))
+                await self.relays.dial(peer_id, str(addr))
                 return
             except Exception as exc:  # try the next relay
                 failure = exc
@@ -440,12 +409,8 @@ class Node:
         raise failure
 
     async def disconnect(self, peer_id: str) -> None:
-        from libp2p.peer.id import ID
-
-        try:
-            await self.host.disconnect(ID.from_base58(peer_id))
-        except Exception:  # already gone
-            log.debug("disconnect %s", peer_id[-8:], exc_info=True)
+        if self.host is not None:
+            await self.host.disconnect(peer_id)
 
     async def wait_connected(self, peer_id: str) -> None:
         """Wait until some connection to ``peer_id`` exists (inbound or outbound)."""
@@ -453,20 +418,16 @@ class Node:
             event = self._connection_events.setdefault(peer_id, trio.Event())
             await event.wait()
 
-    def _on_connected(self, conn: Any) -> None:
-        peer_id = conn.muxed_conn.peer_id.to_base58()
-        direction = "outbound" if getattr(conn.muxed_conn, "is_initiator", False) else "inbound"
-        remote = ""
-        try:
-            transport_addrs = conn.get_transport_addresses()
-            remote = str(transport_addrs[0]) if transport_addrs else ""
-        except Exception:  # not every connection type knows its address
-            remote = ""
-        total = sum(len(c) for c in self.host.get_network().get_connections_map().values())
+    def _on_connected(self, conn: Connection) -> None:
+        peer_id = conn.peer_id
+        direction = "outbound" if conn.initiated_by_us else "inbound"
+        remote = conn.transport_addr
+        assert self.host is not None
+        total = self.host.connection_count()
         info = self.peers.get(peer_id)
         if total > self.config.max_connections and not (info and info.bootstrap):
             log.info("connection cap %d reached: closing %s", self.config.max_connections, peer_id)
-            self.nursery.start_soon(_close_quietly, conn)
+            self.nursery.start_soon(conn.close)
             return
         self.peers.on_connected(peer_id, direction, remote)
         event = self._connection_events.pop(peer_id, None)
@@ -474,8 +435,8 @@ class Node:
             event.set()
         self._notify_connection(peer_id, True)
 
-    def _on_disconnected(self, conn: Any) -> None:
-        peer_id = conn.muxed_conn.peer_id.to_base58()
+    def _on_disconnected(self, conn: Connection) -> None:
+        peer_id = conn.peer_id
         self.peers.on_disconnected(peer_id)
         if not self.is_connected(peer_id):
             self.rpc.forget_peer(peer_id)
@@ -561,15 +522,15 @@ class Node:
                 )
                 await stream.reset()
 
+        assert self.host is not None
         self.host.set_stream_handler(protocol, guarded)
 
     async def open_stream(self, peer_id: str, protocol: str) -> Stream:
         """Open a stream to ``peer_id`` speaking ``protocol`` (connecting first if needed)."""
-        from libp2p.peer.id import ID
-
         await self.ensure_connected(peer_id)
+        assert self.host is not None
         try:
-            raw = await self.host.new_stream(ID.from_base58(peer_id), [protocol])
+            raw = await self.host.new_stream(peer_id, protocol)
         except Exception as exc:  # multiselect and swarm failures come in many types
             raise PeerUnreachable(
                 f"cannot open {protocol} to {peer_id[-8:]}: {_root_cause(exc)}"
@@ -669,10 +630,3 @@ def _root_cause(exc: BaseException) -> str:
         else:
             break
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-async def _close_quietly(conn: Any) -> None:
-    try:
-        await conn.close()
-    except Exception:  # closing a connection that is already closing
-        log.debug("closing connection", exc_info=True)

@@ -47,14 +47,13 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from gossamer.node import _libp2p_compat as compat
 from gossamer.node.errors import GossamerError, Refused, RemoteError
 from gossamer.node.rpc import CallContext, Service, rpc
 
 if TYPE_CHECKING:
     from gossamer.node.node import Node
 
-log = logging.getLogger("gossamer.node.reachability")
+log = logging.getLogger(__name__)
 
 PUBLIC = "public"
 PRIVATE = "private"
@@ -270,7 +269,7 @@ class AutoNATService(Service):
         timeout = self._node.config.autonat_timeout
         try:
             with trio.fail_after(timeout):
-                await compat.prove_listener(self._node.host, ip, port, peer_id)
+                await self._node.host.prove_listener(ip, port, peer_id)
         except trio.TooSlowError:
             return {"addr": addr, "ok": False, "error": f"no answer in {timeout:g} s"}
         except Exception as exc:  # refused, reset, wrong key: all mean "not reachable"
@@ -365,7 +364,7 @@ class Reachability:
             self._wake.set()
 
     def _addrs_to_verify(self) -> list[str]:
-        out = [tcp_multiaddr(ip, port) for ip, port in compat.tcp_listen_addrs(self._node.host)]
+        out = [tcp_multiaddr(ip, port) for ip, port in self._node.host.tcp_listeners()]
         return [*out, *self._candidates][:MAX_DIAL_BACK_ADDRS]
 
     async def _loop(self) -> None:

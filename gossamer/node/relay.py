@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from gossamer.node import _libp2p_compat as compat
 from gossamer.node.hooks import ContentRouting
 from gossamer.node.reachability import PUBLIC, Verdict
 from gossamer.node.relay_addrs import (
@@ -60,7 +59,7 @@ __all__ = [
     "usable_relay_addr",
 ]
 
-log = logging.getLogger("gossamer.node.relay")
+log = logging.getLogger(__name__)
 
 
 class RelayExchangeService(Service):
@@ -95,7 +94,7 @@ class Relays:
 
     def start(self) -> None:
         node = self._node
-        compat.set_raw_stream_handler(node.host, STOP_PROTOCOL, self.connections.handle_stop)
+        node.host.set_stream_handler(STOP_PROTOCOL, self.connections.handle_stop)
         node.register(RelayExchangeService(self))
         node.add_connection_listener(self._on_connection)
         node.reachability.subscribe(self._on_verdict)

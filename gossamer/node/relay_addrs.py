@@ -14,6 +14,18 @@ from gossamer.node.reachability import is_public_ip
 MAX_RELAY_ADDRS = 8  # per relay: in reservations, candidates and exchange answers
 
 
+def circuit_addr(relay_addr: str, relay_id: str, peer_id: str) -> str:
+    """``<relay transport addr>/p2p/<relay>/p2p-circuit/p2p/<peer>``.
+
+    Defect (not in the notes): ``BasicHost.get_addrs()`` strips "the" /p2p/
+    component of each address before appending ours, but looks up the
+    *first* one: a relayed address loses everything from the relay's id on
+    and becomes ``<relay addr>/p2p/<us>`` -- the relay's address under our id.
+    So relayed addresses are appended by the node, never fed to the host.
+    """
+    return f"{relay_addr}/p2p/{relay_id}/p2p-circuit/p2p/{peer_id}"
+
+
 def parse_circuit(addr: str) -> tuple[str, str, str] | None:
     """``(relay transport addr, relay id, target id)`` of a relayed address, or None."""
     head, sep, tail = addr.partition("/p2p-circuit")

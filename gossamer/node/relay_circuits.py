@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 from gossamer.node import _libp2p_compat as compat
 from gossamer.node.errors import PeerUnreachable
+from gossamer.node.host import raw_stream_peer
+from gossamer.node.identity import peer_id_from_bytes, peer_id_to_bytes
 from gossamer.node.relay_addrs import parse_circuit
 from gossamer.node.relay_wire import (
     HOP_PROTOCOL,
-    circuit_pb,
-    peer_of,
+    StatusCode,
     read_msg,
     reset_quietly,
     status_name,
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
     from gossamer.node.node import Node
     from gossamer.node.relay_client import RelayClient
 
-log = logging.getLogger("gossamer.node.relay")
+log = logging.getLogger(__name__)
 
 
 class RelayedConnections:
@@ -43,9 +44,7 @@ class RelayedConnections:
 
     async def dial(self, peer_id: str, addr: str) -> None:
         """Connect to ``peer_id`` through the relay named in ``addr``."""
-        from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
-
-        pb = circuit_pb()
+        pb = compat.circuit_pb()
         parsed = parse_circuit(addr)
         if parsed is None or parsed[2] != peer_id:
             raise PeerUnreachable(f"{addr} is not a relayed address of {peer_id[-8:]}")
@@ -58,21 +57,18 @@ class RelayedConnections:
             if not relay_addr:
                 raise PeerUnreachable(f"no address for relay {relay_id[-8:]}")
             import multiaddr
-            from libp2p.peer.id import ID
 
             # Not node.connect(): this runs inside the node's dial limiter
             # already, and taking a second slot could deadlock a full one.
             node.peers.add_addrs(relay_id, [f"{relay_addr}/p2p/{relay_id}"])
-            await node._connect_any(ID.from_base58(relay_id), [multiaddr.Multiaddr(relay_addr)])
-        stream = await compat.open_raw_stream(node.host, relay_id, HOP_PROTOCOL)
+            await node.dial_addresses(relay_id, [multiaddr.Multiaddr(relay_addr)])
+        stream = await node.host.new_stream(relay_id, HOP_PROTOCOL)
         try:
-            from libp2p.peer.id import ID
-
             await write_msg(
                 stream,
                 pb.HopMessage(
                     type=pb.HopMessage.CONNECT,
-                    peer=pb.PeerId(id=ID.from_base58(peer_id).to_bytes()),
+                    peer=pb.PeerId(id=peer_id_to_bytes(peer_id)),
                 ),
             )
             answer = await read_msg(stream, pb.HopMessage)
@@ -81,7 +77,7 @@ class RelayedConnections:
                     f"relay {relay_id[-8:]} could not connect us to {peer_id[-8:]}: "
                     f"{status_name(answer.status)}"
                 )
-            await compat.upgrade_relayed_stream(node.host, stream, peer_id, relay_id, True)
+            await node.host.upgrade_relayed_stream(stream, peer_id, relay_id, True)
         except BaseException:
             await reset_quietly(stream)
             raise
@@ -93,11 +89,8 @@ class RelayedConnections:
 
     async def handle_stop(self, stream: Any) -> None:
         """A relay brings us a connection: accept it (from relays we reserved with)."""
-        from libp2p.peer.id import ID
-        from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
-
-        pb = circuit_pb()
-        relay_id = peer_of(stream)
+        pb = compat.circuit_pb()
+        relay_id = raw_stream_peer(stream)
         try:
             message = await read_msg(stream, pb.StopMessage)
             if message.type != pb.StopMessage.CONNECT:
@@ -116,17 +109,15 @@ class RelayedConnections:
                 )
                 await reset_quietly(stream)
                 return
-            source = ID(message.peer.id).to_base58()
+            source = peer_id_from_bytes(message.peer.id)
             await write_msg(
                 stream, pb.StopMessage(type=pb.StopMessage.STATUS, status=StatusCode.OK)
             )
-            conn = await compat.upgrade_relayed_stream(
-                self._node.host, stream, source, relay_id, False
-            )
+            conn = await self._node.host.upgrade_relayed_stream(stream, source, relay_id, False)
         except Exception as exc:  # malformed, timed out, or the upgrade failed
             log.info("relayed connection via %s failed: %r", relay_id[-8:], exc)
             await reset_quietly(stream)
             return
         log.info("accepted a connection from %s through relay %s", source[-8:], relay_id[-8:])
         # py-libp2p keeps a stream alive only while its handler runs.
-        await conn.event_closed.wait()
+        await conn.wait_closed()

@@ -34,6 +34,7 @@ from gossamer.node.hooks import ContentRouting
 from gossamer.node.reachability import PRIVATE
 from gossamer.node.relay_addrs import (
     MAX_RELAY_ADDRS,
+    circuit_addr,
     decode_relay_addrs,
     ip_scope,
     substitute_unspecified,
@@ -45,7 +46,7 @@ from gossamer.node.relay_wire import (
     HOP_PROTOCOL,
     RELAY_CONTENT_ID,
     RelayError,
-    circuit_pb,
+    StatusCode,
     read_msg,
     reset_quietly,
     status_name,
@@ -55,7 +56,7 @@ from gossamer.node.relay_wire import (
 if TYPE_CHECKING:
     from gossamer.node.node import Node
 
-log = logging.getLogger("gossamer.node.relay")
+log = logging.getLogger(__name__)
 
 MAX_CANDIDATES = 64
 RENEW_MARGIN = 0.25  # renew when this fraction of the ttl is left
@@ -144,7 +145,7 @@ class RelayClient:
         out = []
         for reservation in self.reservations.values():
             for addr in reservation.relay_addrs:
-                out.append(compat.circuit_addr(addr, reservation.relay_id, me))
+                out.append(circuit_addr(addr, reservation.relay_id, me))
         return out
 
     def status(self) -> dict[str, Any]:
@@ -197,10 +198,10 @@ class RelayClient:
         """Connected peers whose identify says they serve the hop protocol."""
         node = self._node
         for peer_id in node.connected_peers():
-            if compat.peer_supports(node.host, peer_id, HOP_PROTOCOL):
+            if node.host.supports(peer_id, HOP_PROTOCOL):
                 remote = node.peer_remote(peer_id)
                 addrs = []
-                for addr in compat.peerstore_addrs(node.host, peer_id):
+                for addr in node.host.peerstore_addrs(peer_id):
                     addrs.append(substitute_unspecified(addr, remote))
                 self._add_candidate(peer_id, addrs, "identify")
 
@@ -314,12 +315,10 @@ class RelayClient:
         candidate.failures = 0
 
     async def _reserve(self, relay_id: str) -> Reservation:
-        from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
-
-        pb = circuit_pb()
+        pb = compat.circuit_pb()
         node = self._node
         start = time.perf_counter()
-        stream = await compat.open_raw_stream(node.host, relay_id, HOP_PROTOCOL)
+        stream = await node.host.new_stream(relay_id, HOP_PROTOCOL)
         try:
             await write_msg(stream, pb.HopMessage(type=pb.HopMessage.RESERVE))
             answer = await read_msg(stream, pb.HopMessage)

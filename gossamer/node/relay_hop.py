@@ -28,14 +28,15 @@ import trio
 
 from gossamer.node import _libp2p_compat as compat
 from gossamer.node.errors import GossamerError
+from gossamer.node.host import raw_stream_kind, raw_stream_peer
+from gossamer.node.identity import peer_id_from_bytes, peer_id_to_bytes
 from gossamer.node.relay_addrs import MAX_RELAY_ADDRS, tcp_addr
 from gossamer.node.relay_wire import (
     HOP_PROTOCOL,
     MESSAGE_TIMEOUT_S,
     STOP_PROTOCOL,
     RelayError,
-    circuit_pb,
-    peer_of,
+    StatusCode,
     read_msg,
     reset_quietly,
     status_name,
@@ -45,7 +46,7 @@ from gossamer.node.relay_wire import (
 if TYPE_CHECKING:
     from gossamer.node.node import Node
 
-log = logging.getLogger("gossamer.node.relay")
+log = logging.getLogger(__name__)
 
 PUMP_CHUNK = 1 << 16
 
@@ -54,18 +55,16 @@ class HopServer:
     """The relay side: reservations and circuits, with limits."""
 
     def __init__(self, node: Node) -> None:
-        from libp2p.relay.circuit_v2.resources import RelayLimits, RelayResourceManager
-
         self._node = node
         config = node.config
-        self.limits = RelayLimits(
+        self.limits = compat.RelayLimitsSpec(
             duration=int(config.relay_circuit_duration),
             data=int(config.relay_circuit_bytes),
             max_circuit_conns=config.relay_max_circuits,
             max_reservations=config.relay_max_reservations,
             reservation_ttl=int(config.relay_reservation_ttl),
         )
-        self._resources = RelayResourceManager(self.limits, node.host)
+        self._resources = node.host.relay_reservations(self.limits)
         self.enabled = False
         self.circuits = 0
         self.circuits_total = 0
@@ -74,16 +73,16 @@ class HopServer:
 
     def enable(self) -> None:
         if not self.enabled:
-            compat.set_raw_stream_handler(self._node.host, HOP_PROTOCOL, self._handle)
+            self._node.host.set_stream_handler(HOP_PROTOCOL, self._handle)
             self.enabled = True
-            self._node.nursery.start_soon(compat.push_identify, self._node.host)
+            self._node.nursery.start_soon(self._node.host.push_identify)
             log.info("serving as a circuit relay (limits: %s)", self.limits)
 
     def disable(self) -> None:
         if self.enabled:
             self._node.host.remove_stream_handler(HOP_PROTOCOL)
             self.enabled = False
-            self._node.nursery.start_soon(compat.push_identify, self._node.host)
+            self._node.nursery.start_soon(self._node.host.push_identify)
             log.info("stopped serving as a circuit relay")
 
     def forget(self, peer_id: str) -> None:
@@ -93,15 +92,13 @@ class HopServer:
         disconnected peer's reservation, and counts it against
         max_reservations, until its ttl (1 h by default) runs out.
         """
-        from libp2p.peer.id import ID
-
-        self._resources._reservations.pop(ID.from_base58(peer_id), None)
+        self._resources.forget(peer_id)
 
     def status(self) -> dict[str, Any]:
-        self._resources._clean_expired()
+        self._resources.clean_expired()
         return {
             "enabled": self.enabled,
-            "reservations": len(self._resources._reservations),
+            "reservations": len(self._resources),
             "circuits": self.circuits,
             "circuits_total": self.circuits_total,
             "bytes_relayed": self.bytes_relayed,
@@ -115,16 +112,14 @@ class HopServer:
         }
 
     async def _status(self, stream: Any, code: int, **fields: Any) -> None:
-        pb = circuit_pb()
+        pb = compat.circuit_pb()
         await write_msg(stream, pb.HopMessage(type=pb.HopMessage.STATUS, status=code, **fields))
 
     async def _handle(self, stream: Any) -> None:
-        pb = circuit_pb()
-        from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
-
-        peer = peer_of(stream)
+        pb = compat.circuit_pb()
+        peer = raw_stream_peer(stream)
         try:
-            if compat.stream_kind(stream) == "relayed":
+            if raw_stream_kind(stream) == "relayed":
                 self.refused += 1
                 await self._status(stream, StatusCode.PERMISSION_DENIED)
                 await stream.close()
@@ -157,23 +152,19 @@ class HopServer:
         return out[:MAX_RELAY_ADDRS]
 
     async def _reserve(self, stream: Any, peer: str) -> None:
-        from libp2p.peer.id import ID
-        from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
-
-        pb = circuit_pb()
-        peer_id = ID.from_base58(peer)
+        pb = compat.circuit_pb()
         resources = self._resources
-        existing = resources.get_reservation(peer_id)
+        existing = resources.get(peer)
         if existing is not None:
-            resources.refresh_reservation(peer_id)
-        elif not resources.can_accept_reservation(peer_id):
+            resources.refresh(peer)
+        elif not resources.can_accept(peer):
             self.refused += 1
             await self._status(stream, StatusCode.RESERVATION_REFUSED)
             await stream.close()
             return
         else:
-            resources.reserve(peer_id)
-        reservation = resources.get_reservation(peer_id)
+            resources.reserve(peer)
+        reservation = resources.get(peer)
         if reservation is None:
             raise RelayError("reservation vanished")
         reservation.addrs = self._public_addrs()
@@ -184,21 +175,17 @@ class HopServer:
             limit=pb.Limit(duration=self.limits.duration, data=self.limits.data),
         )
         await stream.close()
-        log.debug("reservation for %s (%d held)", peer[-8:], len(resources._reservations))
+        log.debug("reservation for %s (%d held)", peer[-8:], len(resources))
 
     async def _connect(self, stream: Any, source: str, message: Any) -> None:
-        from libp2p.peer.id import ID
-        from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
-
-        pb = circuit_pb()
+        pb = compat.circuit_pb()
         try:
-            target_id = ID(message.peer.id)
+            target = peer_id_from_bytes(message.peer.id)
         except Exception:  # malformed peer id bytes
             await self._status(stream, StatusCode.MALFORMED_MESSAGE)
             await stream.close()
             return
-        target = target_id.to_base58()
-        reservation = self._resources.get_reservation(target_id)
+        reservation = self._resources.get(target)
         if reservation is None or not self._node.is_connected(target):
             self.refused += 1
             await self._status(stream, StatusCode.NO_RESERVATION)
@@ -217,12 +204,12 @@ class HopServer:
         try:
             try:
                 with trio.fail_after(MESSAGE_TIMEOUT_S):
-                    far = await compat.open_raw_stream(self._node.host, target, STOP_PROTOCOL)
+                    far = await self._node.host.new_stream(target, STOP_PROTOCOL)
                 await write_msg(
                     far,
                     pb.StopMessage(
                         type=pb.StopMessage.CONNECT,
-                        peer=pb.PeerId(id=ID.from_base58(source).to_bytes()),
+                        peer=pb.PeerId(id=peer_id_to_bytes(source)),
                         limit=limit,
                     ),
                 )
@@ -251,17 +238,12 @@ class HopServer:
         streams on exit) and whose reader treats yamux's StreamEOF as an
         unexpected error (three logged retries with sleeps per closed circuit).
         """
-        from libp2p.network.stream.exceptions import StreamEOF
-
         budget = [self.limits.data]
 
         async def one_way(src: Any, dst: Any, done: trio.CancelScope) -> None:
             try:
                 while True:
-                    try:
-                        data = await src.read(PUMP_CHUNK)
-                    except StreamEOF:
-                        break
+                    data = await compat.read_until_eof(src, PUMP_CHUNK)
                     if not data:
                         break
                     budget[0] -= len(data)

@@ -8,13 +8,15 @@ message helpers; every read and write has a deadline.
 from __future__ import annotations
 
 import logging
+from enum import IntEnum
 from typing import Any
 
 import trio
 
+from gossamer.node import _libp2p_compat as compat
 from gossamer.node.errors import GossamerError
 
-log = logging.getLogger("gossamer.node.relay")
+log = logging.getLogger(__name__)
 
 HOP_PROTOCOL = "/libp2p/circuit/relay/0.2.0/hop"
 STOP_PROTOCOL = "/libp2p/circuit/relay/0.2.0/stop"
@@ -26,30 +28,31 @@ class RelayError(GossamerError):
     """A relay refused or failed a reservation or a circuit."""
 
 
-def circuit_pb() -> Any:
-    """py-libp2p's circuit v2 protobuf module (imported on first use)."""
-    from libp2p.relay.circuit_v2.pb import circuit_pb2
+class StatusCode(IntEnum):
+    """The circuit v2 spec's status codes (``Status`` in circuit.proto)."""
 
-    return circuit_pb2
+    UNUSED = 0
+    OK = 100
+    RESERVATION_REFUSED = 200
+    RESOURCE_LIMIT_EXCEEDED = 201
+    PERMISSION_DENIED = 202
+    CONNECTION_FAILED = 203
+    NO_RESERVATION = 204
+    MALFORMED_MESSAGE = 400
+    UNEXPECTED_MESSAGE = 401
 
 
 async def read_msg(stream: Any, cls: Any) -> Any:
-    from libp2p.relay.circuit_v2.utils import read_delimited_msg
-
     with trio.fail_after(MESSAGE_TIMEOUT_S):
-        return await read_delimited_msg(stream, cls)
+        return await compat.read_delimited(stream, cls)
 
 
 async def write_msg(stream: Any, message: Any) -> None:
-    from libp2p.relay.circuit_v2.utils import write_delimited_msg
-
     with trio.fail_after(MESSAGE_TIMEOUT_S):
-        await write_delimited_msg(stream, message)
+        await compat.write_delimited(stream, message)
 
 
 def status_name(code: int) -> str:
-    from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
-
     try:
         return StatusCode(code).name
     except ValueError:
@@ -61,7 +64,3 @@ async def reset_quietly(stream: Any) -> None:
         await stream.reset()
     except Exception:  # already gone
         log.debug("reset of a dead relay stream", exc_info=True)
-
-
-def peer_of(stream: Any) -> str:
-    return stream.muxed_conn.peer_id.to_base58()

@@ -40,10 +40,10 @@ from gossamer.node.errors import (
 )
 
 if TYPE_CHECKING:
-    from gossamer.node._libp2p_compat import Stream
+    from gossamer.node.host import Stream
     from gossamer.node.node import Node
 
-log = logging.getLogger("gossamer.node.rpc")
+log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 

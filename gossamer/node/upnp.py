@@ -32,13 +32,12 @@ from xml.etree import ElementTree
 
 import trio
 
-from gossamer.node import _libp2p_compat as compat
 from gossamer.node.reachability import PRIVATE, Verdict, tcp_multiaddr
 
 if TYPE_CHECKING:
     from gossamer.node.node import Node
 
-log = logging.getLogger("gossamer.node.upnp")
+log = logging.getLogger(__name__)
 
 SSDP_ADDR = ("239.255.255.250", 1900)
 SEARCH_TARGETS = (
@@ -331,7 +330,7 @@ class PortMapper:
         self._wake.set()
 
     def _listen_port(self) -> int | None:
-        for ip, port in compat.tcp_listen_addrs(self._node.host):
+        for ip, port in self._node.host.tcp_listeners():
             if not (ip.startswith("127.") or ip == "::1" or ":" in ip):
                 return port
         return None

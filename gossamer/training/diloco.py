@@ -58,7 +58,7 @@ from gossamer.training.statesync import (
     make_snapshot,
 )
 
-log = logging.getLogger("gossamer.training.diloco")
+log = logging.getLogger(__name__)
 
 # The names that moved to diloco_config, diloco_state, inner and diloco_results stay importable
 # from here: the SDK surface (gossamer/__init__.py) and users import them from this module.

@@ -22,7 +22,7 @@ import ctypes.util
 import logging
 import sys
 
-log = logging.getLogger("gossamer.training.memory")
+log = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4

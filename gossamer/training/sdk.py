@@ -41,7 +41,7 @@ from gossamer.training.diloco_config import DiLoCoConfig
 from gossamer.training.diloco_results import TrainResult
 from gossamer.training.inner import InnerLoop, LocalInnerLoop, count_tokens
 
-log = logging.getLogger("gossamer.training.sdk")
+log = logging.getLogger(__name__)
 
 __all__ = ["Worker", "open_run", "run_config_of"]
 

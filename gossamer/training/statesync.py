@@ -33,7 +33,6 @@ import logging
 import math
 import os
 import time
-import weakref
 from collections import Counter, OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,7 +45,7 @@ from gossamer.node.errors import GossamerError, Refused
 from gossamer.node.rpc import CallContext, Service, rpc
 from gossamer.training.outer import OuterState, state_digest
 
-log = logging.getLogger("gossamer.training.statesync")
+log = logging.getLogger(__name__)
 
 CHUNK_ELEMS = 1 << 20  # 4 MiB of fp32 per chunk
 KEEP = 3  # states a member keeps serving
@@ -151,9 +150,6 @@ def unpack_snapshot(
     return params, state
 
 
-_SERVICES: weakref.WeakKeyDictionary[Any, StateService] = weakref.WeakKeyDictionary()
-
-
 class StateService(Service):
     """Serves the states this member holds (``publish`` them as rounds begin)."""
 
@@ -168,12 +164,12 @@ class StateService(Service):
     @classmethod
     def attach(cls, node: Any) -> StateService:
         """The node's state service (registered on first use)."""
-        existing = _SERVICES.get(node)
+        existing = node.service(StateService)
         if existing is not None:
             return existing
         service = cls(node)
         node.register(service)
-        _SERVICES[node] = service
+        node.attach(service)
         return service
 
     def publish(self, snapshot: Snapshot) -> None:

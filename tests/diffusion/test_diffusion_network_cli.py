@@ -40,7 +40,7 @@ async def test_generate_writes_a_png_grid_from_a_live_run(tmp_path):
         blobs.append(workflow.checkpoint_bytes(model, plan, cluster, None, 0))
     _, router_blob, _ = workflow.train_run_router(plan, train, steps=20)
     async with ddm_node(tmp_path / "host") as host:
-        run = await CrdtService.of(host).host_run(
+        run = await host.service(CrdtService).host_run(
             "clitest", config={workflow.CONFIG_FIELD: plan.to_doc()}
         )
         await workflow.serve_checkpoints(host, blobs, run=run, router=router_blob)

@@ -55,7 +55,7 @@ async def test_sampling_survives_a_host_killed_mid_sampling(tmp_path):
         ddm_node(tmp_path / "replica") as replica,
         ddm_node(tmp_path / "sampler") as me,
     ):
-        run = await CrdtService.of(host).host_run("failover")
+        run = await host.service(CrdtService).host_run("failover")
         boot = host.addrs()[0]
         # the victim, in its own process: experts 1 and 2, announced in the run document
         proc = spawn_server(

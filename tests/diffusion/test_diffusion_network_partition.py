@@ -54,7 +54,7 @@ async def test_every_node_derives_the_same_partition_from_the_published_recipe(t
         ddm_node(tmp_path / "host", dht=False) as host,
         ddm_node(tmp_path / "b", dht=False) as b,
     ):
-        crdt = CrdtService.of(host)
+        crdt = host.service(CrdtService)
         run = await crdt.host_run("ddmtest", config={workflow.CONFIG_FIELD: plan.to_doc()})
         # a second node in this process …
         follower = await workflow.join(b, run.run_id, host.addrs(), member=False)
@@ -109,7 +109,7 @@ async def test_the_router_fetched_over_the_network_routes_above_chance(tmp_path)
         ddm_node(tmp_path / "host", dht=False) as host,
         ddm_node(tmp_path / "b", dht=False) as b,
     ):
-        run = await CrdtService.of(host).host_run(
+        run = await host.service(CrdtService).host_run(
             "ddmtest", config={workflow.CONFIG_FIELD: plan.to_doc()}
         )
         await workflow.serve_checkpoints(host, [], run=run, router=blob)

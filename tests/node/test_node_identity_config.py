@@ -43,8 +43,10 @@ def test_identity_refuses_garbage_key(tmp_path):
 def test_peer_id_matches_libp2p_and_roundtrips():
     from libp2p.peer.id import ID
 
+    from gossamer.node._libp2p_compat import libp2p_keypair
+
     identity = Identity.generate()
-    libp2p_id = ID.from_pubkey(identity.libp2p_keypair().public_key).to_base58()
+    libp2p_id = ID.from_pubkey(libp2p_keypair(identity).public_key).to_base58()
     assert identity.peer_id == libp2p_id
     assert public_key_from_peer_id(identity.peer_id) == identity.public_key_bytes
     assert peer_id_from_public_key(identity.public_key_bytes) == identity.peer_id

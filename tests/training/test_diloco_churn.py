@@ -101,13 +101,21 @@ async def test_worker_killed_mid_collective_rejoins_bit_identical(node_config, t
     recipe = dataclasses.replace(TINY, shards=3, schedule_steps=400)
     config = DiLoCoConfig(inner_steps=5, min_workers=3, join_timeout=60.0)
     victim_dir = tmp_path / "victim"
-    stop = False
+    # Both stop after the same round: a flag read between rounds let one of
+    # them start (and finish alone) one round more than the other.
+    stop_after: list[int] = []
     async with swarm(node_config, 2, recipe, config) as members:
         run_id = members[0][1].run_id
         bootstrap = members[0][0].addrs()[0]
         workers = [
             DiLoCoWorker(
-                node, run, SlowInner(recipe.inner_loop(i), 0.02), config, should_stop=lambda: stop
+                node,
+                run,
+                SlowInner(recipe.inner_loop(i), 0.02),
+                config,
+                should_stop=lambda i=i: (
+                    bool(stop_after) and len(workers[i].records) >= stop_after[0]
+                ),
             )
             for i, (node, run) in enumerate(members)
         ]
@@ -140,7 +148,7 @@ async def test_worker_killed_mid_collective_rejoins_bit_identical(node_config, t
                 await second.wait_for("round", 30, round=back["round"] + 1)
                 second.process.send_signal(signal.SIGKILL)
                 await second.process.wait()
-                stop = True
+                stop_after.append(max(len(w.records) for w in workers) + 1)
     states = [e for e in second.events if e["event"] == "state"]
     assert states and states[0]["source"] == "download"  # its checkpoint was stale
     by_round = {r.round: r.digest for r in results[0].records}

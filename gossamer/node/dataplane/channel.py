@@ -46,7 +46,7 @@ from gossamer.node.errors import (
     TruncatedTransfer,
 )
 
-log = logging.getLogger("gossamer.node.dataplane")
+log = logging.getLogger(__name__)
 
 MAX_FRAME = 16 << 20  # largest DATA plaintext a receiver accepts
 MAX_CONTROL_FRAME = 4 << 20  # BEGIN with many specs stays far below this

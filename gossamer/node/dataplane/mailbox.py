@@ -21,7 +21,7 @@ from gossamer.node.dataplane.channel import Delivery
 from gossamer.node.dataplane.tensors import BufferSpec, allocate, check_matches, describe
 from gossamer.node.errors import DeadlineExceeded, SpecMismatch, TransferError
 
-log = logging.getLogger("gossamer.node.dataplane")
+log = logging.getLogger(__name__)
 
 
 @dataclass

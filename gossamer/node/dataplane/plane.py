@@ -50,10 +50,10 @@ from gossamer.node.errors import (
 )
 
 if TYPE_CHECKING:
-    from gossamer.node._libp2p_compat import Stream
+    from gossamer.node.host import Stream
     from gossamer.node.node import Node
 
-log = logging.getLogger("gossamer.node.dataplane")
+log = logging.getLogger(__name__)
 
 PROTOCOL = "/gossamer/dataplane/1.0.0"
 VERSION = 1
@@ -233,7 +233,7 @@ class DataPlane:
                     raise ProtocolError("handshake reply lacks its nonce or channel id")
                 keys = _keys(nonce_i, nonce_r, channel_id, self._node.peer_id, peer_id)
                 transport: Transport | None = None
-                relayed = self._node.stream_is_relayed(stream)
+                relayed = stream.relayed
                 if offer is not None and config.dataplane_direct:
                     target = _direct_target(offer, None if relayed else stream.remote_address())
                     if target is not None:
@@ -330,7 +330,7 @@ class DataPlane:
                 nonce_r = os.urandom(32)
                 keys = _keys(nonce_i, nonce_r, channel_id, peer_id, self._node.peer_id)
                 offer = None
-                relayed = self._node.stream_is_relayed(stream)
+                relayed = stream.relayed
                 if hello.get("d") is True and config.dataplane_direct and self._offer_to(stream):
                     offer = self._direct_offer()
                     pending = _PendingDirect(
@@ -375,10 +375,10 @@ class DataPlane:
 
     def _offer_to(self, stream: Stream) -> bool:
         """Offer our direct socket unless we are behind a NAT and the peer is outside it."""
-        reachability = getattr(self._node, "reachability", None)
+        reachability = self._node.reachability
         if reachability is None or self._node.config.dataplane_announce:
             return True
-        if self._node.stream_is_relayed(stream):
+        if stream.relayed:
             return True  # the initiator will not dial a relay's address anyway
         remote = stream.remote_address()
         return reachability.dataplane_reachable_from(remote[0] if remote else None)

@@ -17,7 +17,7 @@ from gossamer.node import wire
 from gossamer.node.errors import ChannelClosed
 
 if TYPE_CHECKING:
-    from gossamer.node._libp2p_compat import Stream
+    from gossamer.node.host import Stream
 
 STALL_TIMEOUT_S = 30.0  # a peer that reads nothing for this long is gone
 

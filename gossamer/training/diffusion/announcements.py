@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from gossamer.crdt.sync import Run
     from gossamer.node.node import Node
 
-log = logging.getLogger("gossamer.training.diffusion.network")
+log = logging.getLogger(__name__)
 
 ROUTER_SLOT = 1_000_000  # the experts-section cluster number that names a run's router
 RUN_INDEX_KIND = "ddm"

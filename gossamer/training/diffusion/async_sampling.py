@@ -29,7 +29,7 @@ from gossamer.training.diffusion.ensemble import (
 )
 from gossamer.training.diffusion.router import Router
 
-log = logging.getLogger("gossamer.training.diffusion.async_sampling")
+log = logging.getLogger(__name__)
 
 AsyncExpert = Callable[[torch.Tensor, torch.Tensor], Awaitable[torch.Tensor]]
 

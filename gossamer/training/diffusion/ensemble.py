@@ -36,7 +36,7 @@ from torch.nn import functional as nn_functional
 
 from gossamer.training.diffusion.router import Router
 
-log = logging.getLogger("gossamer.training.diffusion")
+log = logging.getLogger(__name__)
 
 ExpertFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -37,7 +37,7 @@ from gossamer.training.diffusion.verify import AnnouncementRefused, Verifier
 if TYPE_CHECKING:
     from gossamer.node.node import Node
 
-log = logging.getLogger("gossamer.training.diffusion.network")
+log = logging.getLogger(__name__)
 
 
 class RemoteExpert:

@@ -59,7 +59,7 @@ from gossamer.training.diffusion.models import (
 if TYPE_CHECKING:
     from gossamer.node.node import Node
 
-log = logging.getLogger("gossamer.training.diffusion.serving")
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = "ddm"
 WIRE_DTYPE = "float32"

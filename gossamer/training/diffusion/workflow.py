@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from gossamer.node.config import NodeConfig
     from gossamer.node.node import Node
 
-log = logging.getLogger("gossamer.training.diffusion.workflow")
+log = logging.getLogger(__name__)
 
 CONFIG_FIELD = "ddm"
 PLAN_VERSION = 1
@@ -375,7 +375,7 @@ def train_run_router(
 async def open_node(
     config: NodeConfig, *, dht: bool = True, crdt: bool = True, dht_config: Any = None
 ) -> AsyncIterator[Node]:
-    """A node with its DHT (``node.dht``) and run documents (``CrdtService.of(node)``)."""
+    """A node with its DHT (``node.dht``) and run documents (``node.service(CrdtService)``)."""
     from gossamer.node.node import Node
 
     async with Node(config) as node:
@@ -401,7 +401,7 @@ async def join(
     """Join (``member``) or just follow a run through ``bootstrap`` multiaddrs or the DHT."""
     from gossamer.crdt.sync import CrdtService
 
-    service = CrdtService.of(node) or await CrdtService.start(node, resume=False)
+    service = node.service(CrdtService) or await CrdtService.start(node, resume=False)
     return await service.join_run(
         run_id, bootstrap=list(bootstrap), role="expert", timeout=timeout, join=member
     )
