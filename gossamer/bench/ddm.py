@@ -163,6 +163,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
     import trio
 
     torch.set_num_threads(1)
+    from gossamer.crdt.stack import open_stack
     from gossamer.crdt.sync import CrdtService
     from gossamer.training.diffusion import network, workflow
     from gossamer.training.diffusion.data import load_digits_split
@@ -199,7 +200,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         "partition": plan.partition,
     }
     procs: list[subprocess.Popen[str]] = []
-    async with workflow.open_node(temp_node_config(data_dir=work / "host")) as host:
+    async with open_stack(temp_node_config(data_dir=work / "host")) as host:
         # py-libp2p logs every failed dial to a peer that has gone as an ERROR: noise here
         logging.getLogger("libp2p").setLevel(logging.CRITICAL)
         run = await host.service(CrdtService).host_run(
@@ -253,7 +254,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
                 mono = _load_expert(mono_out.read_bytes())
 
             # ---------------------------------------------------------- the sampling node
-            async with workflow.open_node(temp_node_config(data_dir=work / "sampler")) as me:
+            async with open_stack(temp_node_config(data_dir=work / "sampler")) as me:
                 logging.getLogger("libp2p").setLevel(logging.CRITICAL)  # (reset by a new node)
                 follower = await workflow.join(me, run.run_id, [boot], member=False)
                 await workflow.wait_experts(follower, plan.k, 30, router=True)

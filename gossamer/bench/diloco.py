@@ -144,9 +144,10 @@ async def _diloco(
 ) -> dict[str, Any]:
     import trio
 
-    from gossamer.crdt.sync import CrdtService, SyncOptions
+    from gossamer.crdt.options import SyncOptions
+    from gossamer.crdt.stack import open_stack
+    from gossamer.crdt.sync import CrdtService
     from gossamer.node.config import NodeConfig
-    from gossamer.node.node import Node
     from gossamer.training.diloco import DiLoCoConfig, DiLoCoWorker
 
     rounds = -(-steps // h)
@@ -174,8 +175,9 @@ async def _diloco(
                     dataplane_listen="127.0.0.1:0",
                     log_level="warning",
                 )
-                nodes.append(await stack.enter_async_context(Node(node_config)))
-            services = [await CrdtService.start(node, options) for node in nodes]
+                opening = open_stack(node_config, dht=False, options=options)
+                nodes.append(await stack.enter_async_context(opening))
+            services = [node.service(CrdtService) for node in nodes]
             run_config = {**recipe.to_config(), "hparams": {"diloco": config.to_dict()}}
             runs = [await services[0].host_run("bench", config=run_config)]
             for service in services[1:]:

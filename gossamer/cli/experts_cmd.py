@@ -265,11 +265,10 @@ def cmd_host(args: argparse.Namespace) -> int:
     }
 
     async def attach(node: Any) -> None:
-        from gossamer.crdt.sync import CrdtService
-        from gossamer.dht import DHT
+        from gossamer.crdt.stack import attach_stack
 
-        await DHT.start(node)
-        crdt = await CrdtService.start(node)
+        crdt = await attach_stack(node)
+        assert crdt is not None
         run = await crdt.host_run(args.name, config={workflow.CONFIG_FIELD: plan.to_doc()})
         info["run_id"] = run.run_id
         await workflow.serve_checkpoints(node, [], run=run, router=router_bytes)
@@ -359,13 +358,11 @@ def _serve(
     from gossamer.training.diffusion import workflow
 
     async def attach(node: Any) -> None:
-        from gossamer.crdt.sync import CrdtService
-        from gossamer.dht import DHT
+        from gossamer.crdt.stack import attach_stack
 
-        await DHT.start(node)
+        await attach_stack(node, crdt=run_id is not None)
         run = None
         if run_id is not None:
-            await CrdtService.start(node)
             run = await workflow.join(node, run_id, list(config.bootstrap))
         await workflow.serve_checkpoints(
             node, blobs, run=run, run_id=run_id, cluster=cluster, router=router
@@ -378,10 +375,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     run_id = _check_run_id(args.run)
     config = _client_config(args)
 
+    from gossamer.crdt.stack import open_stack
     from gossamer.training.diffusion import network, workflow
 
     async def main() -> dict[str, Any]:
-        async with workflow.open_node(config) as node:
+        async with open_stack(config) as node:
             _quiet_libp2p(args)
             run = await workflow.join(node, run_id, list(config.bootstrap), member=False)
             plan = None
@@ -461,8 +459,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         except (ValueError, RuntimeError) as exc:
             raise CliError(f"{args.router} is not router weights: {exc}") from None
 
+    from gossamer.crdt.stack import open_stack
+
     async def main() -> workflow.Generation:
-        async with workflow.open_node(config) as node:
+        async with open_stack(config) as node:
             _quiet_libp2p(args)
             run = await workflow.join(node, run_id, list(config.bootstrap), member=False)
             return await workflow.generate(

@@ -66,17 +66,16 @@ async def open_run(
     heartbeat_interval: float = 5.0,
 ) -> Any:
     """Start the node's run-document service and host run ``host`` or join ``run_id``."""
-    from gossamer.crdt.sync import CrdtService, SyncOptions
+    from gossamer.crdt.options import SyncOptions
+    from gossamer.crdt.stack import attach_stack
 
-    if use_dht:
-        try:
-            from gossamer.dht import DHT
-
-            if node.service(DHT) is None:
-                await DHT.start(node)
-        except (ImportError, GossamerError) as exc:  # the DHT only helps discovery here
-            log.info("running without the DHT: %s", exc)
-    crdt = await CrdtService.start(node, SyncOptions(heartbeat_interval=heartbeat_interval))
+    crdt = await attach_stack(
+        node,
+        dht=use_dht,
+        dht_optional=True,  # the DHT only helps discovery here
+        options=SyncOptions(heartbeat_interval=heartbeat_interval),
+    )
+    assert crdt is not None
     if host is not None:
         return await crdt.host_run(host, config=dict(run_config or {}))
     if run_id is None:

@@ -15,12 +15,12 @@ from typing import Any
 import torch
 import trio
 
+from gossamer.crdt.stack import open_stack
 from gossamer.dht import DHTConfig
 from gossamer.node.config import NodeConfig
 from gossamer.node.node import Node
 from gossamer.training.diffusion.models import ExpertSpec, expert_to_bytes
 from gossamer.training.diffusion.router import Router
-from gossamer.training.diffusion.workflow import open_node
 
 SHAPE = (1, 8, 8)
 TINY = ExpertSpec("mlp", {"hidden": 32, "depth": 1, "time_dim": 16})
@@ -49,7 +49,7 @@ def fast_dht() -> DHTConfig:
 @contextlib.asynccontextmanager
 async def ddm_node(data_dir: Path, *, dht: bool = True) -> AsyncIterator[Node]:
     """A loopback node with a DHT (test timings) and run documents."""
-    async with open_node(loopback(data_dir), dht=dht, dht_config=fast_dht()) as node:
+    async with open_stack(loopback(data_dir), dht=dht, dht_config=fast_dht()) as node:
         yield node
 
 

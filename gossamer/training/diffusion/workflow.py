@@ -17,7 +17,7 @@
    announcement) → ``network.sample_network``; :func:`generate` does all three.
 
 Nothing here opens a socket by itself: the node, the DHT and the run document come from the
-caller (:func:`open_node` builds the usual stack for the CLI and the benchmark).
+caller (:func:`gossamer.crdt.stack.open_stack` builds the usual stack).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -371,25 +371,6 @@ def train_run_router(
 # ------------------------------------------------------------------------------- the network
 
 
-@contextlib.asynccontextmanager
-async def open_node(
-    config: NodeConfig, *, dht: bool = True, crdt: bool = True, dht_config: Any = None
-) -> AsyncIterator[Node]:
-    """A node with its DHT (``node.dht``) and run documents (``node.service(CrdtService)``)."""
-    from gossamer.node.node import Node
-
-    async with Node(config) as node:
-        if dht:
-            from gossamer.dht import DHT
-
-            await DHT.start(node, dht_config)
-        if crdt:
-            from gossamer.crdt.sync import CrdtService
-
-            await CrdtService.start(node, resume=False)
-        yield node
-
-
 async def join(
     node: Node,
     run_id: str,
@@ -401,7 +382,7 @@ async def join(
     """Join (``member``) or just follow a run through ``bootstrap`` multiaddrs or the DHT."""
     from gossamer.crdt.sync import CrdtService
 
-    service = node.service(CrdtService) or await CrdtService.start(node, resume=False)
+    service = await CrdtService.start(node, resume=False)  # the node's, if it runs one
     return await service.join_run(
         run_id, bootstrap=list(bootstrap), role="expert", timeout=timeout, join=member
     )
@@ -411,7 +392,9 @@ async def fetch_plan(
     config: NodeConfig, run_id: str, bootstrap: Sequence[str], timeout: float = 20.0
 ) -> RunPlan:
     """Start a node, read the run's plan, stop the node: training then runs with no network."""
-    async with open_node(config, dht=False) as node:
+    from gossamer.crdt.stack import open_stack
+
+    async with open_stack(config, dht=False) as node:
         run = await join(node, run_id, bootstrap, member=False, timeout=timeout)
         return await wait_plan(run, timeout)
 
@@ -566,7 +549,6 @@ __all__ = [
     "generate",
     "join",
     "load_data",
-    "open_node",
     "plan_run",
     "publish",
     "read_plan",
