@@ -3,9 +3,8 @@
 One round, as every member computes it:
 
 1. ``pseudo_gradient(start, local)``: θ_start − θ_local, fp32, per worker;
-2. receive the others' (decoded) pseudo-gradients and ``screen_contributions`` them
-   (``validate_contribution`` per peer): NaN/Inf, wrong names/shapes/dtypes and wildly scaled
-   deltas are refused with ``BadContribution``, naming the peer, the tensor and the reason;
+2. receive the others' (decoded) pseudo-gradients; the collective screens them on the way
+   (``collective_plan.screen``: which pieces a part owner refuses, and why);
 3. ``weighted_average(contributions)``: tokens-weighted mean, summed in a canonical order;
 4. ``apply_outer_step(params, avg, state)``: SGD with Nesterov momentum (lr 0.7, momentum 0.9);
 5. ``state_digest(params, state)``: sha256 over the raw bytes, compared between members.
@@ -31,8 +30,6 @@ not be flushed to zero (torch's default; ``torch.set_flush_denormal(True)`` woul
 from __future__ import annotations
 
 import hashlib
-import math
-import statistics
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,43 +37,18 @@ from typing import NamedTuple
 
 import torch
 
-from gossamer.node.errors import GossamerError
-
 __all__ = [
-    "BadContribution",
     "Contribution",
-    "OuterOptimizer",
     "OuterState",
     "Params",
     "apply_outer_step",
-    "global_norm",
     "init_outer_state",
     "pseudo_gradient",
-    "screen_contributions",
     "state_digest",
-    "validate_contribution",
     "weighted_average",
 ]
 
 Params = Mapping[str, torch.Tensor]
-
-
-class BadContribution(GossamerError, ValueError):
-    """A peer's pseudo-gradient that must not enter the average; says who, which tensor, why."""
-
-    def __init__(self, reason: str, *, peer_id: str | None = None, tensor: str | None = None):
-        self.reason = reason
-        self.peer_id = peer_id
-        self.tensor = tensor
-        where = " ".join(
-            part
-            for part in (
-                f"peer {peer_id}" if peer_id is not None else "",
-                f"tensor {tensor!r}" if tensor is not None else "",
-            )
-            if part
-        )
-        super().__init__(f"{where}: {reason}" if where else reason)
 
 
 class Contribution(NamedTuple):
@@ -199,19 +171,6 @@ def apply_outer_step(
     return new_params, OuterState(s.lr, s.momentum, s.nesterov, s.step + 1, new_buffers)
 
 
-class OuterOptimizer:
-    """Stateful convenience wrapper: holds an ``OuterState`` and applies steps to it."""
-
-    def __init__(
-        self, params: Params, *, lr: float = 0.7, momentum: float = 0.9, nesterov: bool = True
-    ) -> None:
-        self.state = init_outer_state(params, lr=lr, momentum=momentum, nesterov=nesterov)
-
-    def step(self, params: Params, avg_pseudo_grad: Params) -> dict[str, torch.Tensor]:
-        new_params, self.state = apply_outer_step(params, avg_pseudo_grad, self.state)
-        return new_params
-
-
 def _put(h: hashlib._Hash, data: bytes) -> None:
     h.update(struct.pack("<Q", len(data)))
     h.update(data)
@@ -244,175 +203,3 @@ def state_digest(params: Params, outer_state: OuterState | None = None) -> str:
         for name in sorted(s.momentum_buffers):
             _put_tensor(h, "momentum/" + name, s.momentum_buffers[name])
     return h.hexdigest()
-
-
-def global_norm(tensors: Params) -> float:
-    """L2 norm over all tensors (per-tensor norms combined in double precision)."""
-    return math.sqrt(
-        math.fsum(float(torch.linalg.vector_norm(_fp32_cpu(t))) ** 2 for t in tensors.values())
-    )
-
-
-def _finite(t: torch.Tensor) -> bool:
-    if t.numel() == 0:
-        return True
-    lo, hi = torch.aminmax(t)  # NaN and ±inf surface in min/max; much faster than isfinite().all()
-    return math.isfinite(float(lo)) and math.isfinite(float(hi))
-
-
-def _check_structure(
-    tensors: Params, reference_shapes: Mapping[str, Sequence[int]], peer_id: str | None
-) -> dict[str, float]:
-    """Names, types, dtypes, shapes and finiteness; returns the per-tensor L2 norms."""
-    names, expected = set(tensors), set(reference_shapes)
-    if names != expected:
-        missing, extra = sorted(expected - names), sorted(names - expected)
-        raise BadContribution(
-            f"tensor names differ from the model's: missing {missing}, unexpected {extra}",
-            peer_id=peer_id,
-            tensor=(missing or extra)[0],
-        )
-    norms: dict[str, float] = {}
-    for name in sorted(tensors):
-        t = tensors[name]
-        if not isinstance(t, torch.Tensor):
-            raise BadContribution(
-                f"not a tensor ({type(t).__name__})", peer_id=peer_id, tensor=name
-            )
-        if t.dtype != torch.float32 or t.device.type != "cpu":
-            raise BadContribution(
-                f"dtype {t.dtype} on {t.device}, expected torch.float32 on cpu",
-                peer_id=peer_id,
-                tensor=name,
-            )
-        if tuple(t.shape) != tuple(reference_shapes[name]):
-            raise BadContribution(
-                f"shape {tuple(t.shape)}, expected {tuple(reference_shapes[name])}",
-                peer_id=peer_id,
-                tensor=name,
-            )
-        if not _finite(t):
-            bad = int((~torch.isfinite(t)).sum())
-            raise BadContribution(f"{bad} non-finite values", peer_id=peer_id, tensor=name)
-        norms[name] = float(torch.linalg.vector_norm(t))
-        if not math.isfinite(norms[name]):
-            raise BadContribution("norm overflows fp32", peer_id=peer_id, tensor=name)
-    return norms
-
-
-def _check_scale(
-    norms: Mapping[str, float],
-    peer_id: str | None,
-    other_norms: Sequence[float],
-    param_norm: float | None,
-    max_median_ratio: float,
-    max_param_ratio: float,
-) -> float:
-    """Refuse a global norm far above the other peers' median or the parameters' own norm."""
-    norm = math.sqrt(math.fsum(n * n for n in norms.values()))
-    largest = max(norms, key=lambda k: norms[k]) if norms else None
-    top = f"; largest: {largest!r} with norm {norms[largest]:.4g}" if largest is not None else ""
-    if other_norms:
-        median = statistics.median(other_norms)
-        if median > 0 and norm > max_median_ratio * median:
-            raise BadContribution(
-                f"pseudo-gradient norm {norm:.4g} is {norm / median:.3g}× the median {median:.4g} "
-                f"of the other contributions (limit {max_median_ratio:g}×){top}",
-                peer_id=peer_id,
-                tensor=largest,
-            )
-    if param_norm is not None and norm > max_param_ratio * param_norm:
-        raise BadContribution(
-            f"pseudo-gradient norm {norm:.4g} exceeds {max_param_ratio:g}× the parameter norm "
-            f"{param_norm:.4g}{top}",
-            peer_id=peer_id,
-            tensor=largest,
-        )
-    return norm
-
-
-def validate_contribution(
-    tensors: Params,
-    reference_shapes: Mapping[str, Sequence[int]],
-    *,
-    peer_id: str | None = None,
-    other_norms: Sequence[float] = (),
-    param_norm: float | None = None,
-    max_median_ratio: float = 1e3,
-    max_param_ratio: float = 10.0,
-) -> float:
-    """Refuse a pseudo-gradient that must not enter the average; return its global norm.
-
-    Checks, in order: exactly the expected tensor names; each tensor a CPU fp32 tensor of the
-    reference shape; every value finite; global norm ≤ ``max_median_ratio`` × the median of
-    ``other_norms`` (the other peers' global norms this round, when given and non-zero); global
-    norm ≤ ``max_param_ratio`` × ``param_norm`` (when given). Healthy deltas sit far inside both
-    limits (after H=25 inner AdamW steps at lr 1e-3 a delta is ~0.1-0.3× the parameter norm and
-    peers are within a few × of each other); the limits exist to stop one peer from swamping the
-    average, not to judge quality. Raises ``BadContribution`` naming peer, tensor and reason.
-    """
-    norms = _check_structure(tensors, reference_shapes, peer_id)
-    return _check_scale(norms, peer_id, other_norms, param_norm, max_median_ratio, max_param_ratio)
-
-
-def screen_contributions(
-    contributions: Sequence[Contribution],
-    reference_shapes: Mapping[str, Sequence[int]],
-    *,
-    param_norm: float | None = None,
-    max_tokens: int | None = None,
-    max_median_ratio: float = 1e3,
-    max_param_ratio: float = 10.0,
-) -> tuple[list[Contribution], dict[str, BadContribution]]:
-    """Split a round's contributions into accepted ones and refusals (keyed by peer id).
-
-    Deterministic, so members that hold the same contributions accept the same set and compute
-    the same average. A peer's scale is judged against the median norm of the *other*
-    structurally valid contributions, so an outlier cannot vouch for itself. A peer id that
-    appears twice is refused outright. ``max_tokens`` caps the claimed token count (a peer could
-    otherwise buy weight in the average).
-    """
-    counts: dict[str, int] = {}
-    for c in contributions:
-        counts[c.peer_id] = counts.get(c.peer_id, 0) + 1
-    rejected: dict[str, BadContribution] = {}
-    per_tensor: dict[str, dict[str, float]] = {}
-    for c in contributions:
-        try:
-            if counts[c.peer_id] > 1:
-                raise BadContribution("sent more than one contribution", peer_id=c.peer_id)
-            if not isinstance(c.tokens, int) or isinstance(c.tokens, bool) or c.tokens <= 0:
-                raise BadContribution(
-                    f"tokens {c.tokens!r} is not a positive int", peer_id=c.peer_id
-                )
-            if max_tokens is not None and c.tokens > max_tokens:
-                raise BadContribution(
-                    f"claims {c.tokens} tokens, more than the round allows ({max_tokens})",
-                    peer_id=c.peer_id,
-                )
-            per_tensor[c.peer_id] = _check_structure(c.tensors, reference_shapes, c.peer_id)
-        except BadContribution as exc:
-            rejected.setdefault(c.peer_id, exc)
-    global_norms = {
-        pid: math.sqrt(math.fsum(n * n for n in norms.values()))
-        for pid, norms in per_tensor.items()
-    }
-    accepted: list[Contribution] = []
-    for c in contributions:
-        if c.peer_id in rejected:
-            continue
-        others = [n for pid, n in global_norms.items() if pid != c.peer_id]
-        try:
-            _check_scale(
-                per_tensor[c.peer_id],
-                c.peer_id,
-                others,
-                param_norm,
-                max_median_ratio,
-                max_param_ratio,
-            )
-        except BadContribution as exc:
-            rejected[c.peer_id] = exc
-            continue
-        accepted.append(c)
-    return accepted, rejected

@@ -12,19 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from gossamer.node.errors import GossamerError
 from gossamer.training.outer import (
-    BadContribution,
     Contribution,
-    OuterOptimizer,
     OuterState,
     apply_outer_step,
-    global_norm,
     init_outer_state,
     pseudo_gradient,
-    screen_contributions,
     state_digest,
-    validate_contribution,
     weighted_average,
 )
 
@@ -127,21 +121,17 @@ def test_outer_step_is_pure_and_repeatable() -> None:
     assert torch.equal(s3.momentum_buffers["emb"], grad["emb"] * 0.9 + grad["emb"])
 
 
-def test_outer_optimizer_wrapper_and_state_checks() -> None:
+def test_outer_state_checks() -> None:
     params, grad = _tensors(0), _tensors(1, 0.01)
-    opt = OuterOptimizer(params, lr=0.5, momentum=0.8)
-    new = opt.step(params, grad)
-    expected, _ = apply_outer_step(params, grad, init_outer_state(params, lr=0.5, momentum=0.8))
-    assert state_digest(new) == state_digest(expected)
-    assert opt.state.step == 1
+    state = init_outer_state(params, lr=0.5, momentum=0.8)
     with pytest.raises(ValueError):
         init_outer_state(params, lr=0.0)
     with pytest.raises(ValueError):
         init_outer_state(params, momentum=1.0)
     with pytest.raises(ValueError, match="fp32"):
-        apply_outer_step({k: v.double() for k, v in params.items()}, grad, opt.state)
+        apply_outer_step({k: v.double() for k, v in params.items()}, grad, state)
     with pytest.raises(ValueError, match="names"):
-        apply_outer_step({"x": torch.zeros(1)}, grad, opt.state)
+        apply_outer_step({"x": torch.zeros(1)}, grad, state)
 
 
 def test_pseudo_gradient_is_start_minus_local_in_fp32() -> None:
@@ -215,61 +205,3 @@ def test_state_digest_is_canonical_and_sees_every_bit() -> None:
         assert state_digest(params, other) != d, change
 
 
-def test_validate_contribution_accepts_sane_and_names_the_bad_tensor() -> None:
-    ref = {k: tuple(s) for k, s in SHAPES.items()}
-    good = _tensors(3, 0.01)
-    norm = validate_contribution(good, ref, peer_id="p1", other_norms=[0.5, 1.0], param_norm=50.0)
-    assert norm == pytest.approx(global_norm(good))
-
-    def bad(tensor: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
-        t = dict(good)
-        t[tensor] = value
-        return t
-
-    nan = good["emb"].clone()
-    nan[3, 2] = float("nan")
-    inf = good["emb"].clone()
-    inf[0, 0] = float("inf")
-    cases = [
-        (bad("emb", nan), "emb", "non-finite"),
-        (bad("emb", inf), "emb", "non-finite"),
-        (bad("blocks.0.b", torch.zeros(34)), "blocks.0.b", "shape"),
-        (bad("blocks.0.b", torch.zeros(33, dtype=torch.float16)), "blocks.0.b", "dtype"),
-        ({k: v for k, v in good.items() if k != "scale"}, "scale", "missing"),
-        ({**good, "extra": torch.zeros(1)}, "extra", "unexpected"),
-    ]
-    for tensors, name, why in cases:
-        with pytest.raises(BadContribution, match=why) as info:
-            validate_contribution(tensors, ref, peer_id="p9")
-        assert info.value.tensor == name and info.value.peer_id == "p9"
-        assert name in str(info.value) and "p9" in str(info.value)
-
-    huge = bad("blocks.0.w", good["blocks.0.w"] * 1e6)
-    with pytest.raises(BadContribution, match="median") as info:
-        validate_contribution(huge, ref, peer_id="p9", other_norms=[norm, norm * 2, norm / 2])
-    assert info.value.tensor == "blocks.0.w"
-    with pytest.raises(BadContribution, match="parameter norm"):
-        validate_contribution(huge, ref, param_norm=100.0)
-    assert issubclass(BadContribution, GossamerError)
-
-
-def test_screen_contributions_drops_outliers_duplicates_and_token_inflation() -> None:
-    ref = {k: tuple(s) for k, s in SHAPES.items()}
-    honest = [Contribution(f"h{i}", _tensors(i, 0.01), 512) for i in range(3)]
-    attacker = Contribution("evil", _tensors(9, 1e4), 512)
-    greedy = Contribution("greedy", _tensors(8, 0.01), 10**9)
-    nan = _tensors(7, 0.01)
-    nan["scale"] = torch.tensor(float("nan"))
-    broken = Contribution("broken", nan, 512)
-    dup = [Contribution("twice", _tensors(5, 0.01), 512), Contribution("twice", _tensors(6), 512)]
-    accepted, rejected = screen_contributions(
-        [*honest, attacker, greedy, broken, *dup], ref, max_tokens=4096
-    )
-    assert [c.peer_id for c in accepted] == ["h0", "h1", "h2"]
-    assert set(rejected) == {"evil", "greedy", "broken", "twice"}
-    assert "median" in str(rejected["evil"])
-    assert "tokens" in str(rejected["greedy"])
-    assert rejected["broken"].tensor == "scale"
-    # an attacker alone with one honest peer is still caught: it is judged by the *other* median
-    accepted, rejected = screen_contributions([honest[0], attacker], ref)
-    assert [c.peer_id for c in accepted] == ["h0"] and set(rejected) == {"evil"}
