@@ -6,7 +6,6 @@ here reaches into the DHT's state.
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any
 
 from gossamer.dht.errors import DHTError
@@ -27,7 +26,7 @@ def register_control(dht: DHT) -> None:
             raise DHTError("dht.put needs 'key' (string), 'value' and a positive 'ttl'")
         if subkey is not None and not isinstance(subkey, str):
             raise DHTError("dht.put: 'subkey' must be a string")
-        stored = await dht.put(key, value, time.time() + float(ttl), subkey=subkey)
+        stored = await dht.put(key, value, dht.clock() + float(ttl), subkey=subkey)
         return {"key": key, "stored": stored}
 
     async def get(params: dict[str, Any]) -> Any:

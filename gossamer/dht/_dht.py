@@ -52,15 +52,25 @@ from gossamer.node.hooks import Provider
 if TYPE_CHECKING:
     from gossamer.node.node import Node
 
-log = logging.getLogger("gossamer.dht")
+log = logging.getLogger(__name__)
 
 
 class DHT:
     """Kademlia over the node's RPC: signed, expiring, sub-keyed records and providers."""
 
-    def __init__(self, node: Node, config: DHTConfig | None = None) -> None:
+    def __init__(
+        self,
+        node: Node,
+        config: DHTConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.node = node
         self.config = config or DHTConfig()
+        # Unix time for everything a record carries or is checked against (timestamps,
+        # expiry, contacts' last_seen); tests inject a fake one.  Deadlines and timers
+        # stay on trio's clock, which has its own MockClock.
+        self.clock = clock
         self.peer_id = node.peer_id
         self.validators = Validators()
         self.table = RoutingTable(node.peer_id, k=self.config.k)
@@ -89,8 +99,14 @@ class DHT:
     # ---------------------------------------------------------------- lifecycle
 
     @classmethod
-    async def start(cls, node: Node, config: DHTConfig | None = None) -> DHT:
-        dht = cls(node, config)
+    async def start(
+        cls,
+        node: Node,
+        config: DHTConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> DHT:
+        dht = cls(node, config, clock=clock)
         await dht._start()
         return dht
 
@@ -204,12 +220,12 @@ class DHT:
         subkey = subkey or ""
         slot = (key, subkey)
         previous = self._own.get(slot)  # a rewrite within one clock tick still wins
-        ts = max(time.time(), previous.ts + 1e-6 if previous else 0.0)
+        ts = max(self.clock(), previous.ts + 1e-6 if previous else 0.0)
         entry = make_entry(
             key, value, ts=ts, expires_at=expires_at, subkey=subkey, identity=self._signer
         )
         self.validators.trust(key, entry)  # we just signed it: no need to verify
-        self._validate(key, entry, time.time())
+        self._validate(key, entry, self.clock())
         self._own_set(slot, entry)
         return await self.queries.store_entries(key, [entry], self.queries.deadline(timeout))
 
@@ -223,7 +239,7 @@ class DHT:
         Expired, unsigned-but-owned and mis-signed entries are never returned.
         """
         check_key(key)
-        now = time.time()
+        now = self.clock()
         local = list(self.store.get(key, now).values())
         local += [e for e in self._own_by_key.get(key, {}).values() if e.expires_at > now]
         if local and not latest:
@@ -252,7 +268,7 @@ class DHT:
             on_answer,
             alpha=min(self.config.alpha, max(1, quorum - holders)),
         )
-        merged = merge(found, time.time())
+        merged = merge(found, self.clock())
         if not merged and not lookup.finished and trio.current_time() >= deadline:
             raise DeadlineExceeded(f"get {key[:80]} found nothing before its deadline")
         return to_record(key, merged)
@@ -271,7 +287,7 @@ class DHT:
         return await self.put(
             key,
             {"addrs": list(self.own_addrs())},
-            time.time() + ttl,
+            self.clock() + ttl,
             subkey=self.peer_id,
             timeout=timeout,
         )
@@ -362,7 +378,7 @@ class DHT:
             await self.put(
                 peer_record_key(self.peer_id),
                 {"addrs": addrs},
-                time.time() + self.config.peer_record_ttl,
+                self.clock() + self.config.peer_record_ttl,
                 timeout=10.0,
             )
         except GossamerError as exc:
@@ -391,13 +407,13 @@ class DHT:
     # -------------------------------------------------------- serving (RPC side)
 
     def serve_find_value(self, key: str, caller: str) -> tuple[list[Entry], list[Contact]]:
-        now = time.time()
+        now = self.clock()
         entries = list(self.store.get(key, now).values())
         return entries, self.table.closest(key_id(key), exclude=caller)
 
     def serve_store(self, key: str, entries: list[Entry], caller: str) -> list[Contact]:
         """Validate and keep ``entries``; the contacts we know nearest ``key``."""
-        now = time.time()
+        now = self.clock()
         for entry in entries:
             self._validate(key, entry, now)
         for entry in entries:
@@ -408,7 +424,7 @@ class DHT:
         """An RPC from ``peer_id``: it is alive; learn its addresses if it is new."""
         contact = self.table.get(peer_id)
         if contact is not None:
-            self.table.update(peer_id, (), time.time())
+            self.table.update(peer_id, (), self.clock())
         else:
             self.upkeep.schedule_hello(peer_id)
 
@@ -421,7 +437,7 @@ class DHT:
 
     def learned(self, peer_id: str, addrs: tuple[str, ...]) -> None:
         """``peer_id`` answered us: into the routing table; the first contact starts the join."""
-        if self.table.update(peer_id, addrs, time.time()) and len(self.table) == 1:
+        if self.table.update(peer_id, addrs, self.clock()) and len(self.table) == 1:
             self._joined.set()
 
     async def republish(self) -> None:
@@ -434,7 +450,7 @@ class DHT:
         from gossamer.dht._persist import Persistence
 
         self._persist = Persistence(self.node.config.data_dir)
-        now = time.time()
+        now = self.clock()
         dropped = 0
         for key, blob, origin in self._persist.records(now):
             try:
@@ -488,7 +504,7 @@ class DHT:
             ]
         if not records and not own and contact_rows is None:
             return
-        persist.write(records, own, contact_rows, now=time.time())
+        persist.write(records, own, contact_rows, now=self.clock())
         self.store.dirty.clear()
         self._own_dirty.clear()
 

@@ -13,7 +13,7 @@ import sqlite3
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-log = logging.getLogger("gossamer.dht.persist")
+log = logging.getLogger(__name__)
 
 FILE_NAME = "dht.sqlite3"
 

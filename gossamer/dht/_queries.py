@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +31,7 @@ from gossamer.node.errors import (
 if TYPE_CHECKING:
     from gossamer.dht._dht import DHT
 
-log = logging.getLogger("gossamer.dht")
+log = logging.getLogger(__name__)
 
 
 class Queries:
@@ -43,6 +42,7 @@ class Queries:
         self.node = dht.node
         self.config = dht.config
         self.peer_id = dht.peer_id
+        self.clock = dht.clock
         self.table = dht.table
         self.rtt = dht.rtt
         self.store = dht.store
@@ -96,7 +96,7 @@ class Queries:
                             answer = receive.receive_nowait()
                         except trio.WouldBlock:
                             break
-        self.table.mark_refreshed(target, time.time())
+        self.table.mark_refreshed(target, self.clock())
         return lookup
 
     def _apply_answer(
@@ -158,7 +158,7 @@ class Queries:
             return exc
         except RemoteError as exc:
             # It answered: alive, but it refused or choked on our request.
-            self.table.update(peer_id, addrs, time.time())
+            self.table.update(peer_id, addrs, self.clock())
             return exc
         except GossamerError as exc:  # DeadlineExceeded, ProtocolError, ResponseTooLarge
             self._failed(peer_id, definitive=False)
@@ -181,7 +181,7 @@ class Queries:
         """Entries a peer returned that pass validation; the rest are dropped (and logged)."""
         if not isinstance(raw, list):
             return []
-        now = time.time()
+        now = self.clock()
         good = []
         for blob in raw[: self.config.limits.max_subkeys_per_key]:
             try:
@@ -218,7 +218,7 @@ class Queries:
         reasons: list[str] = []
         stored = 0
         if ourselves:
-            now = time.time()
+            now = self.clock()
             try:
                 for entry in entries:
                     self.store.put(key, entry, self.peer_id, now)

@@ -32,7 +32,7 @@ from gossamer.node.rpc import CallContext, Service, rpc
 if TYPE_CHECKING:
     from gossamer.dht._dht import DHT
 
-log = logging.getLogger("gossamer.dht")
+log = logging.getLogger(__name__)
 
 MAX_ADDRS = 8
 MAX_ADDR_LEN = 256

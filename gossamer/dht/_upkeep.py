@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import time
 from typing import TYPE_CHECKING
 
 import trio
@@ -26,7 +25,7 @@ from gossamer.node.errors import GossamerError, RemoteError
 if TYPE_CHECKING:
     from gossamer.dht._dht import DHT
 
-log = logging.getLogger("gossamer.dht")
+log = logging.getLogger(__name__)
 
 
 class Upkeep:
@@ -37,6 +36,7 @@ class Upkeep:
         self.node = dht.node
         self.config = dht.config
         self.peer_id = dht.peer_id
+        self.clock = dht.clock
         self.table = dht.table
         self.store = dht.store
         self.queries = dht.queries
@@ -138,7 +138,7 @@ class Upkeep:
                 if trio.current_time() < next_refresh:
                     continue
                 next_refresh = trio.current_time() + period
-                for index in self.table.stale_buckets(time.time(), self.config.refresh_interval):
+                for index in self.table.stale_buckets(self.clock(), self.config.refresh_interval):
                     await self._quiet_lookup(self.table.random_id_in_bucket(index))
             self._dht._joined = trio.Event()
             if len(self.table):  # someone answered while we swapped events
@@ -155,7 +155,7 @@ class Upkeep:
             # the periodic refresh tops up the rest.  (A lookup per bucket
             # made a join cost ~150 RPCs in a 30-node swarm.)
             sizes = self.table.bucket_sizes()
-            for index in self.table.stale_buckets(time.time(), self.config.refresh_interval):
+            for index in self.table.stale_buckets(self.clock(), self.config.refresh_interval):
                 if not sizes.get(index):
                     await self._quiet_lookup(self.table.random_id_in_bucket(index))
         if self.config.publish_peer_record:
@@ -181,7 +181,7 @@ class Upkeep:
             await self._dht.put(
                 peer_record_key(self.peer_id),
                 {"addrs": list(addrs)},
-                time.time() + self.config.peer_record_ttl,
+                self.clock() + self.config.peer_record_ttl,
             )
         except GossamerError as exc:
             log.info("dht: publishing our peer record failed: %s", exc)
@@ -193,7 +193,7 @@ class Upkeep:
 
     async def republish(self) -> None:
         """Re-store our own unexpired records; refresh our provider and peer records."""
-        now = time.time()
+        now = self.clock()
         for content_id, ttl in list(self._dht._providing.items()):
             try:
                 await self._dht.provide(content_id, ttl)
@@ -223,7 +223,7 @@ class Upkeep:
             now = trio.current_time()
             if now - last_purge >= self.config.purge_interval:
                 last_purge = now
-                wall = time.time()
+                wall = self.clock()
                 self.store.purge(wall)
                 for slot, entry in list(self._dht._own.items()):
                     if entry.expires_at <= wall:
