@@ -34,10 +34,10 @@ from gossamer.node.errors import FrameTooLarge, GossamerError, PeerUnreachable, 
 if TYPE_CHECKING:
     from gossamer.crdt.run import Run
     from gossamer.crdt.sync import CrdtService
-    from gossamer.node._libp2p_compat import Stream
+    from gossamer.node.host import Stream
     from gossamer.node.node import Node
 
-log = logging.getLogger("gossamer.crdt.sync")
+log = logging.getLogger(__name__)
 
 
 async def dial(run: Run, peer_id: str) -> Link:

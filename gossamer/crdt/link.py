@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -45,9 +44,9 @@ from gossamer.node.errors import FrameTooLarge, ProtocolError
 
 if TYPE_CHECKING:
     from gossamer.crdt.run import Run
-    from gossamer.node._libp2p_compat import Stream
+    from gossamer.node.host import Stream
 
-log = logging.getLogger("gossamer.crdt.sync")
+log = logging.getLogger(__name__)
 
 
 class Link:
@@ -72,9 +71,9 @@ class Link:
         self.cancel_scope = trio.CancelScope()
         self.drained = trio.Event()
         self.waiters: dict[int, trio.Event] = {}
-        self.last_sent = time.monotonic()
+        self.last_sent = self.run.monotonic()
         self.last_gap_request = 0.0
-        self.opened = time.monotonic()
+        self.opened = self.run.monotonic()
 
     def offer(self, envelope: Envelope, *, lazy: bool = False) -> bool:
         """Queue ``envelope`` unless the peer is known to have its clocks.
@@ -152,13 +151,13 @@ class Link:
             if scope.cancelled_caught:
                 raise trio.TooSlowError
             self.queued_bytes -= len(data)
-            self.last_sent = time.monotonic()
+            self.last_sent = self.run.monotonic()
 
     async def keepalive(self) -> None:
         interval = self.run.options.keepalive
         while True:
             await trio.sleep(interval / 2)
-            if time.monotonic() - self.last_sent >= interval and not self.queued_bytes:
+            if self.run.monotonic() - self.last_sent >= interval and not self.queued_bytes:
                 self.send_raw(wire.frame(wire.pack([PING])))
 
     # ------------------------------------------------------------ serving
@@ -316,7 +315,7 @@ class Link:
             run.stats["duplicates"] += 1
         elif verdict is Verdict.PENDING:
             run.stats["pending"] += 1
-            now = time.monotonic()
+            now = self.run.monotonic()
             if now - self.last_gap_request >= run.options.gap_request_interval:
                 self.last_gap_request = now
                 self.send_raw(wire.frame(wire.pack([SV_REQUEST, 0, run.replica.state_vector()])))

@@ -18,14 +18,19 @@ state vector, the peer answers with what we lack then ``SV_REPLY`` with its
 own, and we send what it lacks.  Whatever arrives is new to our mesh and gets
 flooded.  A receiver that sees a gap (an envelope whose author's earlier
 clocks are missing) parks it and asks the sender with ``SV_REQUEST`` at once.
+
+**Policy and I/O.**  What to close, whom to dial and when to run anti-entropy
+is :class:`MeshPolicy`, a pure function of a snapshot (links by peer, the
+candidates, past dial failures) and ``now``; :class:`Mesh` reads the run's
+clocks and state, asks the policy and applies its answer.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-import time
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence, Set
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import trio
 
@@ -37,25 +42,188 @@ from gossamer.node.errors import GossamerError
 
 if TYPE_CHECKING:
     from gossamer.crdt.link import Link
+    from gossamer.crdt.options import SyncOptions
     from gossamer.crdt.run import Run
 
-log = logging.getLogger("gossamer.crdt.sync")
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class LinkState(Protocol):
+    """What the policy reads of a link (:class:`~gossamer.crdt.link.Link` has it)."""
+
+    @property
+    def initiator(self) -> bool: ...  # we dialed it
+
+    @property
+    def opened(self) -> float: ...  # monotonic seconds
+
+    @property
+    def closed(self) -> bool: ...
+
+
+L = TypeVar("L", bound=LinkState)
+
+
+class Chance(Protocol):
+    """The random choices the policy makes: the :mod:`random` module itself (what the
+    mesh passes, so ``random.seed`` in a benchmark still fixes them) or a seeded
+    :class:`random.Random` (what a test passes)."""
+
+    def sample(self, population: Sequence[T], k: int) -> list[T]: ...
+
+    def shuffle(self, x: list[Any]) -> None: ...
+
+    def uniform(self, a: float, b: float) -> float: ...
+
+
+class MeshPolicy:
+    """Which links the mesh closes and which peers it dials, from a snapshot and ``now``.
+
+    No clock, no network and no state of its own: :class:`Mesh` passes what it
+    sees (the run's links by peer, in the order they were opened; the peers it
+    could dial; when dials failed) with the time (monotonic seconds, except
+    :meth:`is_live`, which compares wall-clock heartbeats) and applies the answer.
+    Nothing passed in is changed.
+    """
+
+    DUPLICATE_GRACE_S = 1.0  # let a simultaneous dial finish its hello before closing one
+    TRIM_MIN_AGE_S = 5.0  # a link this young may still be bringing a peer up to date
+    REFUSED_DIAL_PENALTY_S = 60.0  # a refusal is not going to change soon
+
+    def __init__(self, options: SyncOptions) -> None:
+        self.options = options
+
+    # ------------------------------------------------------------- closing
+
+    def links_to_close(
+        self,
+        me: str,
+        links: Mapping[str, Sequence[L]],
+        bootstrap: Set[str],
+        now: float,
+        rng: Chance,
+    ) -> list[L]:
+        """Duplicate links first, then the surplus above ``mesh_high``.
+
+        Two peers that dialed each other at once keep the link the smaller id
+        dialed.  Above ``mesh_high`` linked peers, some links we dialed are
+        closed, never a bootstrap peer's and never one younger than
+        :attr:`TRIM_MIN_AGE_S`.
+        """
+        closing = self._duplicates(me, links, now)
+        closing_ids = {id(link) for link in closing}
+
+        def first_open(peer: str) -> L | None:
+            return next(
+                (lk for lk in links[peer] if not lk.closed and id(lk) not in closing_ids), None
+            )
+
+        linked = [peer for peer in links if first_open(peer) is not None]
+        surplus = len(linked) - self.options.mesh_high
+        if surplus > 0:
+            ours = [
+                link
+                for peer in linked
+                if peer not in bootstrap
+                and (link := first_open(peer)) is not None
+                and link.initiator
+                and now - link.opened > self.TRIM_MIN_AGE_S
+            ]
+            closing += rng.sample(ours, min(surplus, len(ours)))
+        return closing
+
+    def _duplicates(self, me: str, links: Mapping[str, Sequence[L]], now: float) -> list[L]:
+        closing: list[L] = []
+        for peer, peer_links in links.items():
+            live = [lk for lk in peer_links if not lk.closed]
+            if len(live) < 2:
+                continue
+            keep_initiated = me < peer
+            keep = next((lk for lk in live if lk.initiator == keep_initiated), live[0])
+            closing += [
+                lk for lk in live if lk is not keep and now - lk.opened > self.DUPLICATE_GRACE_S
+            ]
+        return closing
+
+    # ------------------------------------------------------------- dialing
+
+    def dials_wanted(self, linked: int, dialing: int) -> int:
+        """How many new dials bring linked plus dialing peers up to ``mesh_low`` (<= 0: none)."""
+        return self.options.mesh_low - linked - dialing
+
+    def peers_to_dial(
+        self,
+        candidates: Sequence[str],
+        linked: Set[str],
+        dialing: Set[str],
+        dial_failed: Mapping[str, float],
+        now: float,
+        want: int,
+        rng: Chance,
+    ) -> list[str]:
+        """Up to ``want`` candidates, at random, that are neither linked nor being dialed
+        and whose last failed dial (``dial_failed``: when, plus any penalty) is at least
+        ``dial_backoff`` old."""
+        if want <= 0:
+            return []
+        fresh = [
+            p
+            for p in candidates
+            if p not in linked
+            and p not in dialing
+            and now - dial_failed.get(p, -1e9) >= self.options.dial_backoff
+        ]
+        rng.shuffle(fresh)
+        return fresh[:want]
+
+    def dial_penalty(self, refused: bool) -> float:
+        """Seconds added to a failed dial's time: a refusal waits longer than a failure."""
+        return self.REFUSED_DIAL_PENALTY_S if refused else 0.0
+
+    def has_room(self, linked: int) -> bool:
+        """Whether a peer that connected to us is worth a link (we are below ``mesh_high``)."""
+        return linked < self.options.mesh_high
+
+    # -------------------------------------------------------- anti-entropy
+
+    def anti_entropy_due(self, now: float, next_at: float) -> bool:
+        return self.options.anti_entropy_interval > 0 and now >= next_at
+
+    def next_anti_entropy(self, now: float, rng: Chance) -> float:
+        """When the next round starts: ``anti_entropy_interval`` from ``now``, ±20 %."""
+        return now + self.options.anti_entropy_interval * rng.uniform(0.8, 1.2)
+
+    def is_live(self, heartbeat: float | None, wall_now: float) -> bool:
+        """A member worth syncing with: it never sent a heartbeat, or one newer than
+        ``stale_member_s`` (older: it probably left without saying so)."""
+        return heartbeat is None or wall_now - heartbeat < self.options.stale_member_s
+
+    def should_pull(self, have: int, end: int, asked_at: float | None, now: float) -> bool:
+        """Ask for clocks up to ``end`` of an author we hold up to ``have``, unless someone
+        was asked for them less than ``pull_timeout`` ago."""
+        if have >= end:
+            return False
+        return asked_at is None or now - asked_at >= self.options.pull_timeout
 
 
 class Mesh:
-    """The links a run keeps, the flooding over them, and its anti-entropy rounds."""
+    """The links a run keeps, the flooding over them, and its anti-entropy rounds.
+
+    The decisions are :class:`MeshPolicy`'s; this is the I/O around them: it
+    reads the run's clocks and links, closes and dials, and sends.
+    """
 
     def __init__(self, run: Run) -> None:
         self.run = run
         self.options = run.options
+        self.policy = MeshPolicy(run.options)
         self._dialing: set[str] = set()
-        self._dial_failed: dict[str, float] = {}
+        self._dial_failed: dict[str, float] = {}  # monotonic: when, plus any penalty
         self._pulls: dict[tuple[int, int], float] = {}
-        self._next_anti_entropy = time.monotonic() + self._ae_delay()
+        self._next_anti_entropy = self.policy.next_anti_entropy(run.monotonic(), random)
         self.anti_entropy_rounds = 0
-
-    def _ae_delay(self) -> float:
-        return self.options.anti_entropy_interval * random.uniform(0.8, 1.2)
 
     # ------------------------------------------------------------ flooding
 
@@ -78,11 +246,11 @@ class Mesh:
     def maybe_pull(self, link: Link, client: int, end: int) -> None:
         """A peer announced clocks we lack: ask it, unless we asked someone recently."""
         replica = self.run.replica
-        if replica.clock_of(client) >= end:
+        have = replica.clock_of(client)
+        if have >= end:
             return
-        now = time.monotonic()
-        asked = self._pulls.get((client, end))
-        if asked is not None and now - asked < self.options.pull_timeout:
+        now = self.run.monotonic()
+        if not self.policy.should_pull(have, end, self._pulls.get((client, end)), now):
             return
         if len(self._pulls) > 10_000:
             self._pulls.clear()
@@ -100,13 +268,8 @@ class Mesh:
         """
         run = self.run
         me = run.node.peer_id
-        now = time.time()
-        stale = self.options.stale_member_s
-        members = {
-            p
-            for p, m in run.doc.members().items()
-            if m.heartbeat is None or now - m.heartbeat < stale
-        }
+        now = run.clock()
+        members = {p for p, m in run.doc.members().items() if self.policy.is_live(m.heartbeat, now)}
         peers = members | run.bootstrap_peers | set(run.linked_peers())
         return sorted(
             p for p in peers if p != me and run.service.may_talk(p) and run.charter.may_join(p)
@@ -129,7 +292,7 @@ class Mesh:
                 link = await run.link_to(peer_id)
             except GossamerError as exc:
                 log.debug("anti-entropy with %s: %s", peer_id[-8:], exc)
-                self._dial_failed[peer_id] = time.monotonic()
+                self._dial_failed[peer_id] = run.monotonic()
                 return None
             nonce = random.getrandbits(62) + 1
             event = trio.Event()
@@ -146,58 +309,28 @@ class Mesh:
     # --------------------------------------------------------- maintenance
 
     def maintain(self, now: float) -> None:
-        """Close duplicate and surplus links, dial up to ``mesh_low``, start anti-entropy."""
+        """Close duplicate and surplus links, dial up to ``mesh_low``, start anti-entropy.
+
+        ``now`` is the run's monotonic clock.
+        """
         run = self.run
-        self._close_duplicate_links()
-        self._trim_mesh()
+        policy = self.policy
+        for link in policy.links_to_close(
+            run.node.peer_id, run.links, run.bootstrap_peers, now, random
+        ):
+            link.close()
         linked = set(run.linked_peers())
-        want = self.options.mesh_low - len(linked) - len(self._dialing)
+        want = policy.dials_wanted(len(linked), len(self._dialing))
         if want > 0:
-            fresh = [
-                p
-                for p in self.candidates()
-                if p not in linked
-                and p not in self._dialing
-                and now - self._dial_failed.get(p, -1e9) >= self.options.dial_backoff
-            ]
-            random.shuffle(fresh)
-            for peer in fresh[:want]:
+            dials = policy.peers_to_dial(
+                self.candidates(), linked, self._dialing, self._dial_failed, now, want, random
+            )
+            for peer in dials:
                 self._dialing.add(peer)
                 run.nursery.start_soon(self._dial_member, peer)
-        if self.options.anti_entropy_interval > 0 and now >= self._next_anti_entropy:
-            self._next_anti_entropy = now + self._ae_delay()
+        if policy.anti_entropy_due(now, self._next_anti_entropy):
+            self._next_anti_entropy = policy.next_anti_entropy(now, random)
             run.nursery.start_soon(self.anti_entropy_once)
-
-    def _trim_mesh(self) -> None:
-        """Above ``mesh_high`` links, close some we dialed (never a bootstrap peer's)."""
-        run = self.run
-        surplus = len(run.linked_peers()) - self.options.mesh_high
-        if surplus <= 0:
-            return
-        now = time.monotonic()
-        ours = [
-            link
-            for peer in run.linked_peers()
-            if peer not in run.bootstrap_peers
-            and (link := run.link_for(peer)) is not None
-            and link.initiator
-            and now - link.opened > 5.0
-        ]
-        for link in random.sample(ours, min(surplus, len(ours))):
-            link.close()
-
-    def _close_duplicate_links(self) -> None:
-        """Two peers that dialed each other at once keep the link the smaller id dialed."""
-        me = self.run.node.peer_id
-        for peer, links in list(self.run.links.items()):
-            live = [lk for lk in links if not lk.closed]
-            if len(live) < 2:
-                continue
-            keep_initiated = me < peer
-            keep = next((lk for lk in live if lk.initiator == keep_initiated), live[0])
-            for link in live:
-                if link is not keep and time.monotonic() - link.opened > 1.0:
-                    link.close()
 
     async def _dial_member(self, peer_id: str) -> None:
         try:
@@ -206,8 +339,8 @@ class Mesh:
         except GossamerError as exc:
             log.debug("run %s: cannot link to %s: %s", self.run.run_id, peer_id[-8:], exc)
             # A refusal is not going to change soon; an unreachable peer might.
-            penalty = 60.0 if isinstance(exc, RunAccessError) else 0.0
-            self._dial_failed[peer_id] = time.monotonic() + penalty
+            penalty = self.policy.dial_penalty(refused=isinstance(exc, RunAccessError))
+            self._dial_failed[peer_id] = self.run.monotonic() + penalty
         finally:
             self._dialing.discard(peer_id)
 
@@ -218,7 +351,7 @@ class Mesh:
             return
         if peer_id not in run.bootstrap_peers and run.doc.member(peer_id) is None:
             return
-        if len(run.linked_peers()) >= self.options.mesh_high:
+        if not self.policy.has_room(len(run.linked_peers())):
             return
         self._dialing.add(peer_id)
         run.nursery.start_soon(self._dial_member, peer_id)

@@ -40,7 +40,7 @@ from gossamer.node import wire
 from gossamer.node.errors import GossamerError, ProtocolError
 from gossamer.node.identity import Identity, peer_id_from_public_key
 
-log = logging.getLogger("gossamer.crdt")
+log = logging.getLogger(__name__)
 
 LOCAL_ORIGIN = "gossamer.crdt.local"
 REMOTE_ORIGIN = "gossamer.crdt.remote"

@@ -31,7 +31,7 @@ from gossamer.node.errors import GossamerError
 if TYPE_CHECKING:
     from gossamer.crdt.sync import CrdtService
 
-log = logging.getLogger("gossamer.crdt.sync")
+log = logging.getLogger(__name__)
 
 
 class Run:
@@ -43,12 +43,22 @@ class Run:
         charter: Charter,
         store: RunStore | None,
         bootstrap: list[str] | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.service = service
+        # Two clocks, one owner: ``clock`` (unix time) is what goes into the document and
+        # is compared across nodes (heartbeats, round times); ``monotonic`` times what
+        # is local (link ages, dial back-off, pulls, heartbeat and anti-entropy
+        # schedules).  The doc, the mesh and the links all read these.  Tests inject
+        # fake ones; trio's sleeps and deadlines stay on trio's clock.
+        self.clock = clock
+        self.monotonic = monotonic
         self.node = service.node
         self.options = service.options
         self.replica = Replica(charter, self.node.identity, self.options.limits)
-        self.doc = RunDocument(self.replica)
+        self.doc = RunDocument(self.replica, clock)
         self.store = store
         self.links: dict[str, list[Link]] = {}
         self.bootstrap_peers: set[str] = set(bootstrap or ())
@@ -231,7 +241,7 @@ class Run:
             await trio.sleep(self.options.maintain_interval * random.uniform(0.8, 1.2))
 
     def _maintain_once(self) -> None:
-        now = time.monotonic()
+        now = self.monotonic()
         if not self.charter.may_join(self.node.peer_id):
             return  # removed from the run: nothing to sync, nobody to dial
         self.mesh.maintain(now)

@@ -25,7 +25,7 @@ from gossamer.crdt.envelope import Envelope
 from gossamer.node import wire
 from gossamer.node.errors import ProtocolError
 
-log = logging.getLogger("gossamer.crdt.store")
+log = logging.getLogger(__name__)
 
 MAGIC = b"GSMRCRDT\x01\n"
 MAX_RECORD = 1 << 30
