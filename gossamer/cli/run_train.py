@@ -10,24 +10,8 @@ current state from the members) and trains until the run's last round. Both show
 
 The worker is a node of its own, in the foreground (Ctrl-C stops it; a restarted worker resumes
 from its checkpoint or downloads): identity and checkpoints under ``--data-dir`` (default
-``<gossamer home>/worker``, apart from a daemon's identity). The run file (TOML)::
-
-    name = "tiny-gpt"      # the run id is derived from it and the host's key
-
-    [model]                # the built-in byte-level GPT (defaults: 4 layers, d=128, context 128)
-    n_layer = 4
-    d_model = 128
-
-    [data]                 # the stdlib corpus: per-worker batch, inner AdamW, shards
-    batch_size = 4
-    lr = 1e-3
-    shards = 4
-
-    [diloco]               # gossamer.training.diloco.DiLoCoConfig
-    inner_steps = 50
-    rounds = 20
-    codec = "int8"
-    min_workers = 2
+``<gossamer home>/worker``, apart from a daemon's identity). The run file's schema lives in
+:mod:`gossamer.training.run_file`.
 
 Torch is imported only when one of these commands runs.
 """
@@ -37,13 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any
 
 from gossamer.cli.common import CliError, add_json, print_json
-
-MODEL_KEYS = ("n_layer", "n_head", "d_model", "context", "seed")
 
 
 def add_parsers(run_sub: Any) -> None:
@@ -91,79 +72,35 @@ def _add_worker_args(parser: argparse.ArgumentParser) -> None:
     add_json(parser)
 
 
-# ------------------------------------------------------------------ the run file
-
-
-def load_run_file(path: str | Path) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """(name, recipe fields, DiLoCo fields) from a run TOML file; CliError on any mistake."""
-    try:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
-    except OSError as exc:
-        raise CliError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise CliError(f"{path}: not valid TOML: {exc}") from None
-    unknown = sorted(set(raw) - {"name", "model", "data", "diloco"})
-    if unknown:
-        raise CliError(f"{path}: unknown key(s) {', '.join(unknown)} (name, model, data, diloco)")
-    name = raw.get("name")
-    if not isinstance(name, str) or not name:
-        raise CliError(f'{path}: set name = "…" (the run\'s name)')
-    from gossamer.crdt.charter import NAME_RE
-
-    if not NAME_RE.match(name):
-        raise CliError(
-            f"{path}: run name {name!r}: use 1-48 lowercase letters, digits, '_' or '.', "
-            "starting with a letter or digit"
-        )
-    sections = {}
-    for section in ("model", "data", "diloco"):
-        value = raw.get(section, {})
-        if not isinstance(value, dict):
-            raise CliError(f"{path}: [{section}] must be a table")
-        sections[section] = dict(value)
-    bad_model = sorted(set(sections["model"]) - set(MODEL_KEYS))
-    if bad_model:
-        raise CliError(f"{path}: unknown [model] key(s) {', '.join(bad_model)}")
-    recipe = {**sections["model"], **sections["data"]}
-    return name, recipe, sections["diloco"]
-
-
-def _build(recipe_fields: dict[str, Any], diloco_fields: dict[str, Any], where: str) -> Any:
-    from gossamer.training.diloco_config import DiLoCoConfig
-    from gossamer.training.recipe import Recipe
-
-    try:
-        config = DiLoCoConfig.from_dict(diloco_fields)
-        if "schedule_steps" not in recipe_fields and config.rounds is not None:
-            recipe_fields = {**recipe_fields, "schedule_steps": config.rounds * config.inner_steps}
-        recipe = Recipe(**recipe_fields)
-        recipe.gpt  # noqa: B018 - validates the model shape
-    except (TypeError, ValueError) as exc:
-        raise CliError(f"{where}: {exc}") from None
-    return recipe, config
-
-
 # ------------------------------------------------------------------ commands
 
 
 def _node_config(args: argparse.Namespace) -> Any:
-    from gossamer.node.config import NodeConfig, default_data_dir
+    """Defaults < ``GOSSAMER_*`` environment < these flags (the run file is not a node config)."""
+    from gossamer.node.config import default_data_dir, load_config
 
     listen = args.listen or ["/ip4/0.0.0.0/tcp/0"]
-    return NodeConfig(
-        data_dir=Path(args.data_dir) if args.data_dir else default_data_dir() / "worker",
-        listen=list(listen),
-        announce=list(args.announce or []),
-        dataplane_listen=args.dataplane_listen or "0.0.0.0:0",
-        log_level="debug" if getattr(args, "verbose", 0) else "warning",
+    return load_config(
+        None,
+        overrides={
+            "data_dir": Path(args.data_dir) if args.data_dir else default_data_dir() / "worker",
+            "listen": list(listen),
+            "announce": list(args.announce or []),
+            "dataplane_listen": args.dataplane_listen or "0.0.0.0:0",
+            "log_level": "debug" if getattr(args, "verbose", 0) else "warning",
+        },
     )
 
 
 def cmd_host(args: argparse.Namespace) -> int:
-    name, recipe_fields, diloco_fields = load_run_file(args.run_config)
-    recipe, config = _build(recipe_fields, diloco_fields, args.run_config)
-    return _train(args, host=name, recipe=recipe, config=config)
+    from gossamer.node.errors import ConfigError
+    from gossamer.training.run_file import load_run_file
+
+    try:
+        run_file = load_run_file(args.run_config)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+    return _train(args, host=run_file.name, recipe=run_file.recipe, config=run_file.diloco)
 
 
 def cmd_join(args: argparse.Namespace) -> int:

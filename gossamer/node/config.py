@@ -13,9 +13,10 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any
 
 from gossamer.node.errors import ConfigError
+from gossamer.node.tables import field_types, typed_fields
 
 ENV_PREFIX = "GOSSAMER_"
 
@@ -103,76 +104,14 @@ class NodeConfig:
         return dataclasses.replace(self, **changes)
 
 
-_FIELD_TYPES = {k: v for k, v in get_type_hints(NodeConfig).items() if k != "tables"}
-
-
-def _coerce(name: str, value: Any, from_text: bool) -> Any:
-    """Turn a TOML/env/CLI value into the field's type, or explain why not."""
-    kind = _FIELD_TYPES[name]
-    origin = get_origin(kind)
-    try:
-        if kind is Path:
-            if not isinstance(value, str | Path):
-                raise TypeError
-            return Path(value).expanduser()
-        if origin is list:
-            (item,) = get_args(kind)
-            if from_text and isinstance(value, str):
-                value = [v.strip() for v in value.split(",") if v.strip()]
-            if not isinstance(value, list) or not all(isinstance(v, item) for v in value):
-                raise TypeError
-            return list(value)
-        if kind is bool:
-            if isinstance(value, bool):
-                return value
-            if from_text and isinstance(value, str):
-                lowered = value.strip().lower()
-                if lowered in ("1", "true", "yes", "on"):
-                    return True
-                if lowered in ("0", "false", "no", "off"):
-                    return False
-            raise TypeError
-        if kind is int:
-            if isinstance(value, bool):
-                raise TypeError
-            if isinstance(value, int):
-                return value
-            if from_text and isinstance(value, str):
-                return int(value.strip())
-            raise TypeError
-        if kind is float:
-            if isinstance(value, bool):
-                raise TypeError
-            if isinstance(value, int | float):
-                return float(value)
-            if from_text and isinstance(value, str):
-                return float(value.strip())
-            raise TypeError
-        if kind is str:
-            if not isinstance(value, str):
-                raise TypeError
-            return value
-    except (TypeError, ValueError):
-        pass
-    else:
-        raise ConfigError(f"config key {name!r} has an unsupported type")
-    raise ConfigError(f"config key {name!r} expects {_type_name(kind)}, got {value!r}")
-
-
-def _type_name(kind: Any) -> str:
-    if get_origin(kind) is list:
-        return f"a list of {get_args(kind)[0].__name__}"
-    return {Path: "a path", bool: "true/false", int: "an integer", float: "a number"}.get(
-        kind, "a string"
-    )
+_FIELD_TYPES = {k: v for k, v in field_types(NodeConfig).items() if k != "tables"}
 
 
 def _apply(config: NodeConfig, values: Mapping[str, Any], source: str, from_text: bool) -> None:
-    for key, value in values.items():
-        name = key.replace("-", "_")
-        if name not in _FIELD_TYPES:
-            raise ConfigError(f"unknown config key {key!r} in {source}")
-        setattr(config, name, _coerce(name, value, from_text))
+    for name, value in typed_fields(
+        NodeConfig, values, source, from_text=from_text, skip=("tables",)
+    ).items():
+        setattr(config, name, value)
 
 
 def load_config(

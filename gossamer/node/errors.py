@@ -12,7 +12,7 @@ class GossamerError(Exception):
     """Base class of every error gossamer raises on purpose."""
 
 
-class ConfigError(GossamerError):
+class ConfigError(GossamerError, ValueError):
     """A configuration value is missing, unknown or malformed."""
 
 

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from gossamer.node.tables import typed_fields
 from gossamer.training import rounds
 from gossamer.training.codecs import get_codec
 
@@ -46,9 +47,9 @@ class DiLoCoConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> DiLoCoConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown DiLoCo setting(s): {', '.join(unknown)}")
-        return cls(**dict(values))
+    def from_dict(
+        cls, values: Mapping[str, Any], source: str = "the DiLoCo settings"
+    ) -> DiLoCoConfig:
+        """Settings from a table (a run file's [diloco], the run document's hparams, the SDK);
+        a wrong key or type is a ConfigError naming it, a bad value a ValueError."""
+        return cls(**typed_fields(cls, values, source))

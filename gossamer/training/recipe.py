@@ -18,12 +18,22 @@ from typing import Any
 
 import torch
 
+from gossamer.node.tables import typed_fields
 from gossamer.training.data import batches, eval_loss, load_corpus, worker_shard
 from gossamer.training.inner import LocalInnerLoop
 from gossamer.training.model import GPT, GPTConfig
 from gossamer.training.simulate import SimConfig, lr_at
 
 __all__ = ["Recipe"]
+
+
+MODEL_KEYS = (
+    "n_layer",
+    "n_head",
+    "d_model",
+    "context",
+    "seed",
+)  # the [model] table; the rest is [data]
 
 
 @dataclass(frozen=True)
@@ -71,7 +81,7 @@ class Recipe:
 
     def to_config(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        model = {k: d.pop(k) for k in ("n_layer", "n_head", "d_model", "context", "seed")}
+        model = {k: d.pop(k) for k in MODEL_KEYS}
         return {"model": {"kind": "gpt", **model}, "data": {"kind": "stdlib", **d}}
 
     @classmethod
@@ -81,11 +91,7 @@ class Recipe:
         if not isinstance(data, Mapping) or data.get("kind") != "stdlib":
             raise ValueError("this run does not use the built-in stdlib corpus")
         values = {k: v for k, v in {**model, **data}.items() if k != "kind"}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown recipe field(s): {', '.join(unknown)}")
-        return cls(**values)
+        return cls(**typed_fields(cls, values, "the run's model/data config"))
 
     # building a worker
 

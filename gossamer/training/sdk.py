@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import trio
 
-from gossamer.node.config import NodeConfig, default_data_dir
+from gossamer.node.config import NodeConfig, default_data_dir, load_config
 from gossamer.node.errors import GossamerError
 from gossamer.training.diloco import DiLoCoWorker
 from gossamer.training.diloco_config import DiLoCoConfig
@@ -123,10 +123,15 @@ class Worker:
         else:
             self.config = DiLoCoConfig.from_dict(config)
         if node_config is None:
-            node_config = NodeConfig(
-                data_dir=Path(data_dir) if data_dir is not None else default_data_dir() / "worker",
-                listen=list(listen),
-                dataplane_listen=_dataplane_listen(listen),
+            node_config = load_config(
+                None,
+                overrides={
+                    "data_dir": Path(data_dir)
+                    if data_dir is not None
+                    else default_data_dir() / "worker",
+                    "listen": list(listen),
+                    "dataplane_listen": _dataplane_listen(listen),
+                },
             )
         self.node_config = node_config
         self.on_event = on_event

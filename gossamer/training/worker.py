@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import trio
 
-from gossamer.node.config import NodeConfig
+from gossamer.node.config import NodeConfig, load_config
 from gossamer.node.errors import GossamerError
 from gossamer.training.diloco import DiLoCoWorker
 from gossamer.training.diloco_config import DiLoCoConfig
@@ -160,12 +160,15 @@ def main(argv: list[str] | None = None) -> int:
         threading.Thread(target=watch, daemon=True).start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    node_config = NodeConfig(
-        data_dir=args.data_dir,
-        listen=["/ip4/127.0.0.1/tcp/0"],
-        dataplane_listen="127.0.0.1:0",
-        mdns=False,
-        log_level=args.log_level,
+    node_config = load_config(
+        None,
+        overrides={
+            "data_dir": args.data_dir,
+            "listen": ["/ip4/127.0.0.1/tcp/0"],
+            "dataplane_listen": "127.0.0.1:0",
+            "mdns": False,
+            "log_level": args.log_level,
+        },
     )
     hooks: dict[str, Any] = {}
     if args.stall_round is not None:
