@@ -325,8 +325,8 @@ async def _hosting_worker() -> None:
         nursery.cancel_scope.cancel()
 
 
-class _Workers:
-    """The coordinator's handles on the worker processes."""
+class _NodeProcesses:
+    """The coordinator's handles on the child processes that host this bench's DHT nodes."""
 
     def __init__(self, procs: int) -> None:
         self.procs = [
@@ -373,7 +373,7 @@ def _part_b(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)
     result: dict[str, Any] = {"b_nodes": count, "b_keys": args.keys, "b_processes": procs}
     started_at = time.perf_counter()
-    workers = _Workers(procs)
+    workers = _NodeProcesses(procs)
     try:
         # Join in rounds of one node per worker, each through a random node that
         # already joined (first a seed node).  Rounds keep every process busy

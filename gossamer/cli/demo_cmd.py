@@ -224,7 +224,7 @@ class _Ui:
 # ------------------------------------------------------------------------ the swarm
 
 
-class _Worker:
+class _WorkerProcess:
     """A worker process and a bounded reader of its JSON-line stdout."""
 
     def __init__(self, index: int, process: Any) -> None:
@@ -263,7 +263,7 @@ class _Worker:
                 await self.process.wait()
 
 
-async def _spawn(index: int, argv: list[str], workdir: Path) -> _Worker:
+async def _spawn(index: int, argv: list[str], workdir: Path) -> _WorkerProcess:
     import os
 
     import trio
@@ -277,7 +277,7 @@ async def _spawn(index: int, argv: list[str], workdir: Path) -> _Worker:
         cwd=workdir,
         env=env,
     )
-    return _Worker(index, process)
+    return _WorkerProcess(index, process)
 
 
 async def _demo(args: argparse.Namespace, ui: _Ui) -> dict[str, Any]:
@@ -310,7 +310,7 @@ async def _demo(args: argparse.Namespace, ui: _Ui) -> dict[str, Any]:
         "momentum 0.9)"
     )
     n = args.workers
-    workers: list[_Worker] = []
+    workers: list[_WorkerProcess] = []
     state: dict[str, Any] = {
         "loss": {},
         "tps": {},
@@ -417,7 +417,9 @@ async def _next_of(events: Any, kind: str) -> dict[str, Any]:
     raise GossamerError(f"worker exited before '{kind}'")
 
 
-async def _follow(worker: _Worker, events: Any, state: dict[str, Any], ui: _Ui, n: int) -> None:
+async def _follow(
+    worker: _WorkerProcess, events: Any, state: dict[str, Any], ui: _Ui, n: int
+) -> None:
     async for event in events:
         kind = event.get("event")
         i = worker.index

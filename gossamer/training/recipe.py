@@ -62,7 +62,7 @@ class Recipe:
         """The simulator's config for the same model, data and schedule."""
         base = SimConfig(
             n_workers=n_workers or self.shards,
-            inner_steps=self.schedule_steps,
+            total_steps=self.schedule_steps,
             batch_size=self.batch_size,
             context=self.context,
             n_layer=self.n_layer,
@@ -117,7 +117,7 @@ class Recipe:
             opt,
             stream,
             lambda m, batch: m.loss(*batch),
-            lr_schedule=lambda step: lr_at(min(step, sim.inner_steps - 1), sim),
+            lr_schedule=lambda step: lr_at(min(step, sim.total_steps - 1), sim),
         )
 
     def eval_loss(self, params: Mapping[str, torch.Tensor], n_batches: int = 32) -> float:

@@ -94,7 +94,7 @@ class SimConfig:
     """Everything a comparison depends on (defaults: the calibration setup, shorter)."""
 
     n_workers: int = 4
-    inner_steps: int = 300  # per worker, = DDP steps; the token budget
+    total_steps: int = 300  # inner steps per worker, whole run (= DDP steps; the token budget)
     sync_every: int = 25  # H
     codec: str = "int4"
     error_feedback: bool = False
@@ -104,7 +104,7 @@ class SimConfig:
     d_model: int = 128
     n_head: int = 4
     lr: float = 1e-3
-    warmup_steps: int | None = None  # None: 5% of inner_steps
+    warmup_steps: int | None = None  # None: 5% of total_steps
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.01
     outer_lr: float = 0.7
@@ -115,8 +115,8 @@ class SimConfig:
     corpus_root: str | None = None  # None: this interpreter's stdlib
 
     def __post_init__(self) -> None:
-        if self.n_workers < 1 or self.inner_steps < 1 or self.sync_every < 1:
-            raise ValueError("n_workers, inner_steps and sync_every must be >= 1")
+        if self.n_workers < 1 or self.total_steps < 1 or self.sync_every < 1:
+            raise ValueError("n_workers, total_steps and sync_every must be >= 1")
         get_codec(self.codec)  # fail early on an unknown codec
 
     @property
@@ -129,14 +129,14 @@ class SimConfig:
     def warmup(self) -> int:
         if self.warmup_steps is not None:
             return self.warmup_steps
-        return max(1, self.inner_steps // 20)
+        return max(1, self.total_steps // 20)
 
 
 def lr_at(step: int, cfg: SimConfig) -> float:
     """Inner learning rate at 0-based ``step``: linear warm-up, then cosine to min_lr_ratio·lr."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.inner_steps - cfg.warmup)
+    progress = (step - cfg.warmup) / max(1, cfg.total_steps - cfg.warmup)
     cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
 
@@ -195,7 +195,7 @@ def run_ddp(config: SimConfig | Mapping[str, Any]) -> dict[str, Any]:
     opt = _adamw(model, cfg)
     streams = _streams(cfg, corpus)
     t0 = time.perf_counter()
-    for step in range(cfg.inner_steps):
+    for step in range(cfg.total_steps):
         xs, ys = zip(*(next(s) for s in streams), strict=True)
         _train_step(model, opt, torch.cat(xs), torch.cat(ys), lr_at(step, cfg))
     seconds = time.perf_counter() - t0
@@ -203,7 +203,7 @@ def run_ddp(config: SimConfig | Mapping[str, Any]) -> dict[str, Any]:
     per_step = ring_allreduce_bytes(4 * n_params, cfg.n_workers)
     return {
         "eval_loss": eval_loss(model, corpus, cfg.eval_batches, cfg.eval_batch_size),
-        "bytes_per_worker": per_step * cfg.inner_steps,
+        "bytes_per_worker": per_step * cfg.total_steps,
         "collective": "ring all-reduce of fp32 gradients, every step",
         "n_params": n_params,
         "train_seconds": seconds,
@@ -228,8 +228,8 @@ def run_diloco(config: SimConfig | Mapping[str, Any]) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     step, rounds, payload_total = 0, 0, 0
-    while step < cfg.inner_steps:
-        h = min(cfg.sync_every, cfg.inner_steps - step)
+    while step < cfg.total_steps:
+        h = min(cfg.sync_every, cfg.total_steps - step)
         contributions = []
         for i, (worker, opt) in enumerate(zip(workers, opts, strict=True)):
             with torch.no_grad():
@@ -307,7 +307,7 @@ def _combine(cfg: SimConfig, diloco: dict[str, Any], ddp: dict[str, Any]) -> dic
         "collective_ddp": ddp["collective"],
         "rounds": diloco["rounds"],
         "n_params": diloco["n_params"],
-        "tokens_per_worker": cfg.inner_steps * cfg.batch_size * cfg.context,
+        "tokens_per_worker": cfg.total_steps * cfg.batch_size * cfg.context,
         "train_seconds_diloco": diloco["train_seconds"],
         "train_seconds_ddp": ddp["train_seconds"],
         "digest_diloco": diloco["digest"],
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     base = SimConfig(
         n_workers=args.workers,
-        inner_steps=args.steps,
+        total_steps=args.steps,
         sync_every=args.H,
         error_feedback=args.error_feedback,
         seed=args.seed,

@@ -23,7 +23,7 @@ torch.set_num_threads(1)
 
 TINY = SimConfig(
     n_workers=3,
-    inner_steps=8,
+    total_steps=8,
     sync_every=3,  # rounds of 3, 3, 2 steps
     codec="int4",
     batch_size=2,
@@ -78,7 +78,7 @@ def test_one_worker_with_outer_lr_1_reproduces_plain_training() -> None:
     cfg = dataclasses.replace(
         TINY,
         n_workers=1,
-        inner_steps=4,
+        total_steps=4,
         sync_every=4,
         codec="none",
         outer_lr=1.0,
@@ -101,7 +101,7 @@ def test_collective_byte_formulas() -> None:
 
 
 def test_lr_schedule_warms_up_then_decays() -> None:
-    cfg = SimConfig(inner_steps=1000, warmup_steps=100, lr=1e-3, min_lr_ratio=0.1)
+    cfg = SimConfig(total_steps=1000, warmup_steps=100, lr=1e-3, min_lr_ratio=0.1)
     assert lr_at(0, cfg) == pytest.approx(1e-5)
     assert lr_at(99, cfg) == pytest.approx(1e-3)
     assert lr_at(550, cfg) == pytest.approx(0.55e-3)
