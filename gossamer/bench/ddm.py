@@ -164,7 +164,6 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     from gossamer.crdt.stack import open_stack
-    from gossamer.crdt.sync import CrdtService
     from gossamer.training.diffusion import network, workflow
     from gossamer.training.diffusion.data import load_digits_split
     from gossamer.training.diffusion.models import ExpertSpec, count_params
@@ -173,7 +172,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="gossamer-bench-ddm-"))
     train, held = load_digits_split()
     spec = ExpertSpec(args.expert, json.loads(args.expert_kwargs))
-    data_spec = {"kind": "digits", "n_holdout": 360, "seed": 0}
+    data_spec = workflow.data_spec()
     plan = workflow.plan_run(
         train,
         data_spec,
@@ -203,9 +202,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
     async with open_stack(temp_node_config(data_dir=work / "host")) as host:
         # py-libp2p logs every failed dial to a peer that has gone as an ERROR: noise here
         logging.getLogger("libp2p").setLevel(logging.CRITICAL)
-        run = await host.service(CrdtService).host_run(
-            "ddmbench", config={workflow.CONFIG_FIELD: plan.to_doc()}
-        )
+        run = await workflow.host_run(host, "ddmbench", plan)
         boot = host.addrs()[0]
         try:
             t_train = time.perf_counter()

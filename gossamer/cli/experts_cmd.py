@@ -227,10 +227,7 @@ def cmd_host(args: argparse.Namespace) -> int:
 
     if args.expert not in registered_experts():
         raise CliError(f"unknown expert {args.expert!r} (registered: {registered_experts()})")
-    if args.data:
-        spec = {"kind": "folder", "size": args.size, "mode": "L" if args.grey else "RGB"}
-    else:
-        spec = {"kind": "digits", "n_holdout": 360, "seed": 0}
+    spec = workflow.data_spec(args.data, args.size, args.grey)
     try:
         data = workflow.load_data(spec, args.data)
     except (OSError, ValueError, RuntimeError) as exc:
@@ -267,11 +264,9 @@ def cmd_host(args: argparse.Namespace) -> int:
     async def attach(node: Any) -> None:
         from gossamer.crdt.stack import attach_stack
 
-        crdt = await attach_stack(node)
-        assert crdt is not None
-        run = await crdt.host_run(args.name, config={workflow.CONFIG_FIELD: plan.to_doc()})
+        await attach_stack(node)
+        run = await workflow.host_run(node, args.name, plan, router=router_bytes)
         info["run_id"] = run.run_id
-        await workflow.serve_checkpoints(node, [], run=run, router=router_bytes)
 
     return _run_daemon(args, config, attach, info)
 

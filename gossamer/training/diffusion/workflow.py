@@ -168,6 +168,18 @@ class RunPlan:
 # ------------------------------------------------------------------------------------- data
 
 
+DIGITS = {"kind": "digits", "n_holdout": 360, "seed": 0}  # the bundled data set, 360 held out
+
+
+def data_spec(
+    folder: str | Path | None = None, size: int = 32, grey: bool = False
+) -> dict[str, Any]:
+    """The data spec a plan publishes: an image folder (``size``², grey or RGB) or the digits."""
+    if folder:
+        return {"kind": "folder", "size": size, "mode": "L" if grey else "RGB"}
+    return dict(DIGITS)
+
+
 def data_digest(images: torch.Tensor) -> str:
     """sha256 of the images as contiguous little-endian float32 (the data's identity)."""
     arr = np.ascontiguousarray(images.detach().cpu().numpy(), dtype="<f4")
@@ -228,6 +240,19 @@ def cluster_images(plan: RunPlan, data: ImageSet, cluster: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------- the run document
+
+
+async def host_run(node: Node, name: str, plan: RunPlan, router: bytes | None = None) -> Run:
+    """Host a diffusion run on ``node``: a run document named ``name`` holding ``plan``, and
+    (when given) the router's weights served and announced.  The node needs the stack
+    (:func:`gossamer.crdt.stack.attach_stack`): the DHT for the announcements."""
+    from gossamer.crdt.sync import CrdtService
+
+    service = await CrdtService.start(node)  # the node's, if it runs one already
+    run = await service.host_run(name, config={CONFIG_FIELD: plan.to_doc()})
+    if router is not None:
+        await serve_checkpoints(node, [], run=run, router=router)
+    return run
 
 
 def publish(run: Run, plan: RunPlan) -> None:
