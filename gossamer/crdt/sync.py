@@ -56,11 +56,22 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+
 class CrdtService:
     """The run documents of one node, and the ``/gossamer/crdt/1.0.0`` protocol."""
 
-    def __init__(self, node: Node, options: SyncOptions | None = None) -> None:
+    def __init__(
+        self,
+        node: Node,
+        options: SyncOptions | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.node = node
+        # wall time for what goes into documents, monotonic for local timers (bans, links)
+        self.clock = clock
+        self.monotonic = monotonic
         self.options = options or SyncOptions()
         self.runs: dict[str, Run] = {}
         self._scores: dict[str, float] = {}
@@ -72,13 +83,19 @@ class CrdtService:
 
     @classmethod
     async def start(
-        cls, node: Node, options: SyncOptions | None = None, *, resume: bool = True
+        cls,
+        node: Node,
+        options: SyncOptions | None = None,
+        *,
+        resume: bool = True,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> CrdtService:
         """The node's service (created, registered and, with ``resume``, stored runs reopened)."""
         existing = node.service(CrdtService)
         if existing is not None:
             return existing
-        service = cls(node, options)
+        service = cls(node, options, clock=clock, monotonic=monotonic)
         node.attach(service)
         node.set_stream_handler(PROTOCOL, service._handle_stream)
         node.add_connection_listener(service._on_connection)
@@ -104,7 +121,14 @@ class CrdtService:
     # --------------------------------------------------------------- runs
 
     async def _start_run(self, charter: Charter, bootstrap: list[str]) -> Run:
-        run = Run(self, charter, RunStore(self.root / charter.run_id), bootstrap)
+        run = Run(
+            self,
+            charter,
+            RunStore(self.root / charter.run_id),
+            bootstrap,
+            clock=self.clock,
+            monotonic=self.monotonic,
+        )
         await self.node.nursery.start(run._main)
         self.runs[run.run_id] = run
         return run
@@ -251,7 +275,7 @@ class CrdtService:
     def may_talk(self, peer_id: str) -> bool:
         until = self._banned_until.get(peer_id)
         if until is not None:
-            if time.monotonic() < until:
+            if self.monotonic() < until:
                 return False
             del self._banned_until[peer_id]
             self._scores.pop(peer_id, None)
@@ -259,14 +283,14 @@ class CrdtService:
 
     def is_banned(self, peer_id: str) -> bool:
         until = self._banned_until.get(peer_id)
-        return until is not None and time.monotonic() < until
+        return until is not None and self.monotonic() < until
 
     def penalise(self, peer_id: str, points: float, reason: str) -> None:
         score = self._scores.get(peer_id, 0.0) + points
         self._scores[peer_id] = score
         log.warning("crdt: penalising %s (+%g → %g): %s", peer_id[-8:], points, score, reason)
         if score >= BAN_SCORE and not self.is_banned(peer_id):
-            self._banned_until[peer_id] = time.monotonic() + self.options.ban_seconds
+            self._banned_until[peer_id] = self.monotonic() + self.options.ban_seconds
             log.warning("crdt: banning %s for %.0f s", peer_id[-8:], self.options.ban_seconds)
             for run in self.runs.values():
                 for link in run.links.get(peer_id, []):
