@@ -24,8 +24,9 @@ at once.  The parity check after the outer step (see :mod:`gossamer.training.dil
 catches anything that slips through; a member that diverges re-fetches state.
 
 Here: the attempts and their retries. The parts: :mod:`~gossamer.training.collective_plan` (how
-the vector is cut, summed and screened), :mod:`~gossamer.training.collective_exchange` (steps 1
-and 2), :mod:`~gossamer.training.collective_membership` (steps 3 and 4, and agreeing on the
+the vector is cut, summed and screened), :mod:`~gossamer.training.collective_schedule` (who
+sends which piece to whom, under which tag), :mod:`~gossamer.training.collective_exchange` (steps
+1 and 2), :mod:`~gossamer.training.collective_membership` (steps 3 and 4, and agreeing on the
 members before the first attempt) and :mod:`~gossamer.training.collective_links` (a deadline on
 every message).
 """
@@ -47,8 +48,9 @@ from gossamer.training.collective_exchange import AttemptState, PieceExchange
 from gossamer.training.collective_links import Links
 from gossamer.training.collective_membership import Status, agree, decide, exchange_statuses
 from gossamer.training.collective_plan import DEFAULT_PIECE_ELEMS, Plan
+from gossamer.training.collective_schedule import JOIN, AllReduceSchedule, scope_prefix
 
-log = logging.getLogger("gossamer.training.collective")
+log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 4
 
@@ -115,10 +117,8 @@ class AllReduce:
             encoded = self.error_feedback.encode("flat", flat)
             flat = self.codec.decode(encoded).reshape(-1)
         # Candidates come from each member's own view of the run; agree first.
-        members = await agree(
-            self.links, f"ar/{self.key}/join/", self.members, self.members, self.join_deadline
-        )
-        self.node.dataplane.drop(f"ar/{self.key}/join/")
+        members = await agree(self.links, JOIN, self.members, self.join_deadline)
+        self.node.dataplane.drop(scope_prefix(self.key, JOIN))
         refused_all: dict[str, str] = {}
         for attempt in range(MAX_ATTEMPTS):
             if members == [self.me]:
@@ -131,13 +131,12 @@ class AllReduce:
                     time.perf_counter() - start,
                     refused_all,
                 )
-            prefix = f"ar/{self.key}/{attempt}/"
             if self.on_attempt is not None:
                 await self.on_attempt(attempt, list(members))
             try:
-                outcome = await self._attempt(prefix, members, flat, weight)
+                outcome = await self._attempt(attempt, members, flat, weight)
             finally:
-                self.node.dataplane.drop(prefix)
+                self.node.dataplane.drop(scope_prefix(self.key, attempt))
             commit, next_members, result, total, refused = outcome
             refused_all.update(refused)
             if commit:
@@ -170,10 +169,10 @@ class AllReduce:
         return 5.0 + numel * 4 * members / 20e6
 
     async def _attempt(
-        self, prefix: str, members: list[str], flat: torch.Tensor, weight: float
+        self, attempt: int, members: list[str], flat: torch.Tensor, weight: float
     ) -> tuple[bool, list[str], torch.Tensor, float, dict[str, str]]:
         plan = Plan(tuple(members), flat.numel(), self.piece_elems)
-        me_index = members.index(self.me)
+        schedule = AllReduceSchedule(self.key, attempt, plan, self.me)
         timeout = self._timeout(flat.numel(), len(members))
         # Contributions are due by ``deadline``; reduced parts by ``ag_deadline``, a
         # whole timeout later, so an owner that waited out a dead member's
@@ -185,32 +184,26 @@ class AllReduce:
         dataplane = self.node.dataplane
         # Post every receive first, so bytes land straight in preallocated memory.
         rs_pending = {
-            (peer, k): dataplane.post_recv(
-                peer, f"{prefix}rs/{me_index}/{k}", into=self.exchange.rs_buffers(b - a)
+            (t.sender, t.piece): dataplane.post_recv(
+                t.sender, t.tag, into=self.exchange.rs_buffers(t.numel)
             )
-            for k, (a, b) in enumerate(plan.pieces(me_index))
-            for peer in members
-            if peer != self.me
+            for t in schedule.contributions_in()
         }
         ag_pending = {
-            (j, k): dataplane.post_recv(
-                members[j],
-                f"{prefix}ag/{j}/{k}",
-                into=self.exchange.ag_buffers(b - a, len(members), out[a:b]),
+            t: dataplane.post_recv(
+                t.sender,
+                t.tag,
+                into=self.exchange.ag_buffers(t.numel, len(members), out[t.start : t.end]),
             )
-            for j in range(len(members))
-            if j != me_index
-            for k, (a, b) in enumerate(plan.pieces(j))
+            for t in schedule.parts_in()
         }
         async with trio.open_nursery() as nursery:
-            for j, owner in enumerate(members):
-                if owner != self.me:
+            for part in range(len(members)):
+                if part != schedule.my_part:
                     nursery.start_soon(
                         self.exchange.send_contributions,
-                        prefix,
-                        plan,
-                        j,
-                        owner,
+                        schedule,
+                        part,
                         flat,
                         weight,
                         deadline,
@@ -218,9 +211,7 @@ class AllReduce:
                     )
             nursery.start_soon(
                 self.exchange.reduce_my_part,
-                prefix,
-                plan,
-                me_index,
+                schedule,
                 flat,
                 weight,
                 rs_pending,
@@ -228,9 +219,9 @@ class AllReduce:
                 (deadline, ag_deadline),
                 state,
             )
-            for (j, k), pending in ag_pending.items():
+            for transfer, pending in ag_pending.items():
                 nursery.start_soon(
-                    self.exchange.receive_part, plan, j, k, pending, out, ag_deadline, state
+                    self.exchange.receive_part, schedule, transfer, pending, out, ag_deadline, state
                 )
         mine = Status(
             ok=not state.missing_parts,
@@ -238,13 +229,13 @@ class AllReduce:
             contributors={o: sorted(c) for o, c in state.contributors_by_owner.items()},
             refused=state.refused,
         )
-        statuses = await exchange_statuses(self.links, prefix, members, mine)
+        statuses = await exchange_statuses(self.links, schedule, mine)
         commit, proposal = decide(members, statuses)
         if not commit:
             log.info(
                 "all-reduce %s %s: statuses %s",
                 self.key,
-                prefix,
+                schedule.prefix,
                 {
                     p[-8:]: (
                         st.ok,
@@ -257,7 +248,7 @@ class AllReduce:
             )
         if commit:
             return True, members, out, state.total_weight, state.refused
-        agreed = await agree(self.links, prefix, members, proposal)
+        agreed = await agree(self.links, attempt, proposal)
         return False, agreed, out, 0.0, state.refused
 
 

@@ -1,5 +1,7 @@
 """One attempt's data movement: reduce-scatter, then all-gather, with the codec on the wire.
 
+Who sends which piece to whom under which tag is the attempt's
+:class:`~gossamer.training.collective_schedule.AllReduceSchedule`; this module moves the bytes.
 Every member sends its encoded piece ``k`` of part ``j`` to part ``j``'s owner
 (:meth:`PieceExchange.send_contributions`). The owner decodes and screens each contribution and
 reduces a piece as soon as it is complete, then sends the encoded result to every member while
@@ -20,9 +22,10 @@ import trio
 
 from gossamer.training.codecs import Codec, CodecError, EncodedTensor, get_codec
 from gossamer.training.collective_links import Links
-from gossamer.training.collective_plan import Plan, reduce_piece, screen
+from gossamer.training.collective_plan import reduce_piece, screen
+from gossamer.training.collective_schedule import AllReduceSchedule, Transfer
 
-log = logging.getLogger("gossamer.training.collective")
+log = logging.getLogger(__name__)
 
 
 def _buffers(encoded: EncodedTensor) -> dict[str, Any]:
@@ -98,27 +101,25 @@ class PieceExchange:
 
     async def send_contributions(
         self,
-        prefix: str,
-        plan: Plan,
-        j: int,
-        owner: str,
+        schedule: AllReduceSchedule,
+        part: int,
         flat: torch.Tensor,
         weight: float,
         deadline: float,
         state: AttemptState,
     ) -> None:
-        for k, (a, b) in enumerate(plan.pieces(j)):
-            encoded = await trio.to_thread.run_sync(self.codec.encode, flat[a:b])
+        """Send my pieces of ``part`` to its owner in order, stopping at the first that fails."""
+        for transfer in schedule.contributions_to(part):
+            piece = flat[transfer.start : transfer.end]
+            encoded = await trio.to_thread.run_sync(self.codec.encode, piece)
             message = {**_buffers(encoded), "w": torch.tensor([weight], dtype=torch.float64)}
-            if not await self.links.send(owner, f"{prefix}rs/{j}/{k}", message, deadline):
-                state.unreachable.add(owner)
+            if not await self.links.send(transfer.receiver, transfer.tag, message, deadline):
+                state.unreachable.add(transfer.receiver)
                 return
 
     async def reduce_my_part(
         self,
-        prefix: str,
-        plan: Plan,
-        j: int,
+        schedule: AllReduceSchedule,
         flat: torch.Tensor,
         weight: float,
         rs_pending: dict[tuple[str, int], Any],
@@ -131,9 +132,7 @@ class PieceExchange:
         # piece k (the data plane returns from a send only once the peer has verified it).
         async with trio.open_nursery() as senders:
             await self._reduce_pieces(
-                prefix,
-                plan,
-                j,
+                schedule,
                 flat,
                 weight,
                 rs_pending,
@@ -146,9 +145,7 @@ class PieceExchange:
 
     async def _reduce_pieces(
         self,
-        prefix: str,
-        plan: Plan,
-        j: int,
+        schedule: AllReduceSchedule,
         flat: torch.Tensor,
         weight: float,
         rs_pending: dict[tuple[str, int], Any],
@@ -158,8 +155,9 @@ class PieceExchange:
         state: AttemptState,
         senders: trio.Nursery,
     ) -> None:
-        members = plan.members
-        for k, (a, b) in enumerate(plan.pieces(j)):
+        members = schedule.members
+        j = schedule.my_part
+        for k, (a, b) in enumerate(schedule.my_pieces):
             own = (
                 flat[a:b]
                 if self._identity
@@ -169,9 +167,7 @@ class PieceExchange:
             )
             pieces: dict[str, torch.Tensor] = {self.me: own}
             weights: dict[str, float] = {self.me: weight}
-            for peer in members:
-                if peer == self.me:
-                    continue
+            for peer in schedule.others:
                 received = await self.links.wait_from(peer, rs_pending[(peer, k)], deadline)
                 if received is None:
                     continue
@@ -222,11 +218,10 @@ class PieceExchange:
                 "w": torch.tensor([total], dtype=torch.float64),
                 "c": mask,
             }
-            for peer in members:
-                if peer != self.me:
-                    senders.start_soon(
-                        self.links.send, peer, f"{prefix}ag/{j}/{k}", message, ag_deadline
-                    )
+            for transfer in schedule.reduced_out(k):
+                senders.start_soon(
+                    self.links.send, transfer.receiver, transfer.tag, message, ag_deadline
+                )
 
     def _reduce_into(
         self,
@@ -246,16 +241,16 @@ class PieceExchange:
 
     async def receive_part(
         self,
-        plan: Plan,
-        j: int,
-        k: int,
+        schedule: AllReduceSchedule,
+        transfer: Transfer,
         pending: Any,
         out: torch.Tensor,
         deadline: float,
         state: AttemptState,
     ) -> None:
-        a, b = plan.pieces(j)[k]
-        owner = plan.members[j]
+        """Take in the reduced piece ``transfer`` describes (``pending`` is its posted receive)."""
+        a, b = transfer.start, transfer.end
+        owner = transfer.sender
         received = await self.links.wait_from(owner, pending, deadline)
         if received is None:
             state.missing_parts.add(owner)
@@ -269,11 +264,16 @@ class PieceExchange:
                     _decode, self.codec, b - a, received.tensors
                 )
             mask = received["c"]
-            contributors = [p for p, bit in zip(plan.members, mask.tolist(), strict=True) if bit]
+            bits = mask.tolist()
+            contributors = [p for p, bit in zip(schedule.members, bits, strict=True) if bit]
             total = float(received["w"][0])
         except (CodecError, KeyError, ValueError) as exc:
             log.warning(
-                "all-reduce %s: part %d from %s is malformed: %s", self.key, j, owner[-8:], exc
+                "all-reduce %s: part %d from %s is malformed: %s",
+                self.key,
+                transfer.part,
+                owner[-8:],
+                exc,
             )
             state.missing_parts.add(owner)
             return

@@ -14,7 +14,7 @@ import trio
 
 from gossamer.node.errors import GossamerError
 
-log = logging.getLogger("gossamer.training.collective")
+log = logging.getLogger(__name__)
 
 
 class Links:

@@ -1,17 +1,19 @@
 """Who is in an all-reduce: each member's status after an attempt, and agreeing on members.
 
-Before the first attempt and after a failed one the members :func:`agree` on who takes part.
+Before the first attempt and after a failed one the members :func:`agree` on who takes part; the
+rule each member applies to the views it hears is :class:`MembershipAgreement`, pure.
 After an attempt every member tells every other what it holds (:func:`exchange_statuses`);
-:func:`decide` turns the statuses it collected into commit-or-retry and the next membership, the
-same on every member that collected the same statuses.
+:func:`decide` turns the statuses it collected into a :class:`Decision` (commit or retry, and the
+next membership), the same on every member that collected the same statuses.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 import trio
@@ -19,8 +21,14 @@ import trio
 from gossamer.node import wire
 from gossamer.node.errors import GossamerError
 from gossamer.training.collective_links import Links, wait
+from gossamer.training.collective_schedule import AllReduceSchedule, Scope, Tag
 
-log = logging.getLogger("gossamer.training.collective")
+log = logging.getLogger(__name__)
+
+AGREEMENT_ROUNDS = 2
+
+# what each peer said in one agreement round: its view, or None if it sent none we could read
+Views = Mapping[str, AbstractSet[str] | None]
 
 
 @dataclass
@@ -62,8 +70,16 @@ class Status:
         )
 
 
-def decide(members: Sequence[str], statuses: dict[str, Status]) -> tuple[bool, list[str]]:
-    """(commit?, next membership) from the statuses a member collected, itself included.
+class Decision(NamedTuple):
+    """What a member makes of an attempt's statuses."""
+
+    commit: bool
+    members: list[str]  # the membership of the next attempt (sorted); all of them on commit
+
+
+def decide(members: Sequence[str], statuses: Mapping[str, Status]) -> Decision:
+    """Commit or retry, and the next membership, from the statuses a member collected (its own
+    included).
 
     Out: members that went silent, owners some member lacks a part from, and
     contributors an owner refused.  Then, among the parts of owners still in,
@@ -81,28 +97,76 @@ def decide(members: Sequence[str], statuses: dict[str, Status]) -> tuple[bool, l
             if owner not in out:
                 out.update(full - set(contributors))
     commit = not out and all(s.ok for s in statuses.values())
-    return commit, sorted(full - out)
+    return Decision(commit, sorted(full - out))
+
+
+@dataclass
+class MembershipAgreement:
+    """One member's side of :func:`agree`, without the messages: whom to ask, and what to keep.
+
+    The rule: the proposal is sorted and deduplicated. The agreement is over after
+    :data:`AGREEMENT_ROUNDS` rounds, or before a round once the proposal is only ``me`` or no
+    longer holds ``me``. In a round ``me`` sends its proposal to every other peer in it (the
+    :attr:`peers`) and keeps the intersection of its proposal with every view it heard; a peer
+    that sent no view, or a view without ``me``, counts as the proposal without that peer.
+    """
+
+    me: str
+    proposal: list[str]
+    round: int = 0
+
+    def __post_init__(self) -> None:
+        self.proposal = sorted(set(self.proposal))
+
+    @property
+    def done(self) -> bool:
+        if self.round >= AGREEMENT_ROUNDS:
+            return True
+        return self.proposal == [self.me] or self.me not in self.proposal
+
+    @property
+    def peers(self) -> list[str]:
+        """Whom this round's proposal goes to and whose views it waits for."""
+        return [p for p in self.proposal if p != self.me]
+
+    def counted_views(self, views: Views) -> list[set[str]]:
+        """The sets the round intersects: the proposal, then one per peer, as the rule counts it."""
+        counted = [set(self.proposal)]
+        for peer in self.peers:
+            view = views.get(peer)
+            if view is None or self.me not in view:
+                counted.append(set(self.proposal) - {peer})
+            else:
+                counted.append(set(view))
+        return counted
+
+    def on_views(self, views: Views) -> list[str]:
+        """End the round with the views heard (a peer missing from ``views`` sent none)."""
+        if self.done:
+            raise ValueError("the agreement is over")
+        self.proposal = sorted(set.intersection(*self.counted_views(views)))
+        self.round += 1
+        return self.proposal
 
 
 async def exchange_statuses(
-    links: Links, prefix: str, members: list[str], mine: Status
+    links: Links, schedule: AllReduceSchedule, mine: Status
 ) -> dict[str, Status]:
     """Send our status to every other member and collect theirs (ours included), by one deadline."""
     statuses = {links.me: mine}
     payload = {"s": mine.pack()}
     timeout = 2.0 + links.node.config.dial_timeout / 2
     deadline = trio.current_time() + timeout
-    pending = {
-        p: links.node.dataplane.post_recv(p, f"{prefix}st") for p in members if p != links.me
-    }
-    unreachable = await links.send_all(list(pending), f"{prefix}st", payload, deadline)
+    tag = schedule.status_tag
+    pending = {p: links.node.dataplane.post_recv(p, tag) for p in schedule.others}
+    unreachable = await links.send_all(list(pending), tag, payload, deadline)
     for peer, receive in pending.items():
         # A peer we could not reach (its process is gone) will not answer either.
         received = None if peer in unreachable else await wait(receive, deadline)
         if received is None:
             continue
         try:
-            statuses[peer] = Status.unpack(bytes(received["s"]), members)
+            statuses[peer] = Status.unpack(bytes(received["s"]), schedule.members)
         except (ValueError, GossamerError, msgpack.ExtraData) as exc:
             log.warning("all-reduce %s: bad status from %s: %s", links.key, peer[-8:], exc)
     return statuses
@@ -110,52 +174,47 @@ async def exchange_statuses(
 
 async def agree(
     links: Links,
-    prefix: str,
-    members: Sequence[str],
+    scope: Scope,
     proposal: Sequence[str],
     deadline: float | None = None,
 ) -> list[str]:
-    """Converge on a membership with the peers we propose to keep.
+    """Converge on a membership with the peers we propose to keep (``scope``: the attempt, or
+    :data:`~gossamer.training.collective_schedule.JOIN` before the first).
 
-    Every member runs the same two rounds, with no early exit: in each it
-    sends its current set (a sorted list of peer ids) to the peers in it and
-    intersects what it hears back; a peer that does not answer by the
-    deadline is left out.  Round 2 spreads what round 1 learned, so a peer
-    that reached only some members before it died is dropped by all of
-    them.  (A member that stopped after round 1 because its views agreed
-    would leave the others waiting for it in round 2.)  Two faults within
-    one exchange can still split the views; the attempt's status exchange
-    then fails and the next attempt agrees again.
+    Every member runs the same two rounds of :class:`MembershipAgreement`, with no early exit:
+    in each it sends its current set (a sorted list of peer ids) to the peers in it and
+    intersects what it hears back; a peer that does not answer by the deadline (``deadline``
+    for the first round if given, else a fresh one) is left out.  Round 2 spreads what round 1
+    learned, so a peer that reached only some members before it died is dropped by all of
+    them.  (A member that stopped after round 1 because its views agreed would leave the others
+    waiting for it in round 2.)  Two faults within one exchange can still split the views; the
+    attempt's status exchange then fails and the next attempt agrees again.
     """
-    proposal = sorted(set(proposal))
-    for round_ in range(2):
-        if proposal == [links.me] or links.me not in proposal:
-            return proposal
-        tag = f"{prefix}mv/{round_}"
-        payload = {"m": wire.pack(proposal)}
+    agreement = MembershipAgreement(links.me, list(proposal))
+    while not agreement.done:
+        round_ = agreement.round
+        tag = str(Tag.view(links.key, scope, round_))
+        payload = {"m": wire.pack(agreement.proposal)}
         if deadline is None or round_ > 0:
             deadline = trio.current_time() + 2.0 + links.node.config.dial_timeout / 2
-        pending = {p: links.node.dataplane.post_recv(p, tag) for p in proposal if p != links.me}
+        pending = {p: links.node.dataplane.post_recv(p, tag) for p in agreement.peers}
         unreachable = await links.send_all(list(pending), tag, payload, deadline)
-        views = [set(proposal)]
+        views: dict[str, set[str] | None] = {}
         for peer, receive in pending.items():
             received = None if peer in unreachable else await wait(receive, deadline)
-            view = _peer_list(received["m"]) if received is not None else None
-            if view is None or links.me not in view:
-                views.append(set(proposal) - {peer})
-            else:
-                views.append(view)
-        agreed = sorted(set.intersection(*views))
+            views[peer] = _peer_list(received["m"]) if received is not None else None
+        sent = agreement.proposal
+        counted = agreement.counted_views(views)
+        agreement.on_views(views)
         log.debug(
             "all-reduce %s %s: proposal %s, views %s, unreachable %s",
             links.key,
             tag,
-            [p[-8:] for p in proposal],
-            [sorted(p[-8:] for p in v) for v in views],
+            [p[-8:] for p in sent],
+            [sorted(p[-8:] for p in v) for v in counted],
             [p[-8:] for p in unreachable],
         )
-        proposal = agreed
-    return proposal
+    return agreement.proposal
 
 
 def _peer_list(data: Any) -> set[str] | None:
