@@ -22,8 +22,8 @@ _EXPORTS: dict[str, str] = {
     "Refused": "gossamer.node.errors:Refused",
     # training (needs torch): bring your own model and join a DiLoCo run
     "Worker": "gossamer.training.sdk:Worker",
-    "DiLoCoConfig": "gossamer.training.diloco:DiLoCoConfig",
-    "TrainResult": "gossamer.training.diloco:TrainResult",
+    "DiLoCoConfig": "gossamer.training.diloco_config:DiLoCoConfig",
+    "TrainResult": "gossamer.training.diloco_results:TrainResult",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -23,9 +23,8 @@ from typing import Any
 import torch
 import trio
 
-from gossamer.node.config import NodeConfig
-from gossamer.node.node import Node
-from gossamer.training.collective import all_reduce
+from gossamer.node import Node, NodeConfig
+from gossamer.training import all_reduce
 
 
 def _emit(event: str, **fields: Any) -> None:
@@ -92,7 +91,7 @@ class RawMesh:
 
 
 async def main(index: int, n: int, numel: int, repeats: int, codecs: list[str]) -> None:
-    from gossamer.training.memory import keep_freed_memory
+    from gossamer.training import keep_freed_memory
 
     torch.set_num_threads(1)
     keep_freed_memory()

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from gossamer.node.config import NodeConfig
+from gossamer.node import NodeConfig
 
 
 @contextlib.contextmanager

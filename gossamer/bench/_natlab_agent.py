@@ -23,9 +23,7 @@ from typing import Any
 
 import trio
 
-from gossamer.node.config import NodeConfig, load_config
-from gossamer.node.errors import GossamerError
-from gossamer.node.node import Node
+from gossamer.node import GossamerError, Node, NodeConfig, load_config
 
 log = logging.getLogger(__name__)
 

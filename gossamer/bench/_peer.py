@@ -70,9 +70,8 @@ def raw_echo(size: int) -> None:
 
 
 async def node_role(sink_mb: int, tensors: int, direct: bool) -> None:
-    from gossamer.node.config import NodeConfig
-    from gossamer.node.node import Node
-    from gossamer.node.rpc import CallContext, Service, rpc
+    from gossamer.node import CallContext, Node, NodeConfig, Service
+    from gossamer.node.rpc import rpc
 
     class Echo(Service):
         name = "bench-echo"

@@ -58,10 +58,8 @@ def _percentile(values: list[float], q: float) -> float:
 async def _main(args: argparse.Namespace, result: dict[str, Any]) -> None:
     import trio
 
-    from gossamer.crdt.replica import Verdict
-    from gossamer.crdt.sync import CrdtService, SyncOptions
-    from gossamer.node.config import NodeConfig
-    from gossamer.node.node import Node
+    from gossamer.crdt import CrdtService, SyncOptions, Verdict
+    from gossamer.node import Node, NodeConfig
 
     rng = random.Random(args.seed)
     random.seed(args.seed)
@@ -282,10 +280,8 @@ def _apply_costs(n: int = 300) -> dict[str, Any]:
     """One update through our checks vs a bare pycrdt apply (the reference)."""
     from pycrdt import Doc
 
-    from gossamer.crdt.charter import Charter
-    from gossamer.crdt.document import RunDocument
-    from gossamer.crdt.replica import Replica
-    from gossamer.node.identity import Identity
+    from gossamer.crdt import Charter, Replica, RunDocument
+    from gossamer.node import Identity
 
     author = Identity.generate()
     charter = Charter.create(author, "costs")

@@ -163,10 +163,17 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
     import trio
 
     torch.set_num_threads(1)
-    from gossamer.crdt.stack import open_stack
-    from gossamer.training.diffusion import network, workflow
-    from gossamer.training.diffusion.data import load_digits_split
-    from gossamer.training.diffusion.models import ExpertSpec, count_params
+    from gossamer.crdt import open_stack
+    from gossamer.training.diffusion import (
+        ExpertSpec,
+        Verifier,
+        connect_experts,
+        count_params,
+        discover,
+        fetch_router,
+        load_digits_split,
+        workflow,
+    )
 
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="gossamer-bench-ddm-"))
@@ -256,12 +263,12 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
                 follower = await workflow.join(me, run.run_id, [boot], member=False)
                 await workflow.wait_experts(follower, plan.k, 30, router=True)
                 t0 = time.perf_counter()
-                found = await network.discover(
+                found = await discover(
                     me, run.run_id, run=follower, partition=plan.partition, k=plan.k
                 )
-                verifier = network.Verifier(me)
-                net_router = await network.fetch_router(me, found.router, verifier)
-                remote = await network.connect_experts(me, found, verifier)
+                verifier = Verifier(me)
+                net_router = await fetch_router(me, found.router, verifier)
+                remote = await connect_experts(me, found, verifier)
                 result["verify_s"] = round(time.perf_counter() - t0, 3)
                 result["refused_announcements"] = len(verifier.refused)
                 if sorted(remote) != list(range(plan.k)):
@@ -282,13 +289,13 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _load_expert(data: bytes) -> Any:
-    from gossamer.training.diffusion.models import expert_from_bytes
+    from gossamer.training.diffusion import expert_from_bytes
 
     return expert_from_bytes(data)[0]
 
 
 def _classifier(train: Any, held: Any, steps: int, result: dict[str, Any]) -> Any:
-    from gossamer.training.diffusion.metrics import classifier_accuracy, train_classifier
+    from gossamer.training.diffusion import classifier_accuracy, train_classifier
 
     clf = train_classifier(train, steps=steps, seed=0)
     result["classifier"] = {
@@ -312,8 +319,7 @@ async def _cost(
     """Seconds to sample ``--timing-n`` images per mode: remote experts vs local ones."""
     import torch
 
-    from gossamer.training.diffusion.ensemble import sample
-    from gossamer.training.diffusion.network import sample_network
+    from gossamer.training.diffusion import sample, sample_network
 
     n, steps = args.timing_n, plan.sample_steps
     out: dict[str, Any] = {"timing_n": n}
@@ -366,15 +372,15 @@ async def _quality(
     import torch
     import trio
 
-    from gossamer.training.diffusion.flow import euler_sample
-    from gossamer.training.diffusion.images import save_image_grid
-    from gossamer.training.diffusion.metrics import (
+    from gossamer.training.diffusion import (
         classifier_features,
         confident_rate,
+        euler_sample,
         frechet_distance,
+        router_accuracy,
+        sample_network,
+        save_image_grid,
     )
-    from gossamer.training.diffusion.network import sample_network
-    from gossamer.training.diffusion.router import router_accuracy
 
     ref = classifier_features(clf, held.images)
 
@@ -421,8 +427,7 @@ def _monolith_child(plan_file: str, out_file: str) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from gossamer.training.diffusion import workflow
-    from gossamer.training.diffusion.models import expert_to_bytes
+    from gossamer.training.diffusion import expert_to_bytes, workflow
 
     plan = workflow.RunPlan.from_doc(msgpack.unpackb(Path(plan_file).read_bytes(), raw=False))
     data = workflow.load_data(plan.data)

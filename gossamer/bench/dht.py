@@ -73,7 +73,7 @@ def _p(values: list[float], q: float) -> float:
 
 
 def _node_config(base: Path, name: str, **overrides: Any) -> Any:
-    from gossamer.node.config import NodeConfig
+    from gossamer.node import NodeConfig
 
     # NAT traversal (AutoNAT dial-backs, relay service and its DHT provider
     # record, hole punching) is off: on loopback it has nothing to do but
@@ -97,7 +97,7 @@ def _node_config(base: Path, name: str, **overrides: Any) -> Any:
 
 async def _worker(join: str | None) -> None:
     """A node + DHT in its own process; prints its address, serves until stdin closes."""
-    from gossamer.node.node import Node
+    from gossamer.node import Node
 
     base = Path(tempfile.mkdtemp(prefix="gossamer-bench-dht-"))
     async with Node(_node_config(base, "w")) as node:
@@ -120,7 +120,7 @@ def _spawn_worker(join: str | None = None) -> subprocess.Popen[str]:
 
 
 async def _part_a(ops: int) -> dict[str, Any]:
-    from gossamer.node.node import Node
+    from gossamer.node import Node
 
     procs = [_spawn_worker()]
     try:
@@ -214,7 +214,7 @@ class _Hosted:
 
     async def start(self, index: int) -> Any:
         from gossamer.dht import DHTConfig
-        from gossamer.node.node import Node
+        from gossamer.node import Node
 
         # No disk (nothing restarts here) and no peer record at join: that is
         # a put of its own per node (tested elsewhere) that would only add to

@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _recipe(args: argparse.Namespace) -> Any:
-    from gossamer.training.recipe import Recipe
+    from gossamer.training import Recipe
 
     if args.model == "tiny":
         return Recipe(
@@ -75,8 +75,7 @@ def _recipe(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import trio
 
-    from gossamer.training.memory import keep_freed_memory
-    from gossamer.training.simulate import run_ddp
+    from gossamer.training import keep_freed_memory, run_ddp
 
     keep_freed_memory()
     recipe = _recipe(args)
@@ -144,11 +143,9 @@ async def _diloco(
 ) -> dict[str, Any]:
     import trio
 
-    from gossamer.crdt.options import SyncOptions
-    from gossamer.crdt.stack import open_stack
-    from gossamer.crdt.sync import CrdtService
-    from gossamer.node.config import NodeConfig
-    from gossamer.training.diloco import DiLoCoConfig, DiLoCoWorker
+    from gossamer.crdt import CrdtService, SyncOptions, open_stack
+    from gossamer.node import NodeConfig
+    from gossamer.training import DiLoCoConfig, DiLoCoWorker
 
     rounds = -(-steps // h)
     if steps % h:

@@ -44,7 +44,7 @@ def _raw_round_trips(size: int, count: int) -> list[float]:
 
 
 async def _rpc(size: int, calls: int, connects: int) -> tuple[list[float], list[float]]:
-    from gossamer.node.node import Node
+    from gossamer.node import Node
 
     payload = os.urandom(size)
     call_ms, connect_ms = [], []

@@ -78,7 +78,7 @@ async def _dataplane(
     mb: int, count: int, rounds: int, direct: bool
 ) -> tuple[list[float], str, float]:
     """MB/s per round, the path, and CPU seconds per GB moved (both processes together)."""
-    from gossamer.node.node import Node
+    from gossamer.node import Node
 
     tensors = _make_tensors(mb << 20, count)
     total = sum(t.nbytes for t in tensors.values())

@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
-    from gossamer.node.config import NodeConfig
-    from gossamer.node.control import ControlClient
+    from gossamer.node import ControlClient, NodeConfig
 
 
 class CliError(Exception):
@@ -86,7 +85,7 @@ def add_node_args(parser: argparse.ArgumentParser) -> None:
 
 def load_node_config(args: argparse.Namespace) -> NodeConfig:
     """Defaults < ``--config`` TOML < ``GOSSAMER_*`` env < flags present in ``args``."""
-    from gossamer.node.config import load_config
+    from gossamer.node import load_config
 
     overrides = {
         key: getattr(args, attr, None)
@@ -111,7 +110,7 @@ def data_dir_of(args: argparse.Namespace) -> Path:
 
 def control_client(args: argparse.Namespace) -> ControlClient:
     """A client for the daemon of ``args``' data dir; NoDaemon if none is running."""
-    from gossamer.node.control import ControlClient
+    from gossamer.node import ControlClient
 
     return ControlClient(data_dir_of(args))
 

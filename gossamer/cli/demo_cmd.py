@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from gossamer.cli.common import CliError, print_json
-from gossamer.node.errors import GossamerError
+from gossamer.node import GossamerError
 
 WORKER_START_TIMEOUT_S = 120.0  # interpreter + torch + libp2p imports on a busy 2-core box
 MAX_LINE = 1 << 20
@@ -83,7 +83,7 @@ def register(subparsers: Any) -> None:
 
 
 def _recipe(args: argparse.Namespace) -> Any:
-    from gossamer.training.recipe import Recipe
+    from gossamer.training import Recipe
 
     steps = args.rounds * args.inner_steps
     if args.model == "tiny":
@@ -285,8 +285,7 @@ async def _demo(args: argparse.Namespace, ui: _Ui) -> dict[str, Any]:
 
     import trio
 
-    from gossamer.training.diloco_config import DiLoCoConfig
-    from gossamer.training.recipe import Recipe
+    from gossamer.training import DiLoCoConfig, Recipe
 
     started = time.perf_counter()
     recipe: Recipe = _recipe(args)
@@ -452,7 +451,7 @@ async def _follow(
 def _corpus_info(recipe: Any) -> dict[str, Any]:
     import torch
 
-    from gossamer.training.data import load_corpus
+    from gossamer.training import load_corpus
 
     torch.set_num_threads(1)
     corpus = load_corpus(recipe.corpus_root)
@@ -470,7 +469,7 @@ def _corpus_info(recipe: Any) -> dict[str, Any]:
 async def _baseline(recipe: Any, n: int, steps: int, ui: _Ui) -> dict[str, Any]:
     import trio
 
-    from gossamer.training.simulate import run_ddp
+    from gossamer.training import run_ddp
 
     ui.say(
         f"  baseline: synchronous data-parallel training on the same {n} shards and tokens, "

@@ -153,7 +153,7 @@ def _client(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_run_id(run_id: str) -> str:
-    from gossamer.crdt.charter import CharterError, check_run_id
+    from gossamer.crdt import CharterError, check_run_id
 
     try:
         return check_run_id(run_id)
@@ -222,8 +222,7 @@ def cmd_host(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from gossamer.training.diffusion import workflow
-    from gossamer.training.diffusion.models import ExpertSpec, registered_experts
+    from gossamer.training.diffusion import ExpertSpec, registered_experts, workflow
 
     if args.expert not in registered_experts():
         raise CliError(f"unknown expert {args.expert!r} (registered: {registered_experts()})")
@@ -262,7 +261,7 @@ def cmd_host(args: argparse.Namespace) -> int:
     }
 
     async def attach(node: Any) -> None:
-        from gossamer.crdt.stack import attach_stack
+        from gossamer.crdt import attach_stack
 
         await attach_stack(node)
         run = await workflow.host_run(node, args.name, plan, router=router_bytes)
@@ -299,7 +298,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         out.write_bytes(blob)
     except OSError as exc:
         raise CliError(f"cannot write {out}: {exc.strerror or exc}") from None
-    from gossamer.training.diffusion.serving import content_id
+    from gossamer.training.diffusion import content_id
 
     info = {
         "run_id": run_id,
@@ -327,8 +326,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from gossamer.training.diffusion.models import expert_from_bytes
-    from gossamer.training.diffusion.serving import checkpoint_meta, content_id
+    from gossamer.training.diffusion import checkpoint_meta, content_id, expert_from_bytes
 
     for path, blob in zip(args.checkpoint, blobs, strict=True):
         try:
@@ -353,7 +351,7 @@ def _serve(
     from gossamer.training.diffusion import workflow
 
     async def attach(node: Any) -> None:
-        from gossamer.crdt.stack import attach_stack
+        from gossamer.crdt import attach_stack
 
         await attach_stack(node, crdt=run_id is not None)
         run = None
@@ -370,8 +368,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     run_id = _check_run_id(args.run)
     config = _client_config(args)
 
-    from gossamer.crdt.stack import open_stack
-    from gossamer.training.diffusion import network, workflow
+    from gossamer.crdt import open_stack
+    from gossamer.training.diffusion import discover, workflow
 
     async def main() -> dict[str, Any]:
         async with open_stack(config) as node:
@@ -383,7 +381,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             if plan is not None:
                 with contextlib.suppress(workflow.PlanError):
                     await workflow.wait_experts(run, plan.k, args.wait)
-            found = await network.discover(
+            found = await discover(
                 node,
                 run_id,
                 run=run,
@@ -443,9 +441,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from gossamer.training.diffusion import workflow
-    from gossamer.training.diffusion.images import save_image_grid
-    from gossamer.training.diffusion.router import router_from_bytes
+    from gossamer.training.diffusion import router_from_bytes, save_image_grid, workflow
 
     router = None
     if router_bytes is not None:
@@ -454,7 +450,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         except (ValueError, RuntimeError) as exc:
             raise CliError(f"{args.router} is not router weights: {exc}") from None
 
-    from gossamer.crdt.stack import open_stack
+    from gossamer.crdt import open_stack
 
     async def main() -> workflow.Generation:
         async with open_stack(config) as node:
@@ -506,7 +502,7 @@ def _trio_run(main: Any) -> Any:
     """``trio.run(main)`` with a plan problem (wherever it was raised) as one CLI line."""
     import trio
 
-    from gossamer.training.diffusion.workflow import PlanError
+    from gossamer.training.diffusion import PlanError
 
     try:
         return trio.run(main)

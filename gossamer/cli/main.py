@@ -76,7 +76,7 @@ def _expected_error_in(exc: BaseException) -> BaseException | None:
     """The error worth one line inside ``exc``: a GossamerError or an OSError
     (a port in use, a directory we may not write), itself or a leaf of a trio
     exception group; None for anything else, which is a bug."""
-    from gossamer.node.errors import GossamerError
+    from gossamer.node import GossamerError
 
     if isinstance(exc, GossamerError | OSError):
         return exc
@@ -96,7 +96,7 @@ def _fail(message: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the exit status (0 ok, 1 failure, 2 usage or config mistake)."""
     from gossamer.logs import setup_logging
-    from gossamer.node.errors import ConfigError
+    from gossamer.node import ConfigError
 
     verbose = 0
     try:

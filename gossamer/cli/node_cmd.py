@@ -148,7 +148,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
 
 def cmd_id(args: argparse.Namespace) -> int:
     """From the daemon when one runs (its real addresses), else from the key file."""
-    from gossamer.node.control import ControlClient, NoDaemon
+    from gossamer.node import ControlClient, NoDaemon
 
     config = load_node_config(args)
     try:
@@ -156,7 +156,7 @@ def cmd_id(args: argparse.Namespace) -> int:
             status = client.call("node.status")
         peer_id, addrs, running = status["peer_id"], status["addrs"], True
     except NoDaemon:
-        from gossamer.node.identity import load_or_create
+        from gossamer.node import load_or_create
 
         peer_id = load_or_create(config.data_dir).peer_id
         addrs = [f"{addr}/p2p/{peer_id}" for addr in config.listen]
@@ -175,7 +175,7 @@ def cmd_id(args: argparse.Namespace) -> int:
 
 
 def cmd_connect(args: argparse.Namespace) -> int:
-    from gossamer.node.addresses import parse_multiaddr
+    from gossamer.node import parse_multiaddr
 
     parse_multiaddr(args.addr, what="peer address", need_peer_id=True)
     result = control_call(args, "node.connect", {"addr": args.addr})

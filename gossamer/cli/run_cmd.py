@@ -51,7 +51,7 @@ def _short(peer_id: str) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from gossamer.node.control import ControlError
+    from gossamer.node import ControlError
 
     try:
         snapshot = control_call(args, "run.status", {"run": args.run})

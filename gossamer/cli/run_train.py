@@ -77,7 +77,7 @@ def _add_worker_args(parser: argparse.ArgumentParser) -> None:
 
 def _node_config(args: argparse.Namespace) -> Any:
     """Defaults < ``GOSSAMER_*`` environment < these flags (the run file is not a node config)."""
-    from gossamer.node.config import default_data_dir, load_config
+    from gossamer.node import default_data_dir, load_config
 
     listen = args.listen or ["/ip4/0.0.0.0/tcp/0"]
     return load_config(
@@ -93,8 +93,8 @@ def _node_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_host(args: argparse.Namespace) -> int:
-    from gossamer.node.errors import ConfigError
-    from gossamer.training.run_file import load_run_file
+    from gossamer.node import ConfigError
+    from gossamer.training import load_run_file
 
     try:
         run_file = load_run_file(args.run_config)
@@ -104,7 +104,7 @@ def cmd_host(args: argparse.Namespace) -> int:
 
 
 def cmd_join(args: argparse.Namespace) -> int:
-    from gossamer.crdt.charter import CharterError, check_run_id
+    from gossamer.crdt import CharterError, check_run_id
 
     try:
         check_run_id(args.run_id)
@@ -127,7 +127,7 @@ def _train(args: argparse.Namespace, **how: Any) -> int:
         return 130
     finally:
         view.stop()
-    from gossamer.training.worker import result_summary
+    from gossamer.training import result_summary
 
     summary = result_summary(result, loss)
     if args.json:
@@ -138,7 +138,7 @@ def _train(args: argparse.Namespace, **how: Any) -> int:
 
 
 async def _run(args: argparse.Namespace, view: _Progress, how: dict[str, Any]) -> Any:
-    from gossamer.training.worker import run_worker
+    from gossamer.training import run_worker
 
     def ready(node: Any, run: Any, recipe: Any, config: Any) -> None:
         view.ready(node, run, recipe, config, as_json=args.json)

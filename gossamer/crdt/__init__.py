@@ -24,6 +24,10 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
+    "open_stack": "gossamer.crdt.stack",
+    "check_run_id": "gossamer.crdt.charter",
+    "attach_stack": "gossamer.crdt.stack",
+    "NAME_RE": "gossamer.crdt.charter",
     "RunDocument": "gossamer.crdt.document",
     "RunConfig": "gossamer.crdt.document",
     "Member": "gossamer.crdt.document",

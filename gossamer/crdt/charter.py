@@ -24,13 +24,14 @@ import re
 import time
 from dataclasses import dataclass, field, replace
 
-from gossamer.node import wire
-from gossamer.node.errors import GossamerError, ProtocolError
-from gossamer.node.identity import (
+from gossamer.node import (
+    GossamerError,
     Identity,
+    ProtocolError,
     peer_id_from_public_key,
     public_key_from_peer_id,
     verify_signature,
+    wire,
 )
 
 DOMAIN = b"gossamer/charter/1\x00"

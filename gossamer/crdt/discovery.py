@@ -17,7 +17,7 @@ import trio
 from gossamer.dht import DHT
 
 if TYPE_CHECKING:
-    from gossamer.node.node import Node
+    from gossamer.node import Node
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,7 @@ import hashlib
 from typing import Any
 
 from gossamer.crdt import _yupdate
-from gossamer.node import wire
-from gossamer.node.errors import ProtocolError
-from gossamer.node.identity import Identity, peer_id_from_public_key, verify_signature
+from gossamer.node import Identity, ProtocolError, peer_id_from_public_key, verify_signature, wire
 
 DOMAIN = b"gossamer/crdt/1\x00"
 CLIENT_DOMAIN = b"gossamer/crdt/client\x00"

@@ -28,14 +28,12 @@ from gossamer.crdt.protocol import (
     hello_message,
     parse_hello,
 )
-from gossamer.node import wire
-from gossamer.node.errors import FrameTooLarge, GossamerError, PeerUnreachable, ProtocolError
+from gossamer.node import FrameTooLarge, GossamerError, PeerUnreachable, ProtocolError, wire
 
 if TYPE_CHECKING:
     from gossamer.crdt.run import Run
     from gossamer.crdt.sync import CrdtService
-    from gossamer.node.host import Stream
-    from gossamer.node.node import Node
+    from gossamer.node import Node, Stream
 
 log = logging.getLogger(__name__)
 

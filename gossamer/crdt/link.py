@@ -39,12 +39,11 @@ from gossamer.crdt.protocol import (
     error_message,
 )
 from gossamer.crdt.replica import Receipt, Severity, Verdict
-from gossamer.node import wire
-from gossamer.node.errors import FrameTooLarge, ProtocolError
+from gossamer.node import FrameTooLarge, ProtocolError, wire
 
 if TYPE_CHECKING:
     from gossamer.crdt.run import Run
-    from gossamer.node.host import Stream
+    from gossamer.node import Stream
 
 log = logging.getLogger(__name__)
 

@@ -37,8 +37,7 @@ import trio
 from gossamer.crdt.envelope import Envelope
 from gossamer.crdt.protocol import SV_REQUEST, RunAccessError
 from gossamer.crdt.replica import Verdict
-from gossamer.node import wire
-from gossamer.node.errors import GossamerError
+from gossamer.node import GossamerError, wire
 
 if TYPE_CHECKING:
     from gossamer.crdt.link import Link

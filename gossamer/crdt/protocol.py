@@ -29,8 +29,7 @@ from __future__ import annotations
 from typing import Any
 
 from gossamer.crdt.charter import Charter, CharterError, check_run_id
-from gossamer.node import wire
-from gossamer.node.errors import GossamerError, ProtocolError
+from gossamer.node import GossamerError, ProtocolError, wire
 
 PROTOCOL = "/gossamer/crdt/1.0.0"
 PROTOCOL_VERSION = 1

@@ -36,9 +36,7 @@ from pycrdt import Doc, Map
 from gossamer.crdt import _yupdate, rules
 from gossamer.crdt.charter import Charter
 from gossamer.crdt.envelope import Envelope, client_id_for
-from gossamer.node import wire
-from gossamer.node.errors import GossamerError, ProtocolError
-from gossamer.node.identity import Identity, peer_id_from_public_key
+from gossamer.node import GossamerError, Identity, ProtocolError, peer_id_from_public_key, wire
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,7 @@ from gossamer.crdt.mesh import Mesh
 from gossamer.crdt.protocol import CHARTER, PENALTY_MALFORMED
 from gossamer.crdt.replica import Receipt, Replica, Verdict
 from gossamer.crdt.store import RunStore
-from gossamer.node import wire
-from gossamer.node.errors import GossamerError
+from gossamer.node import GossamerError, wire
 
 if TYPE_CHECKING:
     from gossamer.crdt.sync import CrdtService

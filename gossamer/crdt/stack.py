@@ -17,11 +17,10 @@ from typing import TYPE_CHECKING
 from gossamer.crdt.options import SyncOptions
 from gossamer.crdt.sync import CrdtService
 from gossamer.dht import DHT, DHTConfig
-from gossamer.node.errors import GossamerError
+from gossamer.node import GossamerError
 
 if TYPE_CHECKING:
-    from gossamer.node.config import NodeConfig
-    from gossamer.node.node import Node
+    from gossamer.node import Node, NodeConfig
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +65,7 @@ async def open_stack(
     resume: bool = False,
 ) -> AsyncIterator[Node]:
     """A node of its own with the stack of :func:`attach_stack`, stopped on exit."""
-    from gossamer.node.node import Node
+    from gossamer.node import Node
 
     async with Node(config) as node:
         await attach_stack(

@@ -22,8 +22,7 @@ from typing import BinaryIO
 
 from gossamer.crdt.charter import Charter, CharterError
 from gossamer.crdt.envelope import Envelope
-from gossamer.node import wire
-from gossamer.node.errors import ProtocolError
+from gossamer.node import ProtocolError, wire
 
 log = logging.getLogger(__name__)
 

@@ -30,29 +30,17 @@ from gossamer.crdt.discovery import announce_run, find_run_peers
 from gossamer.crdt.options import SyncOptions
 from gossamer.crdt.protocol import (
     BAN_SCORE,
-    ENVELOPE,
     PROTOCOL,
     RunAccessError,
-    hello_message,
 )
 from gossamer.crdt.run import Run
 from gossamer.crdt.store import RunStore
-from gossamer.node.errors import GossamerError, PeerUnreachable
+from gossamer.node import GossamerError, PeerUnreachable
 
 if TYPE_CHECKING:
-    from gossamer.node.host import Stream
-    from gossamer.node.node import Node
+    from gossamer.node import Node, Stream
 
-__all__ = [
-    "ENVELOPE",
-    "PROTOCOL",
-    "CrdtService",
-    "Run",
-    "RunAccessError",
-    "SyncOptions",
-    "attach",
-    "hello_message",
-]
+__all__ = ["CrdtService", "attach"]
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ Attach one to a running node::
     from gossamer.dht import DHT, DHTConfig
 
     async with Node(config) as node:
-        dht = await DHT.start(node)          # also sets node.dht = dht
+        dht = await DHT.start(node)          # also node.service(DHT) is dht
         await node.connect(bootstrap_addr)   # the routing table fills by itself
         await dht.put("/gossamer/run/r1", {"lr": 0.7}, time.time() + 600)
         record = await dht.get("/gossamer/run/r1")   # Record | None; record.value

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from gossamer.dht._store import StoreLimits
-from gossamer.node.errors import ConfigError
+from gossamer.node import ConfigError, typed_fields
 
 
 @dataclass
@@ -46,34 +45,28 @@ class DHTConfig:
     def from_table(cls, table: Mapping[str, Any], source: str = "[dht]") -> DHTConfig:
         """A config from a TOML table (``[dht]``, with ``[dht.limits]``); a mistake is a
         ConfigError that names the key."""
-        values = _typed(cls, {k: v for k, v in table.items() if k != "limits"}, source)
+        values = _non_negative(
+            typed_fields(
+                cls, {k: v for k, v in table.items() if k != "limits"}, source, skip=("limits",)
+            ),
+            source,
+        )
         limits = table.get("limits", {})
         if not isinstance(limits, Mapping):
             raise ConfigError(f"{source}: 'limits' must be a table")
-        values["limits"] = StoreLimits(**_typed(StoreLimits, limits, f"{source}.limits"))
+        source_limits = f"{source}.limits"
+        values["limits"] = StoreLimits(
+            **_non_negative(typed_fields(StoreLimits, limits, source_limits), source_limits)
+        )
         config = cls(**values)
         if not 1 <= config.replicas <= config.k or config.alpha < 1 or config.get_quorum < 1:
             raise ConfigError(f"{source}: need 1 <= replicas <= k, alpha >= 1, get_quorum >= 1")
         return config
 
 
-def _typed(kind: type, table: Mapping[str, Any], source: str) -> dict[str, Any]:
-    """``table``'s keys checked against ``kind``'s fields (bool, int or float, all >= 0)."""
-    fields = {f.name: f.type for f in dataclasses.fields(kind) if f.name != "limits"}
-    out: dict[str, Any] = {}
-    for key, value in table.items():
-        name = key.replace("-", "_")
-        want = fields.get(name)
-        if want is None:
-            raise ConfigError(f"{source}: unknown key {key!r}")
-        if want == "bool":
-            ok = isinstance(value, bool)
-        elif want == "int":
-            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
-        else:  # float
-            ok = isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
-            value = float(value) if ok else value
-        if not ok:
-            raise ConfigError(f"{source}: {key!r} expects a non-negative {want}, got {value!r}")
-        out[name] = value
-    return out
+def _non_negative(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """Every count, size and interval of the DHT is >= 0."""
+    for name, value in values.items():
+        if not isinstance(value, bool) and isinstance(value, int | float) and value < 0:
+            raise ConfigError(f"config key {name!r} must not be negative (in {source})")
+    return values

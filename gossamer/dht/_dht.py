@@ -46,11 +46,10 @@ from gossamer.dht._service import DHTService, clean_addrs
 from gossamer.dht._store import RecordStore
 from gossamer.dht._upkeep import Upkeep
 from gossamer.dht.errors import DHTError
-from gossamer.node.errors import DeadlineExceeded, GossamerError
-from gossamer.node.hooks import Provider
+from gossamer.node import DeadlineExceeded, GossamerError, Provider
 
 if TYPE_CHECKING:
-    from gossamer.node.node import Node
+    from gossamer.node import Node
 
 log = logging.getLogger(__name__)
 

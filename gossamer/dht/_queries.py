@@ -21,12 +21,7 @@ from gossamer.dht._records import Entry, decode_entry
 from gossamer.dht._routing import key_id, peer_key
 from gossamer.dht._service import DHTService, parse_contacts
 from gossamer.dht.errors import DHTError, InvalidKey, InvalidRecord, StoreFailed
-from gossamer.node.errors import (
-    DeadlineExceeded,
-    GossamerError,
-    PeerUnreachable,
-    RemoteError,
-)
+from gossamer.node import DeadlineExceeded, GossamerError, PeerUnreachable, RemoteError
 
 if TYPE_CHECKING:
     from gossamer.dht._dht import DHT

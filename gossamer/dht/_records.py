@@ -27,9 +27,7 @@ from dataclasses import astuple, dataclass
 from typing import Any, Protocol
 
 from gossamer.dht.errors import InvalidKey, InvalidRecord, RecordTooLarge
-from gossamer.node import wire
-from gossamer.node.errors import ProtocolError
-from gossamer.node.identity import Identity, public_key_from_peer_id, verify_signature
+from gossamer.node import Identity, ProtocolError, public_key_from_peer_id, verify_signature, wire
 
 KEY_PREFIX = "/gossamer/"
 MAX_KEY_BYTES = 512

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 from gossamer.dht._records import MAX_RECORD_BYTES, check_key, decode_entry, is_peer_id
 from gossamer.dht.errors import DHTError, InvalidRecord
-from gossamer.node.errors import ConfigError, Refused
-from gossamer.node.rpc import CallContext, Service, rpc
+from gossamer.node import CallContext, ConfigError, Refused, Service
+from gossamer.node.rpc import rpc
 
 if TYPE_CHECKING:
     from gossamer.dht._dht import DHT
@@ -44,7 +44,7 @@ _REMOTE_IP = re.compile(r"^/(ip4|ip6)/([^/]+)/")
 
 @functools.lru_cache(maxsize=8192)
 def _valid_multiaddr(text: str) -> bool:
-    from gossamer.node.addresses import parse_multiaddr
+    from gossamer.node import parse_multiaddr
 
     try:
         parse_multiaddr(text)

@@ -20,7 +20,7 @@ import trio
 from gossamer.dht._records import Entry, peer_record_key, provider_key
 from gossamer.dht._routing import peer_key, target_bytes
 from gossamer.dht._service import clean_addrs
-from gossamer.node.errors import GossamerError, RemoteError
+from gossamer.node import GossamerError, RemoteError
 
 if TYPE_CHECKING:
     from gossamer.dht._dht import DHT

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gossamer.node.errors import GossamerError
+from gossamer.node import GossamerError
 
 
 class DHTError(GossamerError):

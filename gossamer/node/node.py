@@ -29,7 +29,7 @@ from gossamer.node.rpc import CallContext, RpcClient, RpcServer, Service, rpc
 if TYPE_CHECKING:
     import multiaddr
 
-    from gossamer.node.dataplane import DataPlane
+    from gossamer.node.dataplane.plane import DataPlane
     from gossamer.node.holepunch import HolePuncher
     from gossamer.node.reachability import Reachability
     from gossamer.node.relay import Relays
@@ -113,7 +113,7 @@ class Node:
                 )
             host.on_connections(self._on_connected, self._on_disconnected)
             self.register(NodeService(self))
-            from gossamer.node.dataplane import DataPlane
+            from gossamer.node.dataplane.plane import DataPlane
 
             self._dataplane = DataPlane(self)
             await self._dataplane.start(self._nursery)

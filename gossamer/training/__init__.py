@@ -1,1 +1,46 @@
-"""Training layer: DiLoCo, compression, state sync, decentralized diffusion."""
+"""Training layer: DiLoCo rounds and the collective, compression, state sync, the SDK worker,
+decentralized diffusion (``gossamer.training.diffusion``).  This is the layer's face: code above it
+imports these names from ``gossamer.training``; modules inside import each other directly.  Names
+load lazily, so importing the package does not import torch until a name needs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "get_codec": "gossamer.training.codecs",
+    "all_reduce": "gossamer.training.collective",
+    "load_corpus": "gossamer.training.data",
+    "DiLoCoWorker": "gossamer.training.diloco",
+    "DiLoCoConfig": "gossamer.training.diloco_config",
+    "RoundRecord": "gossamer.training.diloco_results",
+    "TrainResult": "gossamer.training.diloco_results",
+    "keep_freed_memory": "gossamer.training.memory",
+    "Recipe": "gossamer.training.recipe",
+    "RunFile": "gossamer.training.run_file",
+    "load_run_file": "gossamer.training.run_file",
+    "Worker": "gossamer.training.sdk",
+    "open_run": "gossamer.training.sdk",
+    "SimConfig": "gossamer.training.simulate",
+    "run_ddp": "gossamer.training.simulate",
+    "StateService": "gossamer.training.statesync",
+    "result_summary": "gossamer.training.worker",
+    "run_worker": "gossamer.training.worker",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

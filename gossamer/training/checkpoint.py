@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from gossamer.node.errors import GossamerError
+from gossamer.node import GossamerError
 from gossamer.training.outer import OuterState, Params, state_digest
 
 __all__ = ["Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint"]

@@ -64,7 +64,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gossamer.node.errors import ProtocolError
+from gossamer.node import ProtocolError
 
 __all__ = [
     "BLOCK",

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 import trio
 
-from gossamer.node.errors import GossamerError
+from gossamer.node import GossamerError
 from gossamer.training.codecs import Codec, ErrorFeedback, get_codec
 from gossamer.training.collective_exchange import AttemptState, PieceExchange
 from gossamer.training.collective_links import Links

@@ -12,7 +12,7 @@ from typing import Any
 
 import trio
 
-from gossamer.node.errors import GossamerError
+from gossamer.node import GossamerError
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,7 @@ from typing import Any, NamedTuple
 import msgpack
 import trio
 
-from gossamer.node import wire
-from gossamer.node.errors import GossamerError
+from gossamer.node import GossamerError, wire
 from gossamer.training.collective_links import Links, wait
 from gossamer.training.collective_schedule import AllReduceSchedule, Scope, Tag
 

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 import trio
 
-from gossamer.node.errors import GossamerError
+from gossamer.node import GossamerError
 from gossamer.training import rounds
 from gossamer.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from gossamer.training.codecs import ErrorFeedback, get_codec
@@ -48,7 +48,7 @@ from gossamer.training.collective import AllReduceResult, CollectiveError, all_r
 from gossamer.training.diloco_config import DiLoCoConfig
 from gossamer.training.diloco_results import RoundRecord, TrainResult
 from gossamer.training.diloco_state import State, flat_pseudo_gradient, outer_step, unflatten
-from gossamer.training.inner import InnerLoop, LocalInnerLoop
+from gossamer.training.inner import InnerLoop
 from gossamer.training.outer import OuterState, init_outer_state
 from gossamer.training.statesync import (
     StateService,
@@ -60,19 +60,7 @@ from gossamer.training.statesync import (
 
 log = logging.getLogger(__name__)
 
-# The names that moved to diloco_config, diloco_state, inner and diloco_results stay importable
-# from here: the SDK surface (gossamer/__init__.py) and users import them from this module.
-__all__ = [
-    "DiLoCoConfig",
-    "DiLoCoWorker",
-    "InnerLoop",
-    "LocalInnerLoop",
-    "RoundRecord",
-    "State",
-    "TrainResult",
-    "flat_pseudo_gradient",
-    "unflatten",
-]
+__all__ = ["DiLoCoWorker"]
 
 
 class DiLoCoWorker:

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gossamer.node.tables import typed_fields
+from gossamer.node import typed_fields
 from gossamer.training import rounds
 from gossamer.training.codecs import get_codec
 

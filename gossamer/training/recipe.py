@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from gossamer.node.tables import typed_fields
+from gossamer.node import typed_fields
 from gossamer.training.data import batches, eval_loss, load_corpus, worker_shard
 from gossamer.training.inner import LocalInnerLoop
 from gossamer.training.model import GPT, GPTConfig

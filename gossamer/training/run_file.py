@@ -29,8 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gossamer.node.errors import ConfigError
-from gossamer.node.tables import typed_fields
+from gossamer.node import ConfigError, typed_fields
 from gossamer.training.diloco_config import DiLoCoConfig
 from gossamer.training.recipe import MODEL_KEYS, Recipe
 
@@ -65,7 +64,7 @@ def parse_run_file(raw: dict[str, Any], where: str) -> RunFile:
     name = raw.get("name")
     if not isinstance(name, str) or not name:
         raise ConfigError(f'{where}: set name = "…" (the run\'s name)')
-    from gossamer.crdt.charter import NAME_RE
+    from gossamer.crdt import NAME_RE
 
     if not NAME_RE.match(name):
         raise ConfigError(

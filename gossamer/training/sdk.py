@@ -34,8 +34,7 @@ from typing import Any
 import torch
 import trio
 
-from gossamer.node.config import NodeConfig, default_data_dir, load_config
-from gossamer.node.errors import GossamerError
+from gossamer.node import GossamerError, NodeConfig, default_data_dir, load_config
 from gossamer.training.diloco import DiLoCoWorker
 from gossamer.training.diloco_config import DiLoCoConfig
 from gossamer.training.diloco_results import TrainResult
@@ -66,8 +65,7 @@ async def open_run(
     heartbeat_interval: float = 5.0,
 ) -> Any:
     """Start the node's run-document service and host run ``host`` or join ``run_id``."""
-    from gossamer.crdt.options import SyncOptions
-    from gossamer.crdt.stack import attach_stack
+    from gossamer.crdt import SyncOptions, attach_stack
 
     crdt = await attach_stack(
         node,
@@ -179,7 +177,7 @@ class Worker:
         return await self._run(run_id=run_id, bootstrap=bootstrap, ready=ready)
 
     async def _run(self, ready: Callable[[Any, Any], None] | None = None, **how: Any) -> Any:
-        from gossamer.node.node import Node
+        from gossamer.node import Node
         from gossamer.training import ddp
 
         rank = ddp.rank()

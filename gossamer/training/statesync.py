@@ -41,8 +41,8 @@ from typing import Any
 import torch
 import trio
 
-from gossamer.node.errors import GossamerError, Refused
-from gossamer.node.rpc import CallContext, Service, rpc
+from gossamer.node import CallContext, GossamerError, Refused, Service
+from gossamer.node.rpc import rpc
 from gossamer.training.outer import OuterState, state_digest
 
 log = logging.getLogger(__name__)

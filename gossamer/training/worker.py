@@ -23,8 +23,7 @@ from typing import Any
 import torch
 import trio
 
-from gossamer.node.config import NodeConfig, load_config
-from gossamer.node.errors import GossamerError
+from gossamer.node import GossamerError, NodeConfig, load_config
 from gossamer.training.diloco import DiLoCoWorker
 from gossamer.training.diloco_config import DiLoCoConfig
 from gossamer.training.diloco_results import TrainResult
@@ -69,7 +68,7 @@ async def run_worker(
 ) -> tuple[TrainResult, float | None]:
     """Host (``host`` = run name, with ``recipe`` and ``config``) or join (``run_id``) a run of
     the built-in recipe and train; returns the result and, with ``evaluate``, the eval loss."""
-    from gossamer.node.node import Node
+    from gossamer.node import Node
     from gossamer.training.memory import keep_freed_memory
 
     torch.set_num_threads(1)

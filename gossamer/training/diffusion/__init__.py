@@ -5,10 +5,12 @@ isolation (``models``, ``flow``); a router learns p(cluster | x_t, t) (``router`
 combines the experts' velocities with the router's weights (``ensemble``). Convention everywhere:
 t = 0 is noise, t = 1 is data, x_t = t·x1 + (1 − t)·x0.
 
-Nothing here touches a socket: the network layer supplies remote experts as callables
-``velocity(x_t, t) -> v`` over the rows ``plan_requests`` assigns them, and ships recipes and
-weights as bytes (``PartitionRecipe.to_bytes``, ``expert_to_bytes``). Names load lazily, like the
-top-level SDK surface, so importing the package does not import torch until a name needs it.
+The core touches no socket: the network parts (``announcements``, ``verify``, ``hosts``,
+``remote_experts``, ``async_sampling``; their names are exported here too) supply remote experts
+as callables ``velocity(x_t, t) -> v`` over the rows ``plan_requests`` assigns them, and ship
+recipes and weights as bytes (``PartitionRecipe.to_bytes``, ``expert_to_bytes``). Names load
+lazily, like the top-level SDK surface, so importing the package does not import torch until a
+name needs it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,25 @@ import importlib
 from typing import Any
 
 _EXPORTS: dict[str, str] = {
+    "ExpertHost": "hosts",
+    "RunExperts": "announcements",
+    "ExpertRecord": "announcements",
+    "AnnouncementRefused": "verify",
+    "mode_arguments": "async_sampling",
+    "withdraw": "announcements",
+    "announce": "announcements",
+    "fetch_router": "remote_experts",
+    "ROUTER_SLOT": "announcements",
+    "Latency": "hosts",
+    "discover": "announcements",
+    "Verifier": "verify",
+    "RemoteExpert": "remote_experts",
+    "connect_experts": "remote_experts",
+    "sample_network": "async_sampling",
+    "content_id": "serving",
+    "classifier_features": "metrics",
+    "checkpoint_meta": "serving",
+    "PlanError": "workflow",
     "ImageSet": "data",
     "load_digits_split": "data",
     "load_image_folder": "data",

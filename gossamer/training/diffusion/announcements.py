@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from gossamer.dht import DHT, provider_key
-from gossamer.node.errors import GossamerError
+from gossamer.node import GossamerError
 from gossamer.training.diffusion.serving import ServedCheckpoint
 
 if TYPE_CHECKING:
-    from gossamer.crdt.sync import Run
-    from gossamer.node.node import Node
+    from gossamer.crdt import Run
+    from gossamer.node import Node
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ import torch
 import trio
 
 from gossamer.dht import DHT
-from gossamer.node.errors import DeadlineExceeded, GossamerError
+from gossamer.node import DeadlineExceeded, GossamerError
 from gossamer.training.diffusion.announcements import ExpertRecord, RunExperts
 from gossamer.training.diffusion.ensemble import ExpertUnavailable
 from gossamer.training.diffusion.hosts import ExpertHost
@@ -35,7 +35,7 @@ from gossamer.training.diffusion.serving import remote_integrate, remote_velocit
 from gossamer.training.diffusion.verify import AnnouncementRefused, Verifier
 
 if TYPE_CHECKING:
-    from gossamer.node.node import Node
+    from gossamer.node import Node
 
 log = logging.getLogger(__name__)
 

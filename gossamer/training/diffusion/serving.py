@@ -8,7 +8,7 @@ same bytes that sit on disk and that ``expert_from_bytes`` reads). Methods:
   ``router``), ``cluster``, ``run``, ``spec``, ``image_shape``, ``nbytes``, ``cond_dim``, and the
   server's limits (``max_batch``, ``inline_max_bytes``).
 * ``fetch(cid, offset, length)`` → a chunk (≤ 1 MiB) of a checkpoint's bytes: samplers download
-  the weights once per content id to verify the announcement (see ``network.py``).
+  the weights once per content id to verify the announcement (see ``verify.py``).
 * ``denoise(cid, shape, dtype, t, x=…, cond=…, tag=…)`` → velocities for a batch. ``shape`` is
   (B, C, H, W), ``dtype`` must be ``"float32"``, ``t`` is B little-endian float32 in [0, 1].
   Small batches travel *inline*: ``x`` holds the B·C·H·W float32 bytes and the answer is
@@ -48,8 +48,15 @@ import numpy as np
 import torch
 import trio
 
-from gossamer.node.errors import DeadlineExceeded, GossamerError, Refused, TransferError
-from gossamer.node.rpc import CallContext, Service, rpc
+from gossamer.node import (
+    CallContext,
+    DeadlineExceeded,
+    GossamerError,
+    Refused,
+    Service,
+    TransferError,
+)
+from gossamer.node.rpc import rpc
 from gossamer.training.diffusion.models import (
     ExpertSpec,
     expert_from_bytes,
@@ -57,7 +64,7 @@ from gossamer.training.diffusion.models import (
 )
 
 if TYPE_CHECKING:
-    from gossamer.node.node import Node
+    from gossamer.node import Node
 
 log = logging.getLogger(__name__)
 

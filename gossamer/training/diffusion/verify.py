@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 import trio
 
-from gossamer.node.errors import GossamerError
+from gossamer.node import GossamerError
 from gossamer.training.diffusion.announcements import ExpertRecord
 from gossamer.training.diffusion.hosts import ExpertHost
 from gossamer.training.diffusion.models import (
@@ -41,7 +41,7 @@ from gossamer.training.diffusion.serving import (
 )
 
 if TYPE_CHECKING:
-    from gossamer.node.node import Node
+    from gossamer.node import Node
 
 CHALLENGE_ROWS = 8
 CHALLENGE_RTOL = 1e-4

@@ -12,9 +12,9 @@
 3. **Train the router** (whichever node hosts it, on the whole data or a labelled sample):
    :func:`train_run_router`, capped at ``router_budget`` (5%) of the experts' training FLOPs.
 4. **Serve** (:func:`serve_checkpoints`): register the ``ddm`` service, announce every
-   checkpoint in the run document and the DHT (``network.announce``), keep the DHT records fresh.
-5. **Sample** (any node): ``network.discover`` → ``network.connect_experts`` (verifies every
-   announcement) → ``network.sample_network``; :func:`generate` does all three.
+   checkpoint in the run document and the DHT (``announce``), keep the DHT records fresh.
+5. **Sample** (any node): ``discover`` → ``connect_experts`` (verifies every
+   announcement) → ``sample_network``; :func:`generate` does all three.
 
 Nothing here opens a socket by itself: the node, the DHT and the run document come from the
 caller (:func:`gossamer.crdt.stack.open_stack` builds the usual stack).
@@ -37,7 +37,7 @@ import torch
 import trio
 from safetensors.torch import save as st_save
 
-from gossamer.node.errors import GossamerError
+from gossamer.node import GossamerError
 from gossamer.training.diffusion.data import ImageSet, load_digits_split, load_image_folder
 from gossamer.training.diffusion.experiment import split_steps
 from gossamer.training.diffusion.flow import train_expert
@@ -52,9 +52,8 @@ from gossamer.training.diffusion.router import (
 from gossamer.training.diffusion.serving import DDM_META_KEY, ExpertServer, ServedCheckpoint
 
 if TYPE_CHECKING:
-    from gossamer.crdt.sync import Run
-    from gossamer.node.config import NodeConfig
-    from gossamer.node.node import Node
+    from gossamer.crdt import Run
+    from gossamer.node import Node, NodeConfig
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +245,7 @@ async def host_run(node: Node, name: str, plan: RunPlan, router: bytes | None = 
     """Host a diffusion run on ``node``: a run document named ``name`` holding ``plan``, and
     (when given) the router's weights served and announced.  The node needs the stack
     (:func:`gossamer.crdt.stack.attach_stack`): the DHT for the announcements."""
-    from gossamer.crdt.sync import CrdtService
+    from gossamer.crdt import CrdtService
 
     service = await CrdtService.start(node)  # the node's, if it runs one already
     run = await service.host_run(name, config={CONFIG_FIELD: plan.to_doc()})
@@ -405,7 +404,7 @@ async def join(
     timeout: float = 10.0,
 ) -> Run:
     """Join (``member``) or just follow a run through ``bootstrap`` multiaddrs or the DHT."""
-    from gossamer.crdt.sync import CrdtService
+    from gossamer.crdt import CrdtService
 
     service = await CrdtService.start(node, resume=False)  # the node's, if it runs one
     return await service.join_run(
@@ -417,7 +416,7 @@ async def fetch_plan(
     config: NodeConfig, run_id: str, bootstrap: Sequence[str], timeout: float = 20.0
 ) -> RunPlan:
     """Start a node, read the run's plan, stop the node: training then runs with no network."""
-    from gossamer.crdt.stack import open_stack
+    from gossamer.crdt import open_stack
 
     async with open_stack(config, dht=False) as node:
         run = await join(node, run_id, bootstrap, member=False, timeout=timeout)
@@ -448,7 +447,8 @@ async def serve_checkpoints(
     ``cluster`` overrides the checkpoints' metadata (for plain ``expert_to_bytes`` files).
     Announcements are withdrawn from the run document when the node closes.
     """
-    from gossamer.training.diffusion import network, serving
+    from gossamer.training.diffusion import serving
+    from gossamer.training.diffusion.announcements import announce, withdraw
 
     server = serving.serve(node)
     entries = []
@@ -458,19 +458,19 @@ async def serve_checkpoints(
         entries.append(server.add_blob(router, "router", run_id))
     partition = next((e.meta.get("partition") for e in entries if e.meta.get("partition")), None)
     run_id = run_id or (run.run_id if run is not None else None)
-    await network.announce(node, entries, run=run, run_id=run_id, partition=partition, ttl=ttl)
+    await announce(node, entries, run=run, run_id=run_id, partition=partition, ttl=ttl)
 
     async def refresh() -> None:
         while True:
             await trio.sleep(ttl / 2)
-            await network.announce(node, entries, run=None, run_id=run_id, ttl=ttl)
+            await announce(node, entries, run=None, run_id=run_id, ttl=ttl)
 
     node.nursery.start_soon(refresh)
     if run is not None:
 
         async def withdraw() -> None:
             with contextlib.suppress(Exception):
-                network.withdraw(run, entries)
+                withdraw(run, entries)
 
         node.on_close(withdraw)
     return Serving(server, entries, run)
@@ -522,23 +522,26 @@ async def generate(
     run's for the mixtures and to 1 for sticky (which draws an expert from the router's
     probabilities: sharpening them would skew the draw).
     """
-    from gossamer.training.diffusion import network
+    from gossamer.training.diffusion.announcements import discover
+    from gossamer.training.diffusion.async_sampling import mode_arguments, sample_network
+    from gossamer.training.diffusion.remote_experts import connect_experts, fetch_router
+    from gossamer.training.diffusion.verify import Verifier
 
     plan = await wait_plan(run, wait)
     with contextlib.suppress(PlanError):
         await wait_experts(run, plan.k, wait, router=router is None)
-    found = await network.discover(node, run.run_id, run=run, partition=plan.partition, k=plan.k)
-    verifier = network.Verifier(node, mode=verify, cache_dir=cache_dir, expected_spec=plan.expert)
+    found = await discover(node, run.run_id, run=run, partition=plan.partition, k=plan.k)
+    verifier = Verifier(node, mode=verify, cache_dir=cache_dir, expected_spec=plan.expert)
     if router is None:
         if found.router is None:
             raise PlanError(f"run {run.run_id} announces no router (pass one)")
-        router = await network.fetch_router(node, found.router, verifier, router_config(plan))
-    experts = await network.connect_experts(node, found, verifier)
+        router = await fetch_router(node, found.router, verifier, router_config(plan))
+    experts = await connect_experts(node, found, verifier)
     if not experts:
         raise PlanError(f"no expert of run {run.run_id} could be reached and verified")
-    routing, sticky = network.mode_arguments(mode)
+    routing, sticky = mode_arguments(mode)
     started = time.perf_counter()
-    images = await network.sample_network(
+    images = await sample_network(
         router,
         experts,
         n,
