@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from conftest import wait_until
 
 CLI = [sys.executable, "-m", "gossamer.cli.main"]
 LOOPBACK = ["--listen", "/ip4/127.0.0.1/tcp/0", "--dataplane-listen", "127.0.0.1:0"]
@@ -73,14 +74,16 @@ class Daemon:
 
 async def _wait_ready(process: trio.Process, data_dir: Path, stderr: Path) -> dict:
     control = data_dir / "control.json"
-    with trio.fail_after(READY_TIMEOUT_S):
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"daemon exited ({process.returncode}): {stderr.read_text()}")
-            try:
-                return json.loads(control.read_text())
-            except (FileNotFoundError, ValueError):
-                await trio.sleep(0.05)
+
+    def control_file() -> dict | None:
+        if process.poll() is not None:
+            pytest.fail(f"daemon exited ({process.returncode}): {stderr.read_text()}")
+        try:
+            return json.loads(control.read_text())
+        except (FileNotFoundError, ValueError):  # not written yet, or half written
+            return None
+
+    return await wait_until(control_file, READY_TIMEOUT_S, what=f"the control file {control}")
 
 
 @asynccontextmanager
@@ -135,12 +138,15 @@ async def test_daemon_lifecycle(tmp_path: Path) -> None:
 
         async with daemon(tmp_path, "b", env, "--bootstrap", status["addrs"][0]) as b:
             b_id = b.info["peer_id"]
-            with trio.fail_after(20):
-                while True:
-                    peers = await gossamer_json("peers", "--data-dir", a.data_dir, env=env)
-                    if any(p["peer_id"] == b_id and p["connected"] for p in peers):
-                        break
-                    await trio.sleep(0.1)
+
+            async def peers_with_b() -> list | None:
+                peers = await gossamer_json("peers", "--data-dir", a.data_dir, env=env)
+                assert isinstance(peers, list)
+                return (
+                    peers if any(p["peer_id"] == b_id and p["connected"] for p in peers) else None
+                )
+
+            peers = await wait_until(peers_with_b, 20, interval=0.1, what="a connected to b")
             (entry,) = peers
             assert entry["direction"] == "inbound"
             ping = await gossamer_json("node", "ping", b_id, "--data-dir", a.data_dir, env=env)

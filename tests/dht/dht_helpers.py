@@ -7,11 +7,13 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import trio
+from conftest import wait_until
 
 from gossamer.dht import DHT, DHTConfig
 from gossamer.node.config import NodeConfig
@@ -42,20 +44,34 @@ def loopback(data_dir: Path) -> NodeConfig:
     )
 
 
+START = 1_000_000_000.0  # 2001: far from the real time (see FakeClock)
+
+
+class FakeClock:
+    """Unix time that moves only when told to, for ``DHT(clock=...)``.
+
+    It starts in 2001: a site still reading ``time.time()`` would see every
+    record as long expired and fail the test.
+    """
+
+    def __init__(self, now: float = START) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 @contextlib.asynccontextmanager
-async def started(data_dir: Path, config: DHTConfig | None = None) -> AsyncIterator[Node]:
+async def started(
+    data_dir: Path, config: DHTConfig | None = None, clock: Callable[[], float] = time.time
+) -> AsyncIterator[Node]:
     """One node with its DHT (``dht_of(node)``)."""
     async with Node(loopback(data_dir)) as node:
-        await DHT.start(node, config or fast_config())
+        await DHT.start(node, config or fast_config(), clock=clock)
         yield node
-
-
-async def wait_for(predicate: Any, timeout: float = 5.0, what: str = "condition") -> None:
-    with trio.move_on_after(timeout):
-        while not predicate():
-            await trio.sleep(0.01)
-        return
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Swarm(list):
@@ -66,13 +82,18 @@ class Swarm(list):
         self._nursery = nursery
         self._stops: dict[str, tuple[trio.CancelScope, trio.Event]] = {}
 
-    async def add(self, data_dir: Path, config: DHTConfig | None = None) -> Node:
+    async def add(
+        self,
+        data_dir: Path,
+        config: DHTConfig | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> Node:
         stopped = trio.Event()
 
         async def run(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
             try:
                 with trio.CancelScope() as scope:
-                    async with started(data_dir, config) as node:
+                    async with started(data_dir, config, clock) as node:
                         task_status.started((node, scope))
                         await trio.sleep_forever()
             finally:
@@ -93,13 +114,16 @@ class Swarm(list):
 
 @contextlib.asynccontextmanager
 async def chain(
-    tmp_path: Path, count: int, config: DHTConfig | None = None
+    tmp_path: Path,
+    count: int,
+    config: DHTConfig | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> AsyncIterator[Swarm]:
     """``count`` nodes, node i connected only to node i-1; tables fill on their own."""
     async with trio.open_nursery() as nursery:
         swarm = Swarm(nursery)
         for i in range(count):
-            node = await swarm.add(tmp_path / f"n{i}", config)
+            node = await swarm.add(tmp_path / f"n{i}", config, clock)
             if len(swarm) > 1:
                 await node.connect(swarm[-2].addrs()[0])
         yield swarm
@@ -142,16 +166,17 @@ async def daemon(
         stderr=err,
         env=env,
     )
+
+    def control_file() -> dict | None:
+        if process.poll() is not None:
+            raise AssertionError(f"daemon exited: {(tmp_path / f'{name}.err').read_text()}")
+        try:
+            return json.loads((data_dir / "control.json").read_text())
+        except (FileNotFoundError, ValueError):  # not written yet, or half written
+            return None
+
     try:
-        with trio.fail_after(60):
-            while True:
-                if process.poll() is not None:
-                    raise AssertionError(f"daemon exited: {(tmp_path / f'{name}.err').read_text()}")
-                try:
-                    info = json.loads((data_dir / "control.json").read_text())
-                    break
-                except (FileNotFoundError, ValueError):
-                    await trio.sleep(0.05)
+        info = await wait_until(control_file, 60, what=f"daemon {name}'s control file")
         yield {**info, "data_dir": data_dir}
     finally:
         if process.returncode is None:

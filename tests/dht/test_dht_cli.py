@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import trio
+from conftest import wait_until
 from dht_helpers import clean_env, cli, daemon
 
 
@@ -16,15 +16,15 @@ async def test_put_on_one_daemon_get_and_providers_on_another(tmp_path: Path) ->
             (await cli("node", "status", "--data-dir", a["data_dir"], "--json", env=env)).stdout
         )
         async with daemon(tmp_path, "b", env, "--bootstrap", status["addrs"][0]) as b:
-            with trio.fail_after(30):  # b's DHT has a routing table entry for a
-                while True:
-                    done = await cli(
-                        "dht", "status", "--data-dir", b["data_dir"], "--json", env=env
-                    )
-                    assert done.returncode == 0, done.stderr.decode()
-                    if json.loads(done.stdout)["routing_table"] >= 1:
-                        break
-                    await trio.sleep(0.2)
+
+            async def b_knows_a() -> bool:
+                done = await cli("dht", "status", "--data-dir", b["data_dir"], "--json", env=env)
+                assert done.returncode == 0, done.stderr.decode()
+                return json.loads(done.stdout)["routing_table"] >= 1
+
+            await wait_until(
+                b_knows_a, 30, interval=0.2, what="a routing table entry for a in b's DHT"
+            )
             done = await cli(
                 "dht",
                 "put",

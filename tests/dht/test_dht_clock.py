@@ -9,26 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import trio
-from dht_helpers import dht_of, fast_config, loopback
+from conftest import wait_until
+from dht_helpers import START, FakeClock, dht_of, fast_config, loopback
 
 from gossamer.dht import DHT, DHTConfig
 from gossamer.node.node import Node
-
-START = 1_000_000_000.0
-
-
-class FakeClock:
-    """Unix time that moves only when told to."""
-
-    def __init__(self, now: float = START) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def solo_config(**overrides: object) -> DHTConfig:
@@ -130,8 +115,8 @@ async def test_contacts_are_seen_at_the_injected_time(tmp_path: Path) -> None:
         DHT(b, config, clock=clock),
     ):
         await a.connect(b.addrs()[0])
-        with trio.fail_after(5):  # the hello that puts b in a's table
-            while b.peer_id not in dht_of(a).table:
-                await trio.sleep(0.01)
+        await wait_until(
+            lambda: b.peer_id in dht_of(a).table, 5, interval=0.01, what="the hello: b in a's table"
+        )
         contact = dht_of(a).table.get(b.peer_id)
         assert contact is not None and contact.last_seen == START

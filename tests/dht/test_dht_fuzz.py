@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 import trio
 import trio.from_thread
-from dht_helpers import dht_of, fast_config, started, wait_for
+from conftest import wait_until
+from dht_helpers import dht_of, fast_config, started
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -52,7 +53,9 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
             started(base / "attacker", fast_config()) as attacker,
         ):
             await attacker.connect(victim.addrs()[0])
-            await wait_for(lambda: len(dht_of(victim).table) == 1, 10, "victim knows attacker")
+            await wait_until(
+                lambda: len(dht_of(victim).table) == 1, 10, what="victim knows attacker"
+            )
             box.victim, box.attacker = victim, attacker
             box.stop = trio.Event()  # type: ignore[attr-defined]
             ready.set()

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import trio
-from dht_helpers import chain, dht_of, fast_config, loopback, started, wait_for
+from conftest import wait_until
+from dht_helpers import FakeClock, chain, dht_of, fast_config, loopback, started
 
 from gossamer.dht import (
     DHT,
@@ -32,7 +33,9 @@ async def test_routing_tables_fill_from_connections_alone(tmp_path: Path) -> Non
     # join settings: own-id lookup, bucket refreshes, peer record.
     config = fast_config(refresh_buckets_on_join=True, publish_peer_record=True)
     async with chain(tmp_path, 6, config) as nodes:
-        await wait_for(lambda: all(len(dht_of(n).table) == 5 for n in nodes), 15, "full tables")
+        await wait_until(
+            lambda: all(len(dht_of(n).table) == 5 for n in nodes), 15, what="full tables"
+        )
         for node in nodes:
             assert dht_of(node).node is node  # attached to its node
             for other in nodes:
@@ -45,7 +48,9 @@ async def test_put_get_when_the_getter_never_met_the_storer(tmp_path: Path) -> N
     # Only the two nodes nearest the key store it.
     config = fast_config(replicas=2)
     async with chain(tmp_path, 6, config) as nodes:
-        await wait_for(lambda: all(len(dht_of(n).table) == 5 for n in nodes), 15, "full tables")
+        await wait_until(
+            lambda: all(len(dht_of(n).table) == 5 for n in nodes), 15, what="full tables"
+        )
         key = "/gossamer/test/not-connected"
         stored = await dht_of(nodes[0]).put(key, {"answer": 42}, time.time() + 60)
         assert stored == 2
@@ -56,7 +61,9 @@ async def test_put_get_when_the_getter_never_met_the_storer(tmp_path: Path) -> N
         quiet = fast_config(replicas=2, bootstrap_on_join=False)
         async with started(tmp_path / "getter", quiet) as getter:
             await getter.connect(relay.addrs()[0])
-            await wait_for(lambda: relay.peer_id in dht_of(getter).table, 5, "getter knows relay")
+            await wait_until(
+                lambda: relay.peer_id in dht_of(getter).table, 5, what="getter knows relay"
+            )
             assert not any(getter.is_connected(s.peer_id) for s in storers)
             record = await dht_of(getter).get(key)
             assert record is not None and record.value == {"answer": 42}
@@ -67,7 +74,9 @@ async def test_put_get_when_the_getter_never_met_the_storer(tmp_path: Path) -> N
 
 async def test_concurrent_subkey_writers_merge_on_every_replica(tmp_path: Path) -> None:
     async with chain(tmp_path, 5) as nodes:
-        await wait_for(lambda: all(len(dht_of(n).table) == 4 for n in nodes), 15, "full tables")
+        await wait_until(
+            lambda: all(len(dht_of(n).table) == 4 for n in nodes), 15, what="full tables"
+        )
         key = "/gossamer/run/r1/members"
         expires = time.time() + 60
         async with trio.open_nursery() as nursery:
@@ -99,28 +108,35 @@ async def test_concurrent_subkey_writers_merge_on_every_replica(tmp_path: Path) 
 
 async def test_expired_records_are_never_returned_and_are_purged(tmp_path: Path) -> None:
     config = fast_config(purge_interval=0.1)
-    async with chain(tmp_path, 3, config) as nodes:
-        await wait_for(lambda: all(len(dht_of(n).table) == 2 for n in nodes), 15, "full tables")
+    clock = FakeClock()  # every node's: the record expires when the clock moves, not by sleeping
+    async with chain(tmp_path, 3, config, clock) as nodes:
+        await wait_until(
+            lambda: all(len(dht_of(n).table) == 2 for n in nodes), 15, what="full tables"
+        )
         key = "/gossamer/test/short-lived"
-        await dht_of(nodes[0]).put(key, "soon gone", time.time() + 0.6)
-        await dht_of(nodes[0]).put(key, "stays", time.time() + 60, "keeper")
+        await dht_of(nodes[0]).put(key, "soon gone", clock() + 0.6)
+        await dht_of(nodes[0]).put(key, "stays", clock() + 60, "keeper")
         record = await dht_of(nodes[2]).get(key)
         assert record is not None and record.value == "soon gone"
-        await trio.sleep(0.7)
+        clock.advance(0.7)
         record = await dht_of(nodes[2]).get(key)
         assert record is not None and record.value is None
         assert set(record.subkeys) == {"keeper"}
-        await trio.sleep(0.3)  # a purge cycle ran
-        for node in nodes:
-            held = dht_of(node).store.stored(key, "")
-            assert held is None
+        # A purge cycle (every 0.1 s) drops the expired sub-key from every store.
+        await wait_until(
+            lambda: all(dht_of(node).store.stored(key, "") is None for node in nodes),
+            5,
+            what="the expired sub-key purged everywhere",
+        )
         with pytest.raises(InvalidRecord, match="expired"):
-            await dht_of(nodes[0]).put(key, "already dead", time.time() - 1)
+            await dht_of(nodes[0]).put(key, "already dead", clock() - 1)
 
 
 async def test_forged_owner_records_are_refused_everywhere(tmp_path: Path) -> None:
     async with chain(tmp_path, 4) as nodes:
-        await wait_for(lambda: all(len(dht_of(n).table) == 3 for n in nodes), 15, "full tables")
+        await wait_until(
+            lambda: all(len(dht_of(n).table) == 3 for n in nodes), 15, what="full tables"
+        )
         victim = nodes[0]
         key = f"/gossamer/profile/{victim.peer_id}"
         await dht_of(victim).put(key, {"addrs": ["genuine"]}, time.time() + 60)
@@ -179,7 +195,9 @@ async def test_forged_owner_records_are_refused_everywhere(tmp_path: Path) -> No
 
 async def test_oversize_records_are_refused_with_a_clear_error(tmp_path: Path) -> None:
     async with chain(tmp_path, 2) as nodes:
-        await wait_for(lambda: all(len(dht_of(n).table) == 1 for n in nodes), 15, "full tables")
+        await wait_until(
+            lambda: all(len(dht_of(n).table) == 1 for n in nodes), 15, what="full tables"
+        )
         big = b"x" * (MAX_RECORD_BYTES + 1)
         with pytest.raises(RecordTooLarge, match=f"the limit is {MAX_RECORD_BYTES} bytes"):
             await dht_of(nodes[0]).put("/gossamer/test/big", big, time.time() + 60)
@@ -204,10 +222,14 @@ async def test_records_survive_a_restart(tmp_path: Path) -> None:
     config = fast_config()
     async with started(tmp_path / "a", config) as a, started(tmp_path / "b", config) as b:
         await a.connect(b.addrs()[0])
-        await wait_for(lambda: len(dht_of(a).table) == 1 and len(dht_of(b).table) == 1, 5, "tables")
+        await wait_until(
+            lambda: len(dht_of(a).table) == 1 and len(dht_of(b).table) == 1, 5, what="tables"
+        )
         await dht_of(a).put(key_stored, "kept by b", time.time() + 60)
         await dht_of(b).put(key_own, "b's own", time.time() + 60, "sub")
-        await wait_for(lambda: dht_of(b).store.get(key_stored, time.time()), 5, "b stores it")
+        await wait_until(
+            lambda: dht_of(b).store.get(key_stored, time.time()), 5, what="b stores it"
+        )
     # b alone, restarted from the same data dir: what it stored and what it owns.
     async with started(tmp_path / "b", config) as b:
         record = await dht_of(b).get(key_stored, latest=False)
@@ -220,12 +242,14 @@ async def test_records_survive_a_restart(tmp_path: Path) -> None:
 async def test_restarted_node_rejoins_and_is_found(tmp_path: Path) -> None:
     config = fast_config(publish_peer_record=True)
     async with chain(tmp_path, 5, config) as nodes:
-        await wait_for(lambda: all(len(dht_of(n).table) == 4 for n in nodes), 15, "full tables")
+        await wait_until(
+            lambda: all(len(dht_of(n).table) == 4 for n in nodes), 15, what="full tables"
+        )
         # Node "x" knew the whole swarm; then it stopped.
         async with started(tmp_path / "x", config) as x:
             x_id = x.peer_id
             await x.connect(nodes[2].addrs()[0])
-            await wait_for(lambda: len(dht_of(x).table) == 5, 15, "x joined")
+            await wait_until(lambda: len(dht_of(x).table) == 5, 15, what="x joined")
             old_addrs = set(x.addrs())
         # Back with the same identity on a new port and no bootstrap address: it
         # greets one contact it saved, and nodes it never dialed can find it.
@@ -233,15 +257,20 @@ async def test_restarted_node_rejoins_and_is_found(tmp_path: Path) -> None:
         async with started(tmp_path / "x", rejoin) as x:
             assert x.peer_id == x_id
             assert set(x.addrs()).isdisjoint(old_addrs)
-            await wait_for(lambda: len(dht_of(x).table) >= 1, 10, "x greeted a saved contact")
+            await wait_until(
+                lambda: len(dht_of(x).table) >= 1, 10, what="x greeted a saved contact"
+            )
             finder = next(n for n in nodes if not n.is_connected(x_id))
+
             # x's new peer record reaches the nodes near its key a moment after the greeting;
             # until then a lookup may still answer the record of x's previous run.
-            with trio.fail_after(10):
-                while not (
-                    (addrs := await dht_of(finder).find_peer(x_id)) and set(addrs) & set(x.addrs())
-                ):
-                    await trio.sleep(0.1)
+            async def new_addrs_found() -> list[str] | None:
+                addrs = await dht_of(finder).find_peer(x_id)
+                return addrs if addrs and set(addrs) & set(x.addrs()) else None
+
+            addrs = await wait_until(
+                new_addrs_found, 10, interval=0.1, what="x's new peer record found"
+            )
             assert addrs is not None and set(addrs) & set(x.addrs())
             await finder.ensure_connected(x_id)
             assert finder.is_connected(x_id)
@@ -249,7 +278,9 @@ async def test_restarted_node_rejoins_and_is_found(tmp_path: Path) -> None:
 
 async def test_providers_are_deduplicated_and_carry_addresses(tmp_path: Path) -> None:
     async with chain(tmp_path, 4) as nodes:
-        await wait_for(lambda: all(len(dht_of(n).table) == 3 for n in nodes), 15, "full tables")
+        await wait_until(
+            lambda: all(len(dht_of(n).table) == 3 for n in nodes), 15, what="full tables"
+        )
         cid = "sha256-" + "ab" * 32
         for _ in range(2):  # announcing twice still yields one provider per peer
             await dht_of(nodes[0]).provide(cid)
@@ -264,7 +295,9 @@ async def test_providers_are_deduplicated_and_carry_addresses(tmp_path: Path) ->
 async def test_dead_peers_are_evicted_and_lookups_route_around_them(tmp_path: Path) -> None:
     config = fast_config(replicas=2)
     async with chain(tmp_path, 6, config) as nodes:
-        await wait_for(lambda: all(len(dht_of(n).table) == 5 for n in nodes), 15, "full tables")
+        await wait_until(
+            lambda: all(len(dht_of(n).table) == 5 for n in nodes), 15, what="full tables"
+        )
         key = "/gossamer/test/churn"
         await dht_of(nodes[0]).put(key, "still here", time.time() + 60)
         storers = _storers(nodes, key)
@@ -305,11 +338,15 @@ async def test_a_lone_node_stores_locally_and_is_attached(tmp_path: Path) -> Non
 async def test_owners_republish_what_the_network_lost(tmp_path: Path) -> None:
     config = fast_config(republish_interval=0.3)
     async with chain(tmp_path, 3, config) as nodes:
-        await wait_for(lambda: all(len(dht_of(n).table) == 2 for n in nodes), 15, "full tables")
+        await wait_until(
+            lambda: all(len(dht_of(n).table) == 2 for n in nodes), 15, what="full tables"
+        )
         key = "/gossamer/test/republished"
         await dht_of(nodes[0]).put(key, "keep me", time.time() + 60)
         for node in nodes[1:]:  # the replicas forget it (restarted without their disk)
             dht_of(node).store._remove(key, "")
-        await wait_for(
-            lambda: all(dht_of(n).store.get(key, time.time()) for n in nodes[1:]), 5, "republish"
+        await wait_until(
+            lambda: all(dht_of(n).store.get(key, time.time()) for n in nodes[1:]),
+            5,
+            what="republish",
         )

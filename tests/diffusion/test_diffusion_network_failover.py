@@ -9,6 +9,7 @@ import time
 
 import torch
 import trio
+from conftest import wait_until
 from ddm_net_helpers import (
     ddm_node,
     spawn_server,
@@ -73,11 +74,14 @@ async def test_sampling_survives_a_host_killed_mid_sampling(tmp_path):
             await me.connect(boot)
             follower = await workflow.join(me, run.run_id, [boot], member=False)
             await workflow.wait_experts(follower, 3, timeout=20)
-            with trio.fail_after(20):  # the replica's provider record is out there
-                while replica.peer_id not in {
-                    p.peer_id for p in await me.service(DHT).find_providers(content_id(blobs[1]))
-                }:
-                    await trio.sleep(0.2)
+
+            async def replica_provides() -> bool:
+                providers = await me.service(DHT).find_providers(content_id(blobs[1]))
+                return replica.peer_id in {p.peer_id for p in providers}
+
+            await wait_until(
+                replica_provides, 20, interval=0.2, what="the replica's provider record"
+            )
 
             found = await network.discover(me, run.run_id, run=follower, use_dht=False)
             assert found.experts[1].hosts == [victim.peer_id]  # the document knows one host

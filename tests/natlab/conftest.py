@@ -22,9 +22,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from natlab_helpers import LAB_SETTINGS, NatWorld, bootstrap_addr
 
 from gossamer.bench._natlab import NatLab, unavailable_reason
+from natlab.natlab_helpers import LAB_SETTINGS, NatWorld, bootstrap_addr
 
 _labs: list[NatLab] = []
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import time
 
 import pytest
-from natlab_helpers import NatWorld, circuit_addrs, punch_state, reachability
+from conftest import wait_until_sync
+
+from natlab.natlab_helpers import NatWorld, circuit_addrs, punch_state, reachability
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -130,14 +132,13 @@ def test_private_nodes_move_to_another_relay_when_theirs_dies(nat_world: NatWorl
 
     # a is reachable again: s (which cannot hole-punch) finds a's new relayed
     # address in a's peer record in the DHT, dials it, and calls a.
-    deadline = time.monotonic() + 20
-    published: list[str] = []
-    while time.monotonic() < deadline:
+    def relayed_by_pub2() -> list[str]:
         published = w.s.call("peer_record", peer_id=w.a.peer_id)
-        if any(f"/p2p/{w.pub2.peer_id}/p2p-circuit/" in x for x in published):
-            break
-        time.sleep(0.5)
-    new_addr = next(x for x in published if f"/p2p/{w.pub2.peer_id}/p2p-circuit/" in x)
+        return [x for x in published if f"/p2p/{w.pub2.peer_id}/p2p-circuit/" in x]
+
+    new_addr = wait_until_sync(
+        relayed_by_pub2, 20, interval=0.5, what="a's peer record with its pub2 circuit"
+    )[0]
     assert new_addr in circuit_addrs(statuses["a"], w.pub2)
     assert w.s.call("connect", addr=new_addr) == w.a.peer_id
     ping = w.s.call("ping", peer_id=w.a.peer_id)

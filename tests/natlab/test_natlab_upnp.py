@@ -5,9 +5,9 @@ has the mapping verified by a dial-back, and only then advertises it."""
 from __future__ import annotations
 
 import pytest
-from natlab_helpers import LAB_SETTINGS, bootstrap_addr, reachability
 
 from gossamer.bench._natlab import NatLab
+from natlab.natlab_helpers import LAB_SETTINGS, bootstrap_addr, reachability
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 

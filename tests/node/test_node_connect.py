@@ -5,6 +5,7 @@ import time
 
 import pytest
 import trio
+from conftest import wait_until
 
 from gossamer.node.errors import GossamerError, PeerUnreachable
 from gossamer.node.node import Node
@@ -70,14 +71,16 @@ async def test_bootstrap_reconnects_after_restart(node_config):
     )
     async with Node(follower_config) as follower:
         # bootstrap is down at first: the follower keeps retrying with backoff
-        await trio.sleep(0.3)
-        assert follower.peers.get(_peer(addr)).failures >= 1
+        await wait_until(
+            lambda: (info := follower.peers.get(_peer(addr))) is not None and info.failures >= 1,
+            what="a failed dial to the bootstrap peer",
+        )
         async with Node(boot_config) as boot:
             with trio.fail_after(10):
                 await follower.wait_connected(boot.peer_id)
-        with trio.fail_after(10):
-            while follower.is_connected(_peer(addr)):
-                await trio.sleep(0.05)
+        await wait_until(
+            lambda: not follower.is_connected(_peer(addr)), 10, what="the bootstrap peer gone"
+        )
         async with Node(boot_config) as boot:
             with trio.fail_after(10):
                 await follower.wait_connected(boot.peer_id)
@@ -99,9 +102,11 @@ async def test_total_connection_cap(node_config):
         with contextlib.suppress(PeerUnreachable):
             await c.connect(hub.addrs()[0])
         # the hub closes the connection over its cap
-        with trio.fail_after(5):
-            while hub.is_connected(c.peer_id) or c.is_connected(hub.peer_id):
-                await trio.sleep(0.05)
+        await wait_until(
+            lambda: not (hub.is_connected(c.peer_id) or c.is_connected(hub.peer_id)),
+            5,
+            what="the connection over the cap closed",
+        )
         assert len(hub.connected_peers()) == 2
 
 

@@ -7,10 +7,10 @@ tested in tests/natlab/ (needs root).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 import trio
+from conftest import wait_until
 
 from gossamer.node.config import NodeConfig
 from gossamer.node.errors import PeerUnreachable
@@ -178,13 +178,6 @@ def test_upnp_parsing() -> None:
 # ------------------------------------------------------------- loopback
 
 
-async def wait_until(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
-    with trio.fail_after(timeout):
-        while not (value := predicate()):
-            await trio.sleep(0.05)
-        return value
-
-
 async def test_dial_back_is_a_fresh_connection_to_the_address(
     node_config: Callable[..., NodeConfig],
 ) -> None:
@@ -197,7 +190,9 @@ async def test_dial_back_is_a_fresh_connection_to_the_address(
         dead_port = dead.getsockname()[1]
         dead.close()
         b.reachability.add_candidate(f"/ip4/127.0.0.1/tcp/{dead_port}")
-        await wait_until(lambda: b.reachability.verdict.confirmed_addrs, 15)
+        await wait_until(
+            lambda: b.reachability.verdict.confirmed_addrs, 15, what="a confirmed address"
+        )
         verdict = b.reachability.verdict
         assert verdict.status == PUBLIC
         own_port = b.addrs()[0].split("/")[4]
@@ -219,7 +214,9 @@ async def test_relayed_connection_carries_rpc_and_data_when_punching_is_off(
         dialer = node_config(reachability="private", holepunch=False)
         async with Node(private) as target, Node(dialer) as caller:
             circuit = await wait_until(
-                lambda: [a for a in target.addrs() if "/p2p-circuit/" in a], 15
+                lambda: [a for a in target.addrs() if "/p2p-circuit/" in a],
+                15,
+                what="a relayed address",
             )
             assert circuit[0].startswith(f"{boot}/p2p-circuit/p2p/")  # relay addr from identify
             assert await caller.connect(circuit[0]) == target.peer_id
@@ -243,9 +240,14 @@ async def test_dcutr_upgrades_a_relayed_connection(node_config: Callable[..., No
             Node(node_config(bootstrap=[boot], **settings)) as target,
             Node(node_config(**settings)) as caller,
         ):
-            circuit = await wait_until(lambda: [a for a in target.addrs() if "p2p-circuit" in a])
+            circuit = await wait_until(
+                lambda: [a for a in target.addrs() if "p2p-circuit" in a], what="a relayed address"
+            )
             await caller.connect(circuit[0])
-            await wait_until(lambda: caller.connection_kinds(target.peer_id) == ["direct"])
+            await wait_until(
+                lambda: caller.connection_kinds(target.peer_id) == ["direct"],
+                what="the connection upgraded to direct",
+            )
             state = caller.holepunch.state_of(target.peer_id)
             assert state is not None and state.state == "direct" and state.upgrade_ms is not None
             assert target.holepunch.state_of(caller.peer_id).role == "initiator"  # accepted side
@@ -267,13 +269,20 @@ async def test_relay_limits(node_config: Callable[..., NodeConfig]) -> None:
                 return [a for a in n.addrs() if "p2p-circuit" in a]
 
             # Both ask at once; whichever the relay hears first holds the one reservation.
-            holder = (await wait_until(lambda: [n for n in (first, second) if circuits(n)]))[0]
+            holder = (
+                await wait_until(
+                    lambda: [n for n in (first, second) if circuits(n)], what="a reservation"
+                )
+            )[0]
             other = second if holder is first else first
             circuit = circuits(holder)
-            await trio.sleep(1.0)
-            # Only one reservation fits: the other node was refused.
+            # Only one reservation fits: once the relay has refused the other node's
+            # request, that node has no relayed address.
+            await wait_until(
+                lambda: relay.relays.status()["service"]["refused"] >= 1,
+                what="the relay refusing the second reservation",
+            )
             assert not circuits(other)
-            assert relay.relays.status()["service"]["refused"] >= 1
             # No reservation, no circuit.
             fake = circuit[0].replace(holder.peer_id, other.peer_id)
             with pytest.raises(PeerUnreachable, match="NO_RESERVATION"):
@@ -285,7 +294,9 @@ async def test_relay_limits(node_config: Callable[..., NodeConfig]) -> None:
                 await caller.dataplane.send(
                     holder.peer_id, "big", {"x": b"\0" * 1_000_000}, timeout=10
                 )
-            await wait_until(lambda: relay.relays.status()["service"]["circuits"] == 0)
+            await wait_until(
+                lambda: relay.relays.status()["service"]["circuits"] == 0, what="the circuit cut"
+            )
 
 
 async def test_a_new_public_ip_voids_older_answers(node_config: Callable[..., NodeConfig]) -> None:

@@ -5,6 +5,7 @@ import logging
 import pytest
 import torch
 import trio
+from conftest import wait_until
 
 from gossamer.training.codecs import Codec, EncodedTensor, get_codec
 from gossamer.training.collective import AllReduce, all_reduce
@@ -273,9 +274,14 @@ async def test_member_dying_mid_collective(nodes, node_config):
                     doomed = await inner.start(doomed_member, members)
                     nursery.start_soon(one, a, members, torch.ones(big))
                     nursery.start_soon(one, b, members, torch.ones(big) * 3)
-                    # die (node and all) once some of its contribution has left it
-                    while doomed.dataplane.bytes_sent < 1 << 18:  # past the join
-                        await trio.sleep(0.001)
+                    # die (node and all) once some of its contribution has left it (past
+                    # the join); polled finely so it dies mid-transfer, not after it
+                    await wait_until(
+                        lambda: doomed.dataplane.bytes_sent >= 1 << 18,
+                        40,
+                        interval=0.001,
+                        what="the doomed member sending",
+                    )
                     inner.cancel_scope.cancel()
         for node in (a, b):
             result = results[node.peer_id]

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import trio
+from conftest import wait_until
 
 RUN_TOML = """
 name = "cli_test"
@@ -48,13 +49,9 @@ async def _lines(process, out: list[dict]) -> None:
                 out.append(json.loads(line))
 
 
-async def _wait(events: list[dict], kind: str, timeout: float) -> dict:
-    with trio.fail_after(timeout):
-        while True:
-            for event in events:
-                if event.get("event") == kind:
-                    return event
-            await trio.sleep(0.05)
+def _first(events: list[dict], kind: str) -> dict | None:
+    """The first ``kind`` event a process has printed so far."""
+    return next((event for event in events if event.get("event") == kind), None)
 
 
 async def test_run_host_and_join(tmp_path):
@@ -72,7 +69,9 @@ async def test_run_host_and_join(tmp_path):
                 [*host_cmd, *LOOPBACK, "--shard", "0", "--json"], stdout=subprocess.PIPE, env=env
             )
             nursery.start_soon(_lines, host, host_events)
-            ready = await _wait(host_events, "ready", 60)
+            ready = await wait_until(
+                lambda: _first(host_events, "ready"), 60, what="the host's ready event"
+            )
             join_cmd = [*cli, "join", ready["run_id"], "--bootstrap", ready["addrs"][0]]
             joiner = await trio.lowlevel.open_process(
                 [*join_cmd, "--data-dir", str(tmp_path / "j"), *LOOPBACK, "--json"],
@@ -82,8 +81,12 @@ async def test_run_host_and_join(tmp_path):
             nursery.start_soon(_lines, joiner, join_events)
             assert await host.wait() == 0
             assert await joiner.wait() == 0
-    host_result = await _wait(host_events, "result", 1)
-    join_result = await _wait(join_events, "result", 1)
+    host_result = await wait_until(
+        lambda: _first(host_events, "result"), 1, what="the host's result"
+    )
+    join_result = await wait_until(
+        lambda: _first(join_events, "result"), 1, what="the joiner's result"
+    )
     assert host_result["final_round"] == join_result["final_round"] == 3
     assert host_result["digests"] == join_result["digests"]
     assert host_result["parity_ok"] == host_result["parity_compared"] == 3

@@ -9,6 +9,7 @@ import logging
 import pytest
 import torch
 import trio
+from conftest import wait_until
 from diloco_helpers import TINY, SlowInner, swarm, train_all
 
 from gossamer.training import statesync
@@ -87,8 +88,9 @@ async def test_a_late_joiner_downloads_the_state_and_converges(node_config):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(one, 0)
                 nursery.start_soon(one, 1)
-                while len(workers[0].records) < 3:
-                    await trio.sleep(0.02)
+                await wait_until(
+                    lambda: len(workers[0].records) >= 3, 90, interval=0.02, what="three rounds"
+                )
                 nursery.start_soon(one, 2)
     early, late = results[0], results[2]
     assert late.entered_by == ["download"] and late.bytes_received_state > 0  # type: ignore[union-attr]
