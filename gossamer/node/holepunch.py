@@ -59,7 +59,7 @@ import trio
 
 from gossamer.node import _libp2p_compat as compat
 from gossamer.node.host import raw_stream_peer
-from gossamer.node.reachability import is_public_ip, tcp_multiaddr
+from gossamer.node.reachability import Reachability, is_public_ip, tcp_multiaddr
 
 if TYPE_CHECKING:
     from gossamer.node.node import Node
@@ -152,8 +152,9 @@ def dial_targets(
 
 
 class HolePuncher:
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, reachability: Reachability) -> None:
         self._node = node
+        self._reachability = reachability
         self.states: OrderedDict[str, PunchState] = OrderedDict()
         self._locks: dict[str, trio.Lock] = {}
         self._active: set[str] = set()
@@ -355,15 +356,15 @@ class HolePuncher:
     def _our_addrs(self) -> list[str]:
         node = self._node
         listen = node.host.tcp_listeners()
-        verdict = node.reachability.verdict
+        verdict = self._reachability.verdict
         return predicted_addrs(
-            listen, node.reachability.external_ips(), list(verdict.confirmed_addrs)
+            listen, self._reachability.external_ips(), list(verdict.confirmed_addrs)
         )
 
     def _own_ips(self) -> set[str]:
         node = self._node
         ips = {ip for ip, _ in node.host.tcp_listeners()}
-        ips.update(node.reachability.external_ips())
+        ips.update(self._reachability.external_ips())
         return ips
 
     def _targets(self, theirs: list[str]) -> list[tuple[str, int]]:

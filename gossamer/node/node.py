@@ -84,6 +84,11 @@ class Node:
         self._connection_listeners: list[Callable[[str, bool], None]] = []
         # callback() when our advertised addresses change (relay, UPnP, dial-back)
         self._addresses_listeners: list[Callable[[], None]] = []
+        # where our addresses come from besides the listeners (see add_address_source)
+        self._confirmed_sources: list[Callable[[], list[str]]] = []
+        self._relayed_sources: list[Callable[[], list[str]]] = []
+        # dial(peer_id, relayed multiaddr) for ``.../p2p-circuit/...`` addresses
+        self._relayed_dialer: Callable[[str, str], Awaitable[None]] | None = None
         self._services = Services()
         # name -> handler(params) for the daemon's local control API; layers
         # above the node (dht, crdt, training) add their own methods here.
@@ -207,18 +212,32 @@ class Node:
             raise GossamerError("the node is not running")
         return self._dataplane
 
+    def add_address_source(self, source: Callable[[], list[str]], *, relayed: bool = False) -> None:
+        """Add ``source()``'s multiaddrs to ours: confirmed direct addresses (a dial-back,
+        a port mapping) go through the host's advertised set; ``relayed`` ones (circuit
+        addresses) are appended after it (the host mangles them: ``relay_addrs.circuit_addr``)."""
+        (self._relayed_sources if relayed else self._confirmed_sources).append(source)
+
+    def set_relayed_dialer(self, dial: Callable[[str, str], Awaitable[None]]) -> None:
+        """``dial(peer_id, addr)`` connects through the relay a ``/p2p-circuit`` address names."""
+        self._relayed_dialer = dial
+
     def _start_nat_traversal(self) -> None:
+        """The composition root of NAT traversal: each behaviour gets what it needs."""
         from gossamer.node.holepunch import HolePuncher
         from gossamer.node.reachability import Reachability
         from gossamer.node.relay import Relays
         from gossamer.node.upnp import PortMapper
 
-        self.reachability = Reachability(self)
-        self.relays = Relays(self)
-        self.holepunch = HolePuncher(self)
-        self.upnp = PortMapper(self)
-        self.reachability.start()
-        self.relays.start()
+        reachability = self.reachability = Reachability(self)
+        relays = self.relays = Relays(self, reachability)
+        self.holepunch = HolePuncher(self, reachability)
+        self.upnp = PortMapper(self, reachability)
+        self.add_address_source(lambda: list(reachability.verdict.confirmed_addrs))
+        self.add_address_source(relays.circuit_addrs, relayed=True)
+        self.set_relayed_dialer(relays.dial)
+        reachability.start()
+        relays.start()
         self.holepunch.start()
         self.upnp.start()
 
@@ -237,16 +256,16 @@ class Node:
             if "/p2p/" not in text:
                 text += f"/p2p/{self.peer_id}"
             out.append(text)
-        if self.relays is not None:
-            out.extend(a for a in self.relays.circuit_addrs() if a not in out)
+        for source in self._relayed_sources:
+            out.extend(a for a in source() if a not in out)
         return out
 
     def _advertised_addrs(self, candidates: list[str]) -> list[str]:
         """What the libp2p host advertises: listen addrs + dial-back-confirmed ones."""
         listening = set(self.host.listen_addrs()) if self.host else set()
         out = [c for c in candidates if c in listening]
-        if self.reachability is not None:
-            out.extend(a for a in self.reachability.verdict.confirmed_addrs if a not in out)
+        for source in self._confirmed_sources:
+            out.extend(a for a in source() if a not in out)
         return out
 
     def addresses_changed(self) -> None:
@@ -398,10 +417,10 @@ class Node:
             except Exception as exc:  # try the next address
                 failure = exc
         for addr in reversed(relayed):
-            if self.relays is None:
+            if self._relayed_dialer is None:
                 break
             try:
-                await self.relays.dial(peer_id, str(addr))
+                await self._relayed_dialer(peer_id, str(addr))
                 return
             except Exception as exc:  # try the next relay
                 failure = exc

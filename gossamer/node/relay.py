@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from gossamer.node.hooks import ContentRouting
-from gossamer.node.reachability import PUBLIC, Verdict
+from gossamer.node.reachability import PUBLIC, Reachability, Verdict
 from gossamer.node.relay_addrs import (
     MAX_RELAY_ADDRS,
     parse_circuit,
@@ -82,10 +82,11 @@ class RelayExchangeService(Service):
 class Relays:
     """Hop server + reservation client + relayed dialing, driven by reachability."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, reachability: Reachability) -> None:
         self._node = node
+        self._reachability = reachability
         self.server = HopServer(node)
-        self.client = RelayClient(node)
+        self.client = RelayClient(node, reachability)
         self.connections = RelayedConnections(node, self.client)
         self._wake = trio.Event()
         self._provided = False
@@ -97,9 +98,9 @@ class Relays:
         node.host.set_stream_handler(STOP_PROTOCOL, self.connections.handle_stop)
         node.register(RelayExchangeService(self))
         node.add_connection_listener(self._on_connection)
-        node.reachability.subscribe(self._on_verdict)
+        self._reachability.subscribe(self._on_verdict)
         self.client.add_configured()
-        self._apply_service(node.reachability.verdict)
+        self._apply_service(self._reachability.verdict)
         node.nursery.start_soon(self._run)
 
     def _on_verdict(self, verdict: Verdict) -> None:

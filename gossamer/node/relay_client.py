@@ -31,7 +31,7 @@ import trio
 from gossamer.node import _libp2p_compat as compat
 from gossamer.node.errors import GossamerError
 from gossamer.node.hooks import ContentRouting
-from gossamer.node.reachability import PRIVATE
+from gossamer.node.reachability import PRIVATE, Reachability
 from gossamer.node.relay_addrs import (
     MAX_RELAY_ADDRS,
     circuit_addr,
@@ -124,8 +124,9 @@ class Reservation:
 class RelayClient:
     """Relay candidates and the reservations held with the best of them."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, reachability: Reachability) -> None:
         self._node = node
+        self._reachability = reachability
         self.reservations: dict[str, Reservation] = {}
         self.candidates: dict[str, Candidate] = {}
         self._discovered_at = -float("inf")
@@ -243,7 +244,7 @@ class RelayClient:
         node = self._node
         config = node.config
         want = (
-            node.reachability.status == PRIVATE
+            self._reachability.status == PRIVATE
             and config.relay_client
             and config.relay_reservations > 0
         )

@@ -32,7 +32,7 @@ from xml.etree import ElementTree
 
 import trio
 
-from gossamer.node.reachability import PRIVATE, Verdict, tcp_multiaddr
+from gossamer.node.reachability import PRIVATE, Reachability, Verdict, tcp_multiaddr
 
 if TYPE_CHECKING:
     from gossamer.node.node import Node
@@ -297,8 +297,9 @@ def _local_ip_towards(host: str) -> str:
 class PortMapper:
     """Keeps a verified UPnP mapping while the node is private."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, reachability: Reachability) -> None:
         self._node = node
+        self._reachability = reachability
         self._wake = trio.Event()
         self.gateway: Gateway | None = None
         self.mapped: str | None = None  # /ip4/<external>/tcp/<port> handed to reachability
@@ -311,14 +312,12 @@ class PortMapper:
         node = self._node
         if not node.config.upnp:
             return
-        node.reachability.subscribe(self._on_verdict)
+        self._reachability.subscribe(self._on_verdict)
         node.on_close(self._close)
         node.nursery.start_soon(self._run)
 
     def status(self) -> dict[str, Any]:
-        verified = bool(
-            self.mapped and self.mapped in self._node.reachability.verdict.confirmed_addrs
-        )
+        verified = bool(self.mapped and self.mapped in self._reachability.verdict.confirmed_addrs)
         return {
             "state": self.state,
             "mapped": self.mapped,
@@ -336,11 +335,10 @@ class PortMapper:
         return None
 
     async def _run(self) -> None:
-        node = self._node
         while True:
             self._wake = trio.Event()
             wait = RETRY_S
-            if node.reachability.status == PRIVATE or self.mapped is not None:
+            if self._reachability.status == PRIVATE or self.mapped is not None:
                 try:
                     wait = await self._step()
                 except (UpnpError, OSError, trio.TooSlowError) as exc:
@@ -373,9 +371,9 @@ class PortMapper:
         addr = tcp_multiaddr(external, port)
         if addr != self.mapped:
             if self.mapped is not None:
-                node.reachability.remove_candidate(self.mapped)
+                self._reachability.remove_candidate(self.mapped)
             self.mapped = addr
-            node.reachability.add_candidate(addr)
+            self._reachability.add_candidate(addr)
             log.info("UPnP gateway maps %s to us; verifying by dial-back", addr)
         self.state, self.error = "mapped", ""
         return LEASE_S / 2
