@@ -16,8 +16,7 @@ from typing import Any, TypeVar
 import pytest
 import trio
 
-from gossamer.node.config import NodeConfig
-from gossamer.node.node import Node
+from gossamer.node import Node, NodeConfig
 
 logging.getLogger("gossamer").setLevel(logging.INFO)
 

@@ -21,16 +21,13 @@ from typing import Any
 import pytest
 import trio
 
+from gossamer.node import ControlClient, ControlError, NoDaemon, PeerUnreachable
 from gossamer.node.control import (
     MAX_REQUEST_BYTES,
-    ControlClient,
-    ControlError,
     ControlServer,
-    NoDaemon,
     control_file_path,
     write_control_file,
 )
-from gossamer.node.errors import PeerUnreachable
 
 
 def _methods() -> dict[str, Any]:

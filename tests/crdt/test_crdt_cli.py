@@ -7,7 +7,7 @@ import json
 import trio
 
 from gossamer.cli.main import main
-from gossamer.crdt.sync import CrdtService
+from gossamer.crdt import CrdtService
 from gossamer.node import daemon
 
 

@@ -13,13 +13,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pycrdt import Doc, Map
 
-from gossamer.crdt import rules
-from gossamer.crdt.charter import Charter, CharterError
-from gossamer.crdt.document import RunDocument
-from gossamer.crdt.envelope import Envelope, client_id_for
-from gossamer.crdt.replica import Replica, Severity, Verdict, WriteError
-from gossamer.node import wire
-from gossamer.node.identity import Identity
+from gossamer.crdt import (
+    Charter,
+    CharterError,
+    Envelope,
+    Replica,
+    RunDocument,
+    Verdict,
+    WriteError,
+    rules,
+)
+from gossamer.crdt.envelope import client_id_for
+from gossamer.crdt.replica import Severity
+from gossamer.node import Identity, wire
 
 SEEDS = [bytes([i]) * 32 for i in range(1, 8)]
 IDS = [Identity(s) for s in SEEDS]

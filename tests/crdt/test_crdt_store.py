@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from gossamer.crdt.charter import Charter
-from gossamer.crdt.document import RunDocument
-from gossamer.crdt.replica import Replica
+from gossamer.crdt import Charter, Replica, RunDocument
 from gossamer.crdt.store import RunStore
-from gossamer.node.identity import Identity
+from gossamer.node import Identity
 
 HOST, A = Identity(b"\x01" * 32), Identity(b"\x02" * 32)
 CHARTER = Charter.create(HOST, "tiny", created=0.0)

@@ -14,19 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pycrdt import Doc, Map
 
-from gossamer.crdt.envelope import Envelope, client_id_for
-from gossamer.crdt.replica import WriteError
-from gossamer.crdt.sync import (
-    ENVELOPE,
-    PROTOCOL,
-    CrdtService,
-    RunAccessError,
-    SyncOptions,
-    hello_message,
-)
-from gossamer.node import wire
-from gossamer.node.config import NodeConfig
-from gossamer.node.node import Node
+from gossamer.crdt import CrdtService, Envelope, RunAccessError, SyncOptions, WriteError
+from gossamer.crdt.envelope import client_id_for
+from gossamer.crdt.protocol import ENVELOPE, PROTOCOL, hello_message
+from gossamer.node import Node, NodeConfig, wire
 
 FAST = SyncOptions(
     anti_entropy_interval=0.5, maintain_interval=0.1, heartbeat_interval=0, dial_backoff=0.5

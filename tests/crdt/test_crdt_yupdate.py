@@ -8,11 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pycrdt import Array, Doc, Map, Text
 
-from gossamer.crdt import _yupdate
-from gossamer.crdt.charter import Charter
-from gossamer.crdt.envelope import Envelope, client_id_for
-from gossamer.crdt.replica import Replica, Verdict
-from gossamer.node.identity import Identity
+from gossamer.crdt import Charter, Envelope, Replica, Verdict, _yupdate
+from gossamer.crdt.envelope import client_id_for
+from gossamer.node import Identity
 
 A = Identity(b"\x01" * 32)
 CHARTER = Charter.create(A, "tiny", created=0.0)

@@ -19,9 +19,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gossamer.crdt.document import Member
+from gossamer.crdt import Member, SyncOptions
 from gossamer.crdt.mesh import Mesh, MeshPolicy
-from gossamer.crdt.options import SyncOptions
 
 ME = "m"  # peer ids compare as strings: "a" < ME < "z"
 

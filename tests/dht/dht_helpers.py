@@ -16,8 +16,7 @@ import trio
 from conftest import wait_until
 
 from gossamer.dht import DHT, DHTConfig
-from gossamer.node.config import NodeConfig
-from gossamer.node.node import Node
+from gossamer.node import Node, NodeConfig
 
 
 def fast_config(**overrides: Any) -> DHTConfig:

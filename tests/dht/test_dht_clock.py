@@ -13,7 +13,7 @@ from conftest import wait_until
 from dht_helpers import START, FakeClock, dht_of, fast_config, loopback
 
 from gossamer.dht import DHT, DHTConfig
-from gossamer.node.node import Node
+from gossamer.node import Node
 
 
 def solo_config(**overrides: object) -> DHTConfig:

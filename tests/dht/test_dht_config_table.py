@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from gossamer.dht import DHTConfig
-from gossamer.node.config import load_config
-from gossamer.node.errors import ConfigError
+from gossamer.node import ConfigError, load_config
 
 
 def test_dht_table_reaches_the_dht_config(tmp_path: Path) -> None:
@@ -32,13 +31,16 @@ def test_dht_table_reaches_the_dht_config(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("table", "says"),
     [
-        ({"replica": 5}, "unknown key 'replica'"),
-        ({"replicas": "5"}, "'replicas' expects a non-negative int"),
-        ({"persist": 1}, "'persist' expects a non-negative bool"),
-        ({"op_timeout": -1}, "'op_timeout' expects a non-negative float"),
+        ({"replica": 5}, "unknown config key 'replica' in [dht]"),
+        ({"replicas": "5"}, "'replicas' expects an integer, got '5' (in [dht])"),
+        ({"persist": 1}, "'persist' expects true/false, got 1 (in [dht])"),
+        ({"op_timeout": -1}, "'op_timeout' must not be negative (in [dht])"),
         ({"replicas": 30, "k": 20}, "replicas <= k"),
         ({"limits": 3}, "'limits' must be a table"),
-        ({"limits": {"max_entries": True}}, "[dht].limits: 'max_entries'"),
+        (
+            {"limits": {"max_entries": True}},
+            "'max_entries' expects an integer, got True (in [dht].limits)",
+        ),
     ],
 )
 def test_bad_dht_tables_are_refused_by_name(table: dict, says: str) -> None:
@@ -69,5 +71,5 @@ def test_node_start_refuses_a_bad_dht_table_in_one_line(tmp_path: Path) -> None:
         timeout=60,
     )
     assert proc.returncode == 2
-    assert "unknown key 'replicass'" in proc.stderr
+    assert "unknown config key 'replicass'" in proc.stderr
     assert "Traceback" not in proc.stderr

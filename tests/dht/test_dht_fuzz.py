@@ -24,8 +24,7 @@ from dht_helpers import dht_of, fast_config, started
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gossamer.node import wire
-from gossamer.node.errors import GossamerError
+from gossamer.node import GossamerError, wire
 
 
 class Pair:

@@ -14,14 +14,13 @@ from dht_helpers import FakeClock, chain, dht_of, fast_config, loopback, started
 from gossamer.dht import (
     DHT,
     MAX_RECORD_BYTES,
+    Entry,
     InvalidRecord,
     RecordTooLarge,
 )
-from gossamer.dht._records import Entry, make_entry
+from gossamer.dht._records import make_entry
 from gossamer.dht._routing import key_id, peer_key
-from gossamer.node.errors import RemoteError
-from gossamer.node.identity import Identity
-from gossamer.node.node import Node
+from gossamer.node import Identity, Node, RemoteError
 
 
 def _storers(nodes: list[Node], key: str) -> list[Node]:

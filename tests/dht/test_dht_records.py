@@ -8,20 +8,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gossamer.dht import MAX_RECORD_BYTES, InvalidKey, InvalidRecord, RecordTooLarge
-from gossamer.dht._records import (
+from gossamer.dht import (
+    MAX_RECORD_BYTES,
     Entry,
+    InvalidKey,
+    InvalidRecord,
+    QuotaExceeded,
+    RecordTooLarge,
+    StoreLimits,
     Validators,
-    decode_entry,
-    make_entry,
-    merge,
-    newer,
     owner_of,
-    to_record,
 )
-from gossamer.dht._store import RecordStore, StoreLimits
-from gossamer.dht.errors import QuotaExceeded
-from gossamer.node.identity import Identity
+from gossamer.dht._records import decode_entry, make_entry, merge, newer, to_record
+from gossamer.dht._store import RecordStore
+from gossamer.node import Identity
 
 NOW = 1_800_000_000.0
 ALICE = Identity(bytes(range(32)))

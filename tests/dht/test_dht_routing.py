@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from gossamer.dht._lookup import Lookup
 from gossamer.dht._routing import RoutingTable, bucket_index, peer_key
 from gossamer.dht._rtt import RttEstimator
-from gossamer.node.identity import Identity
+from gossamer.node import Identity
 
 
 def peer_ids(count: int, seed: int = 0) -> list[str]:

@@ -15,12 +15,10 @@ from typing import Any
 import torch
 import trio
 
-from gossamer.crdt.stack import open_stack
+from gossamer.crdt import open_stack
 from gossamer.dht import DHTConfig
-from gossamer.node.config import NodeConfig
-from gossamer.node.node import Node
-from gossamer.training.diffusion.models import ExpertSpec, expert_to_bytes
-from gossamer.training.diffusion.router import Router
+from gossamer.node import Node, NodeConfig
+from gossamer.training.diffusion import ExpertSpec, Router, expert_to_bytes
 
 SHAPE = (1, 8, 8)
 TINY = ExpertSpec("mlp", {"hidden": 32, "depth": 1, "time_dim": 16})

@@ -9,23 +9,21 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gossamer.training.diffusion.ensemble import (
+from gossamer.training.diffusion import (
+    ComparisonConfig,
+    ExpertSpec,
     ExpertUnavailable,
     NoExpertForRows,
     RoutingMode,
     combine,
+    decode_png,
     plan_requests,
     routing_weights,
+    run_local_comparison,
     sample,
     sample_by_prior,
-)
-from gossamer.training.diffusion.experiment import (
-    ComparisonConfig,
-    run_local_comparison,
     split_steps,
 )
-from gossamer.training.diffusion.images import decode_png
-from gossamer.training.diffusion.models import ExpertSpec
 
 PROBS = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25]])
 

@@ -8,22 +8,20 @@ import pytest
 import torch
 from torch import nn
 
-from gossamer.training.diffusion.flow import (
-    euler_sample,
-    flow_matching_loss,
-    flow_path,
-    lr_at,
-    train_expert,
-)
-from gossamer.training.diffusion.models import (
+from gossamer.training.diffusion import (
     ExpertSpec,
     count_params,
+    euler_sample,
     expert_from_bytes,
     expert_to_bytes,
+    flow_matching_loss,
+    flow_path,
     forward_flops,
     register_expert,
     registered_experts,
+    train_expert,
 )
+from gossamer.training.diffusion.flow import lr_at
 
 SHAPE = (1, 4, 4)
 

@@ -9,23 +9,22 @@ import numpy as np
 import pytest
 import torch
 
-from gossamer.training.diffusion.data import load_digits_split, load_image_folder
-from gossamer.training.diffusion.images import (
-    PNG_SIGNATURE,
-    decode_png,
-    encode_png,
-    make_grid,
-    save_image_grid,
-    write_png,
-)
-from gossamer.training.diffusion.metrics import (
+from gossamer.training.diffusion import (
     classifier_accuracy,
     classifier_features,
     confident_rate,
+    decode_png,
+    encode_png,
     frechet_distance,
+    load_digits_split,
+    load_image_folder,
+    make_grid,
     sample_quality,
+    save_image_grid,
     train_classifier,
+    write_png,
 )
+from gossamer.training.diffusion.images import PNG_SIGNATURE
 
 
 def chunks(data: bytes) -> list[tuple[bytes, bytes, int]]:

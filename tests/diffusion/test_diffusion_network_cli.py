@@ -10,11 +10,8 @@ import torch
 import trio
 from ddm_net_helpers import CLI, TINY, ddm_node
 
-from gossamer.crdt.sync import CrdtService
-from gossamer.training.diffusion import workflow
-from gossamer.training.diffusion.data import load_digits_split
-from gossamer.training.diffusion.images import decode_png
-from gossamer.training.diffusion.serving import content_id
+from gossamer.crdt import CrdtService
+from gossamer.training.diffusion import content_id, decode_png, load_digits_split, workflow
 
 torch.set_num_threads(1)
 

@@ -19,11 +19,18 @@ from ddm_net_helpers import (
     with_cluster,
 )
 
-from gossamer.crdt.sync import CrdtService
+from gossamer.crdt import CrdtService
 from gossamer.dht import DHT
-from gossamer.training.diffusion import network, workflow
-from gossamer.training.diffusion.ensemble import ExpertUnavailable, sample
-from gossamer.training.diffusion.serving import content_id
+from gossamer.training.diffusion import (
+    ExpertUnavailable,
+    Verifier,
+    connect_experts,
+    content_id,
+    discover,
+    sample,
+    sample_network,
+    workflow,
+)
 
 torch.set_num_threads(1)
 
@@ -83,9 +90,9 @@ async def test_sampling_survives_a_host_killed_mid_sampling(tmp_path):
                 replica_provides, 20, interval=0.2, what="the replica's provider record"
             )
 
-            found = await network.discover(me, run.run_id, run=follower, use_dht=False)
+            found = await discover(me, run.run_id, run=follower, use_dht=False)
             assert found.experts[1].hosts == [victim.peer_id]  # the document knows one host
-            remote = await network.connect_experts(me, found, network.Verifier(me))
+            remote = await connect_experts(me, found, Verifier(me))
             assert sorted(remote) == [0, 1, 2]
 
             async def kill(i: int, x: torch.Tensor) -> None:
@@ -93,9 +100,7 @@ async def test_sampling_survives_a_host_killed_mid_sampling(tmp_path):
                     await trio.to_thread.run_sync(victim.kill)
 
             started = time.perf_counter()
-            got = await network.sample_network(
-                router, remote, N, STEPS, "full", 1.0, seed=7, on_step=kill
-            )
+            got = await sample_network(router, remote, N, STEPS, "full", 1.0, seed=7, on_step=kill)
             seconds = time.perf_counter() - started
         finally:
             if proc.poll() is None:

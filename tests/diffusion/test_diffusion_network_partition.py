@@ -13,10 +13,17 @@ import torch
 import trio
 from ddm_net_helpers import ddm_node
 
-from gossamer.crdt.sync import CrdtService
-from gossamer.training.diffusion import network, workflow
-from gossamer.training.diffusion.data import load_digits_split
-from gossamer.training.diffusion.router import router_accuracy, router_to_bytes
+from gossamer.crdt import CrdtService
+from gossamer.training.diffusion import (
+    ROUTER_SLOT,
+    Verifier,
+    discover,
+    fetch_router,
+    load_digits_split,
+    router_accuracy,
+    router_to_bytes,
+    workflow,
+)
 
 torch.set_num_threads(1)
 
@@ -114,10 +121,10 @@ async def test_the_router_fetched_over_the_network_routes_above_chance(tmp_path)
         )
         await workflow.serve_checkpoints(host, [], run=run, router=blob)
         follower = await workflow.join(b, run.run_id, host.addrs(), member=False)
-        await follower.wait_for(lambda doc: network.ROUTER_SLOT in doc.experts(), 10)
-        found = await network.discover(b, run.run_id, run=follower, use_dht=False)
+        await follower.wait_for(lambda doc: ROUTER_SLOT in doc.experts(), 10)
+        found = await discover(b, run.run_id, run=follower, use_dht=False)
         assert found.router is not None and found.router.hosts == [host.peer_id]
-        fetched = await network.fetch_router(b, found.router, network.Verifier(b))
+        fetched = await fetch_router(b, found.router, Verifier(b))
     assert router_to_bytes(fetched) == blob
     held_assign = plan.recipe.assign(held.images)
     chance = float(np.bincount(held_assign, minlength=plan.k).max() / len(held_assign))
@@ -128,8 +135,8 @@ async def test_the_router_fetched_over_the_network_routes_above_chance(tmp_path)
 
 
 def test_a_trained_expert_checkpoint_names_its_cluster_run_and_partition():
-    from gossamer.training.diffusion.models import expert_from_bytes
-    from gossamer.training.diffusion.serving import ExpertServer, checkpoint_meta
+    from gossamer.training.diffusion import checkpoint_meta, expert_from_bytes
+    from gossamer.training.diffusion.serving import ExpertServer
 
     train, _ = load_digits_split()
     plan = workflow.plan_run(train, DIGITS, k=4, total_steps=100)

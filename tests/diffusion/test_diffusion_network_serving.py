@@ -11,18 +11,23 @@ from ddm_net_helpers import SHAPE, TINY, ddm_node, tiny_expert, tiny_router
 from torch import nn
 
 from gossamer.node.errors import RemoteBadRequest, RemoteRefused, RemoteTooLarge
-from gossamer.training.diffusion import network, serving
-from gossamer.training.diffusion.ensemble import ExpertUnavailable, sample
-from gossamer.training.diffusion.models import ExpertSpec, expert_to_bytes, register_expert
-from gossamer.training.diffusion.network import (
-    ExpertRecord,
-    RunExperts,
-    Verifier,
-    connect_experts,
-    ensemble_velocity_network,
+from gossamer.training.diffusion import (
+    ExpertSpec,
+    ExpertUnavailable,
+    Latency,
+    RemoteExpert,
+    content_id,
+    expert_to_bytes,
+    register_expert,
+    sample,
     sample_network,
+    serving,
 )
-from gossamer.training.diffusion.serving import DdmService, content_id, to_wire
+from gossamer.training.diffusion.announcements import ExpertRecord, RunExperts
+from gossamer.training.diffusion.async_sampling import ensemble_velocity_network
+from gossamer.training.diffusion.remote_experts import connect_experts
+from gossamer.training.diffusion.serving import DdmService, to_wire
+from gossamer.training.diffusion.verify import Verifier
 
 torch.set_num_threads(1)
 
@@ -230,7 +235,7 @@ async def test_an_expert_without_hosts_raises_expert_unavailable(tmp_path):
     _, blob = tiny_expert(seed=1)
     async with ddm_node(tmp_path / "c", dht=False) as client:
         record = ExpertRecord(0, content_id(blob), hosts=[])
-        expert = network.RemoteExpert(client, record, Verifier(client), use_dht=False)
+        expert = RemoteExpert(client, record, Verifier(client), use_dht=False)
         with pytest.raises(ExpertUnavailable):
             await expert(torch.randn(2, *SHAPE), torch.rand(2))
 
@@ -267,7 +272,7 @@ async def test_an_expert_of_another_architecture_than_the_runs_is_refused(tmp_pa
 
 
 def test_latency_deadlines_follow_measurements():
-    lat = network.Latency()
+    lat = Latency()
     assert lat.deadline(8) == lat.initial
     for _ in range(20):
         lat.observe(0.004, 64)

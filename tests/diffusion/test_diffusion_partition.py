@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from gossamer.training.diffusion.data import load_digits_split
-from gossamer.training.diffusion.partition import (
+from gossamer.training.diffusion import (
     PartitionRecipe,
     cluster_sizes,
     fit_partition,
+    load_digits_split,
 )
 
 

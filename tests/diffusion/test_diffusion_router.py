@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gossamer.training.diffusion.models import training_flops
-from gossamer.training.diffusion.router import (
+from gossamer.training.diffusion import (
     Router,
     router_accuracy,
     router_from_bytes,
     router_steps_for_budget,
     router_to_bytes,
     train_router,
+    training_flops,
 )
 
 SHAPE = (1, 4, 4)

@@ -7,8 +7,7 @@ import pytest
 import trio
 from conftest import wait_until
 
-from gossamer.node.errors import GossamerError, PeerUnreachable
-from gossamer.node.node import Node
+from gossamer.node import GossamerError, Node, PeerUnreachable
 
 
 async def test_two_nodes_connect_fast_and_ping(nodes):

@@ -10,14 +10,8 @@ import torch
 import trio
 from tcp_proxy import TcpProxy
 
-from gossamer.node.errors import (
-    ChannelClosed,
-    DeadlineExceeded,
-    IntegrityError,
-    SpecMismatch,
-    TransferError,
-    TruncatedTransfer,
-)
+from gossamer.node import DeadlineExceeded, TransferError
+from gossamer.node.errors import ChannelClosed, IntegrityError, SpecMismatch, TruncatedTransfer
 
 torch.set_num_threads(1)
 

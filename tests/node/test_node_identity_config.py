@@ -3,16 +3,16 @@ import stat
 
 import pytest
 
-from gossamer.node.config import load_config
-from gossamer.node.errors import ConfigError
-from gossamer.node.identity import (
+from gossamer.node import (
+    ConfigError,
     Identity,
+    Node,
+    load_config,
     load_or_create,
     peer_id_from_public_key,
     public_key_from_peer_id,
     verify_signature,
 )
-from gossamer.node.node import Node
 
 
 def test_identity_created_0600_and_stable(tmp_path):

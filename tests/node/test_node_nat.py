@@ -12,11 +12,9 @@ import pytest
 import trio
 from conftest import wait_until
 
-from gossamer.node.config import NodeConfig
-from gossamer.node.errors import PeerUnreachable
+from gossamer.node import Node, NodeConfig, PeerUnreachable
 from gossamer.node.holepunch import dial_targets as punch_targets
 from gossamer.node.holepunch import predicted_addrs
-from gossamer.node.node import Node
 from gossamer.node.reachability import (
     PRIVATE,
     PUBLIC,
@@ -27,7 +25,8 @@ from gossamer.node.reachability import (
     dial_targets,
     is_public_ip,
 )
-from gossamer.node.relay import Candidate, parse_circuit, rank, target_peer, usable_relay_addr
+from gossamer.node.relay_addrs import parse_circuit, target_peer, usable_relay_addr
+from gossamer.node.relay_client import Candidate, rank
 from gossamer.node.upnp import (
     UpnpError,
     parse_control_url,

@@ -10,13 +10,17 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gossamer.node import rpc as rpc_module
-from gossamer.node import wire
-from gossamer.node.errors import (
+from gossamer.node import (
+    CallContext,
     DeadlineExceeded,
     FrameTooLarge,
     ProtocolError,
     Refused,
+    Service,
+    wire,
+)
+from gossamer.node import rpc as rpc_module
+from gossamer.node.errors import (
     RemoteBadRequest,
     RemoteDeadline,
     RemoteInternalError,
@@ -25,7 +29,7 @@ from gossamer.node.errors import (
     RemoteUnknownMethod,
     RequestTooLarge,
 )
-from gossamer.node.rpc import CallContext, Service, decode_request, decode_response, rpc
+from gossamer.node.rpc import decode_request, decode_response, rpc
 
 
 class Calculator(Service):

@@ -13,10 +13,9 @@ import sys
 import torch
 
 import gossamer
-from gossamer.training import ddp
-from gossamer.training.data import batches, load_corpus, worker_shard
+from gossamer.training import Recipe, ddp, load_corpus
+from gossamer.training.data import batches, worker_shard
 from gossamer.training.outer import state_digest
-from gossamer.training.recipe import Recipe
 
 torch.set_num_threads(1)
 

@@ -8,11 +8,9 @@ from collections.abc import AsyncIterator
 
 import trio
 
-from gossamer.crdt.sync import CrdtService, SyncOptions
-from gossamer.node.node import Node
-from gossamer.training.diloco import DiLoCoWorker
-from gossamer.training.diloco_config import DiLoCoConfig
-from gossamer.training.recipe import Recipe
+from gossamer.crdt import CrdtService, SyncOptions
+from gossamer.node import Node
+from gossamer.training import DiLoCoConfig, DiLoCoWorker, Recipe
 
 FAST = SyncOptions(
     anti_entropy_interval=0.5, maintain_interval=0.1, heartbeat_interval=0, dial_backoff=0.5

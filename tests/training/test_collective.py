@@ -7,8 +7,9 @@ import torch
 import trio
 from conftest import wait_until
 
-from gossamer.training.codecs import Codec, EncodedTensor, get_codec
-from gossamer.training.collective import AllReduce, all_reduce
+from gossamer.training import all_reduce, get_codec
+from gossamer.training.codecs import Codec, EncodedTensor
+from gossamer.training.collective import AllReduce
 from gossamer.training.collective_membership import Status, decide
 from gossamer.training.collective_plan import BLOCK, Plan, reduce_piece, screen
 
@@ -175,7 +176,7 @@ async def test_non_finite_contribution_refused_and_logged(nodes, caplog, poison)
                 node, "poison", members, codec=codec, phase_timeout=3
             ).run(x, 1.0)
 
-        with caplog.at_level(logging.WARNING, logger="gossamer.training.collective"):
+        with caplog.at_level(logging.WARNING, logger="gossamer.training"):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(one, group[0], xs[0], "none")
                 nursery.start_soon(one, group[1], xs[1], "none")
@@ -249,7 +250,7 @@ async def test_absent_member_is_dropped_and_views_converge(nodes):
 
 
 async def test_member_dying_mid_collective(nodes, node_config):
-    from gossamer.node.node import Node
+    from gossamer.node import Node
 
     async with nodes(2, dial_timeout=2.0) as (a, b):
         results = {}

@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 import torch
 import trio
+from conftest import wait_until
 from diloco_helpers import TINY, SlowInner, swarm
 
-from gossamer.training.diloco import DiLoCoWorker
-from gossamer.training.diloco_config import DiLoCoConfig
+from gossamer.training import DiLoCoConfig, DiLoCoWorker
 
 torch.set_num_threads(1)
 
@@ -137,8 +137,11 @@ async def test_worker_killed_mid_collective_rejoins_bit_identical(node_config, t
                 await first.process.wait()
 
                 # the round completes without it, and the run goes on
-                while len(workers[0].records) < STALL_ROUND + 3:
-                    await trio.sleep(0.05)
+                await wait_until(
+                    lambda: len(workers[0].records) >= STALL_ROUND + 3,
+                    timeout=100,
+                    what="two more rounds after the stalled one",
+                )
                 stalled = workers[0].records[STALL_ROUND]
                 assert stalled.round == STALL_ROUND
                 assert len(stalled.members) == 2 and stalled.attempts >= 2

@@ -12,8 +12,8 @@ import pytest
 import torch
 import trio
 
+from gossamer.training import all_reduce
 from gossamer.training.codecs import ErrorFeedback
-from gossamer.training.collective import all_reduce
 from gossamer.training.diloco_state import unflatten
 from gossamer.training.outer import (
     Contribution,

@@ -19,8 +19,7 @@ import torch
 import trio
 from diloco_helpers import TINY, swarm
 
-from gossamer.training.diloco import DiLoCoWorker
-from gossamer.training.diloco_config import DiLoCoConfig
+from gossamer.training import DiLoCoConfig, DiLoCoWorker
 from gossamer.training.outer import state_digest
 
 torch.set_num_threads(1)

@@ -12,9 +12,7 @@ import trio
 from conftest import wait_until
 from diloco_helpers import TINY, SlowInner, swarm, train_all
 
-from gossamer.training import statesync
-from gossamer.training.diloco import DiLoCoWorker
-from gossamer.training.diloco_config import DiLoCoConfig
+from gossamer.training import DiLoCoConfig, DiLoCoWorker, Recipe, statesync
 from gossamer.training.diloco_state import State
 from gossamer.training.outer import (
     Contribution,
@@ -24,7 +22,6 @@ from gossamer.training.outer import (
     state_digest,
     weighted_average,
 )
-from gossamer.training.recipe import Recipe
 
 torch.set_num_threads(1)
 

@@ -10,14 +10,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gossamer.node.errors import GossamerError
+from gossamer.node import GossamerError
+from gossamer.training import get_codec
 from gossamer.training.codecs import (
     BLOCK,
     CODEC_NAMES,
     CodecError,
     EncodedTensor,
     ErrorFeedback,
-    get_codec,
     max_abs_error_bound,
 )
 

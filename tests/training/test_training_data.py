@@ -8,13 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gossamer.training.data import (
-    batches,
-    eval_batches,
-    eval_loss,
-    load_corpus,
-    worker_shard,
-)
+from gossamer.training import load_corpus
+from gossamer.training.data import batches, eval_batches, eval_loss, worker_shard
 from gossamer.training.model import GPT, GPTConfig
 
 torch.set_num_threads(1)

@@ -203,5 +203,3 @@ def test_state_digest_is_canonical_and_sees_every_bit() -> None:
     for change in ({"step": 1}, {"lr": 0.7000001}, {"momentum": 0.95}, {"nesterov": False}):
         other = OuterState(**{**state.__dict__, **change})
         assert state_digest(params, other) != d, change
-
-

@@ -8,10 +8,9 @@ import itertools
 import pytest
 import torch
 
-from gossamer.training.codecs import get_codec
+from gossamer.training import SimConfig, get_codec
 from gossamer.training.model import GPT
 from gossamer.training.simulate import (
-    SimConfig,
     allgather_bytes,
     lr_at,
     ring_allreduce_bytes,
