@@ -200,6 +200,10 @@ async def test_truncated_transfer_is_detected(pair):
         await a.dataplane.send(b.peer_id, "t", {"x": torch.randn(2 << 20)}, timeout=10)
     with pytest.raises(TruncatedTransfer):
         await pending.wait(5)
+    # the cut channel ended quietly; the node serves a fresh one (no proxy)
+    b.config.dataplane_announce = ""
+    await a.dataplane.send(b.peer_id, "after", {"x": torch.ones(1)}, timeout=10)
+    assert (await b.dataplane.recv(a.peer_id, "after", timeout=5))["x"].item() == 1.0
 
 
 async def test_stranger_without_the_key_is_refused(pair):

@@ -150,7 +150,9 @@ class Channel:
         except (IntegrityError, ProtocolError) as exc:
             log.warning("data channel %d from %s closed: %s", self.number, self.peer_id[-8:], exc)
             self.close_reason = str(exc)
-        except (EOFError, ChannelClosed) as exc:
+        except (EOFError, ChannelClosed, TruncatedTransfer) as exc:
+            # TruncatedTransfer: the peer (or our own shutdown) ended the socket inside a
+            # message; the channel is over, which must not take the node down with it.
             log.debug("data channel %d to %s ended: %s", self.number, self.peer_id[-8:], exc)
             self.close_reason = self.close_reason or str(exc)
 
