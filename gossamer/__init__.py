@@ -6,8 +6,7 @@ only relays or bootstraps never pays for (or needs) torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from gossamer._lazy import lazy_face
 
 __version__ = "0.1.0"
 
@@ -26,18 +25,4 @@ _EXPORTS: dict[str, str] = {
     "TrainResult": "gossamer.training.diloco_results:TrainResult",
 }
 
-__all__ = ["__version__", *_EXPORTS]
-
-
-def __getattr__(name: str) -> Any:
-    target = _EXPORTS.get(name)
-    if target is None:
-        raise AttributeError(f"module 'gossamer' has no attribute {name!r}")
-    module_name, attr = target.split(":")
-    value = getattr(importlib.import_module(module_name), attr)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__all__, __getattr__, __dir__ = lazy_face(__name__, _EXPORTS, extra=("__version__",))

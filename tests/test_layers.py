@@ -25,6 +25,7 @@ PACKAGE = ROOT / "gossamer"
 
 LAYERS: dict[str, int] = {
     "logs": 0,
+    "_lazy": 0,
     "node": 1,
     "dht": 2,
     "crdt": 3,

@@ -20,8 +20,7 @@ Imported lazily: ``import gossamer.crdt`` costs nothing until a name is used.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from gossamer._lazy import lazy_face
 
 _EXPORTS = {
     "open_stack": "gossamer.crdt.stack",
@@ -50,17 +49,4 @@ _EXPORTS = {
     "RunAccessError": "gossamer.crdt.protocol",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'gossamer.crdt' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__all__, __getattr__, __dir__ = lazy_face(__name__, _EXPORTS)

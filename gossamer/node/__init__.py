@@ -6,8 +6,7 @@ the daemon.  This is the layer's face: code above it imports these names from ``
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from gossamer._lazy import lazy_face
 
 _EXPORTS = {
     "parse_multiaddr": "gossamer.node.addresses",
@@ -45,17 +44,4 @@ _EXPORTS = {
     "typed_fields": "gossamer.node.tables",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__all__, __getattr__, __dir__ = lazy_face(__name__, _EXPORTS)

@@ -6,8 +6,7 @@ load lazily, so importing the package does not import torch until a name needs i
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from gossamer._lazy import lazy_face
 
 _EXPORTS = {
     "get_codec": "gossamer.training.codecs",
@@ -30,17 +29,4 @@ _EXPORTS = {
     "run_worker": "gossamer.training.worker",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__all__, __getattr__, __dir__ = lazy_face(__name__, _EXPORTS)

@@ -15,8 +15,7 @@ name needs it.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from gossamer._lazy import lazy_face
 
 _EXPORTS: dict[str, str] = {
     "ExpertHost": "hosts",
@@ -88,17 +87,4 @@ _EXPORTS: dict[str, str] = {
     "split_steps": "experiment",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__all__, __getattr__, __dir__ = lazy_face(__name__, _EXPORTS)
