@@ -1,6 +1,6 @@
 """Logging setup shared by the daemon and the CLI.
 
-Every gossamer module logs through ``logging.getLogger("gossamer.<layer>...")``.
+Every gossamer module logs through ``logging.getLogger(__name__)`` (the ``gossamer.*`` tree).
 :func:`setup_logging` sends that tree to stderr in one compact format, so an
 operator reads one stream: stdout stays free for the machine-readable output
 of CLI commands (``--json``) and the daemon's ready line.

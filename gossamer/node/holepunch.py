@@ -52,6 +52,7 @@ import logging
 import random
 import time
 from collections import OrderedDict
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -151,6 +152,55 @@ def dial_targets(
     return out
 
 
+# ------------------------------------------------- who punches, and when (pure)
+
+
+def on_connection(kinds: Collection[str], known: PunchState | None) -> str:
+    """What a new connection to a peer means for hole punching (pure).
+
+    ``"upgraded"``: a direct connection now exists where we knew a relayed one;
+    ``"relayed"``: only relayed connections, so consider punching; ``"nothing"``.
+    """
+    if "direct" in kinds:
+        if known is not None and known.relayed_at is not None and known.state != "direct":
+            return "upgraded"
+        return "nothing"
+    return "relayed" if "relayed" in kinds else "nothing"
+
+
+def starts_afresh(state: PunchState) -> bool:
+    """A relayed connection after a concluded (or no) punch starts a new count of attempts."""
+    return state.relayed_at is None or state.state in ("direct", "failed")
+
+
+def dialer_initiates(kinds: Collection[str], role: str, responding: bool) -> bool:
+    """After :data:`DIALER_GRACE_S`, the side that *dialed* the relayed connection initiates
+    only if the accepting side has not started (we are not its responder) and the connection
+    is still relayed only (pure)."""
+    if role == "responder" or responding:
+        return False
+    return "relayed" in kinds and "direct" not in kinds
+
+
+def after_attempt(ok: bool, kinds: Collection[str]) -> str:
+    """``"direct"`` (done), ``"closed"`` (the relayed connection went: stop) or ``"retry"``."""
+    if ok or "direct" in kinds:
+        return "direct"
+    return "closed" if "relayed" not in kinds else "retry"
+
+
+def retry_delay(attempt: int) -> float:
+    """Seconds before the attempt after 0-based ``attempt``: 0.5, 1, 2, … (pure)."""
+    return 0.5 * 2**attempt
+
+
+def responder_failure(targets: Sequence[tuple[str, int]]) -> str:
+    """Why a responder's dials made no direct connection."""
+    if targets:
+        return f"no direct connection to {_fmt(list(targets))}"
+    return "peer sent no address we could dial"
+
+
 class HolePuncher:
     def __init__(self, node: Node, reachability: Reachability) -> None:
         self._node = node
@@ -188,28 +238,23 @@ class HolePuncher:
     async def _consider(self, peer_id: str) -> None:
         await trio.sleep(0.05)  # the swarm tags a relayed connection right after upgrade
         node = self._node
-        kinds = node.connection_kinds(peer_id)
-        if "direct" in kinds:
-            known = self.states.get(peer_id)
-            if known is not None and known.relayed_at is not None and known.state != "direct":
-                self._mark_direct(known)
-            return
-        if "relayed" not in kinds:
+        known = self.states.get(peer_id)
+        meaning = on_connection(node.connection_kinds(peer_id), known)
+        if meaning == "upgraded":
+            assert known is not None
+            self._mark_direct(known)
+        if meaning != "relayed":
             return
         state = self._state(peer_id)
-        if state.relayed_at is None or state.state in ("direct", "failed"):
+        if starts_afresh(state):
             state.relayed_at = time.monotonic()
             state.state, state.attempts, state.reason, state.role = "relayed", 0, "", ""
-        inbound = node.relayed_direction(peer_id) == "inbound"
-        if not inbound:
+        if node.relayed_direction(peer_id) != "inbound":
             # The accepting side starts; we start too if it has not.
             await trio.sleep(DIALER_GRACE_S)
-            if state.role == "responder" or peer_id in self._active:
-                return  # the accepting side has started: it drives the retries
-            if "relayed" not in node.connection_kinds(peer_id):
-                return
-            if "direct" in node.connection_kinds(peer_id):
-                return
+            kinds = node.connection_kinds(peer_id)
+            if not dialer_initiates(kinds, state.role, peer_id in self._active):
+                return  # the accepting side drives the retries, or nothing is left to punch
         await self.punch(peer_id)
 
     # ------------------------------------------------------------- initiator
@@ -244,16 +289,17 @@ class HolePuncher:
                 ok, reason = await self._initiate(peer_id)
             finally:
                 self._active.discard(peer_id)
-            if ok or "direct" in node.connection_kinds(peer_id):
+            outcome = after_attempt(ok, node.connection_kinds(peer_id))
+            if outcome == "direct":
                 self._mark_direct(state)
                 return True
             state.reason = reason
-            if "relayed" not in node.connection_kinds(peer_id):
+            if outcome == "closed":
                 state.state = "failed"
                 state.reason = f"{reason}; the relayed connection closed"
                 return False
             if attempt + 1 < attempts:
-                await trio.sleep(0.5 * 2**attempt)
+                await trio.sleep(retry_delay(attempt))
         self._mark_failed(state)
         return False
 
@@ -342,10 +388,8 @@ class HolePuncher:
             punched = bool(targets) and await self._dial_all(peer_id, targets, False, timeout)
             if punched or "direct" in node.connection_kinds(peer_id):
                 self._mark_direct(state)
-            elif targets:
-                state.state, state.reason = "failed", f"no direct connection to {_fmt(targets)}"
             else:
-                state.state, state.reason = "failed", "peer sent no address we could dial"
+                state.state, state.reason = "failed", responder_failure(targets)
         except trio.TooSlowError:
             state.state, state.reason = "failed", "DCUtR exchange timed out"
         except Exception as exc:  # reset by the peer or the relay
