@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from gossamer.node import addresses
+from gossamer.node.complaints import Complaints
 from gossamer.node.config import NodeConfig
 from gossamer.node.errors import GossamerError, PeerUnreachable
 from gossamer.node.hooks import Services, T
@@ -90,6 +91,8 @@ class Node:
         # dial(peer_id, relayed multiaddr) for ``.../p2p-circuit/...`` addresses
         self._relayed_dialer: Callable[[str, str], Awaitable[None]] | None = None
         self._services = Services()
+        # peer-provoked failures: one log line per peer per minute, with a count
+        self.complaints = Complaints()
         # name -> handler(params) for the daemon's local control API; layers
         # above the node (dht, crdt, training) add their own methods here.
         self.control_methods: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {}
@@ -535,11 +538,24 @@ class Node:
                 return
             try:
                 await handler(stream)
-            except Exception:
-                log.warning(
-                    "handler for %s from %s failed", protocol, stream.peer_id[-8:], exc_info=True
-                )
-                await stream.reset()
+            except BaseException as exc:
+                # Cancelled (and KeyboardInterrupt) go on; anything else a peer's bytes
+                # provoked stays here, even when it comes grouped with a Cancelled.
+                failed, rest = _split_failures(exc)
+                if failed is not None:
+                    self.complaints.log(
+                        log,
+                        stream.peer_id,
+                        "handler for %s from %s failed: %s",
+                        protocol,
+                        stream.peer_id[-8:],
+                        _root_cause(failed)[:200],
+                    )
+                    log.debug("the handler's failure", exc_info=failed)
+                    with trio.CancelScope(shield=True):
+                        await stream.reset()
+                if rest is not None:
+                    raise rest from None
 
         assert self.host is not None
         self.host.set_stream_handler(protocol, guarded)
@@ -624,6 +640,15 @@ class Node:
                 "upnp": self.upnp.status() if self.upnp else {},
             },
         }
+
+
+def _split_failures(
+    exc: BaseException,
+) -> tuple[BaseException | None, BaseException | None]:
+    """(the Exceptions in ``exc``, the rest: Cancelled, KeyboardInterrupt, …)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(Exception)
+    return (exc, None) if isinstance(exc, Exception) else (None, exc)
 
 
 def _strip_p2p(maddr: Any) -> Any:

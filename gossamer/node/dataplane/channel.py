@@ -155,6 +155,15 @@ class Channel:
             # message; the channel is over, which must not take the node down with it.
             log.debug("data channel %d to %s ended: %s", self.number, self.peer_id[-8:], exc)
             self.close_reason = self.close_reason or str(exc)
+        except Exception as exc:  # whatever a peer's bytes provoke stays in this channel
+            log.warning(
+                "data channel %d from %s closed: unexpected %s while reading it",
+                self.number,
+                self.peer_id[-8:],
+                type(exc).__name__,
+            )
+            log.debug("the unexpected error", exc_info=True)
+            self.close_reason = f"protocol violation ({type(exc).__name__})"
 
     async def aclose(self, reason: str = "closed locally") -> None:
         if self.closed.is_set():

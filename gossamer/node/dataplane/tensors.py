@@ -59,8 +59,10 @@ class BufferSpec:
         name, kind, dtype, shape, nbytes = item
         if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME:
             raise ProtocolError("buffer name must be a non-empty string of ≤ 512 chars")
-        if kind not in KINDS:
-            raise ProtocolError(f"unknown buffer kind {kind!r}")
+        if not isinstance(kind, str) or kind not in KINDS:
+            raise ProtocolError(f"unknown buffer kind {kind!r}"[:80])
+        if not isinstance(dtype, str):  # a list here once raised TypeError out of the reader
+            raise ProtocolError("dtype must be a string")
         if dtype not in ITEM_SIZES and not (kind == "bytes" and dtype == "bytes"):
             raise ProtocolError(f"unsupported dtype {dtype!r}")
         if (

@@ -1,0 +1,34 @@
+"""Peer-provoked log lines are rate limited per peer, and say how many were held back."""
+
+from __future__ import annotations
+
+import logging
+
+from gossamer.node.complaints import MAX_PEERS, Complaints
+
+
+def test_one_line_per_peer_per_interval_with_the_count_of_the_rest(caplog) -> None:
+    now = [0.0]
+    complaints = Complaints(interval=60.0, clock=lambda: now[0])
+    log = logging.getLogger("gossamer.test.complaints")
+    with caplog.at_level(logging.WARNING, logger="gossamer.test.complaints"):
+        for _ in range(1000):
+            complaints.log(log, "evil", "bad frame from %s", "evil")
+        complaints.log(log, "other", "bad frame from %s", "other")  # another peer: its own line
+        now[0] = 61.0
+        complaints.log(log, "evil", "bad frame from %s", "evil")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "bad frame from evil",
+        "bad frame from other",
+        "bad frame from evil (and 999 more from this peer since)",
+    ]
+    assert complaints.total == 1002
+
+
+def test_memory_is_bounded_by_the_number_of_peers_remembered() -> None:
+    complaints = Complaints(clock=lambda: 0.0)
+    for i in range(MAX_PEERS + 100):
+        assert complaints.due(f"peer{i}") == 0
+    assert len(complaints._last) == MAX_PEERS
+    assert complaints.due("peer0") == 0  # forgotten first, so it is due again
