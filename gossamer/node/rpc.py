@@ -55,6 +55,7 @@ IDLE_STREAMS_PER_KEY = 8
 # Once a request frame has begun, the rest must follow within this time: an
 # idle stream may wait forever for its next request, a half-sent one may not.
 FRAME_COMPLETION_TIMEOUT_S = 10.0
+MAX_ERROR_TEXT = 200  # an error message we send is ours and short
 
 
 @dataclass(frozen=True)
@@ -219,6 +220,7 @@ class RpcServer:
         self._node = node
         self._services: dict[str, tuple[Service, dict[str, _MethodSpec]]] = {}
         self._active: defaultdict[str, int] = defaultdict(int)
+        self._incidents = itertools.count(1)
 
     def register(self, service: Service) -> None:
         if not service.name or "/" in service.name:
@@ -239,7 +241,9 @@ class RpcServer:
         limit = service.max_request_bytes or config.rpc_max_request_bytes
         peer = stream.peer_id
         if self._active[peer] >= config.rpc_max_concurrent_streams_per_peer:
-            log.warning("rpc: %s opened too many concurrent streams; resetting", peer[-8:])
+            self._node.complaints.log(
+                log, peer, "rpc: %s opened too many concurrent streams; resetting", peer[-8:]
+            )
             await stream.reset()
             return
         self._active[peer] += 1
@@ -315,9 +319,24 @@ class RpcServer:
             await self._send_error(stream, call_id, exc.code, exc.message)
             return
         except Exception as exc:
-            # A crashing handler must not take the node down; the caller learns the type.
-            log.warning("rpc %s.%s from %s raised", service.name, method, peer[-8:], exc_info=True)
-            await self._send_error(stream, call_id, "internal", f"{type(exc).__name__}: {exc}")
+            # A crashing handler must not take the node down.  The caller learns the code and an
+            # incident number to quote, never the exception's text (it may hold our internals);
+            # our log has the type (once per peer per minute) and, at debug, the traceback.
+            incident = next(self._incidents)
+            self._node.complaints.log(
+                log,
+                peer,
+                "rpc %s.%s from %s failed (incident %d): %s",
+                service.name,
+                method,
+                peer[-8:],
+                incident,
+                type(exc).__name__,
+            )
+            log.debug("rpc incident %d", incident, exc_info=True)
+            await self._send_error(
+                stream, call_id, "internal", f"internal error (incident {incident})"
+            )
             return
         try:
             body = wire.pack({"i": call_id, "r": result})
@@ -340,7 +359,7 @@ class RpcServer:
         # If the peer went away there is nothing left to tell it.
         with contextlib.suppress(ConnectionError):
             await stream.write(
-                wire.frame(wire.pack({"i": call_id, "e": code, "x": message[:1000]}))
+                wire.frame(wire.pack({"i": call_id, "e": code, "x": message[:MAX_ERROR_TEXT]}))
             )
 
 
