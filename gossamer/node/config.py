@@ -60,6 +60,8 @@ class NodeConfig:
     dataplane_max_message_bytes: int = 32 << 30
     dataplane_unsolicited_budget_bytes: int = 1 << 30
     dataplane_unsolicited_timeout: float = 30.0
+    dataplane_max_channels_per_peer: int = 4  # inbound channels one peer may hold open
+    dataplane_max_channels: int = 512  # inbound channels from all peers together
 
     # NAT traversal (see gossamer/node/reachability.py, relay.py, holepunch.py, upnp.py)
     reachability: str = "auto"  # auto (dial-back decides) | public | private
@@ -172,6 +174,8 @@ def validate(config: NodeConfig) -> None:
         "rpc_max_concurrent_streams_per_peer",
         "dataplane_chunk_bytes",
         "dataplane_max_message_bytes",
+        "dataplane_max_channels_per_peer",
+        "dataplane_max_channels",
     )
     for name in positive_ints:
         if getattr(config, name) <= 0:

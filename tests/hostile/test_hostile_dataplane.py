@@ -3,13 +3,15 @@ that peer's channel and nothing else; the node goes on serving honest peers."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import pytest
 import torch
 import trio
+from conftest import wait_until
 
-from gossamer.node import TransferError
+from gossamer.node import PeerUnreachable, TransferError
 from gossamer.node.dataplane.tensors import BufferSpec
 
 
@@ -57,3 +59,27 @@ async def test_crafted_begin_frame_closes_only_that_channel(
         assert closed and all(r.exc_info is None for r in closed)
         with trio.fail_after(5):
             await victim.ping(honest.peer_id)
+
+
+async def test_a_flood_of_channels_from_one_peer_is_capped(nodes, caplog) -> None:
+    from gossamer.node.dataplane.plane import PROTOCOL
+
+    async with nodes(3) as (victim, evil, honest):
+        await evil.connect(victim.addrs()[0])
+        await honest.connect(victim.addrs()[0])
+        cap = victim.config.dataplane_max_channels_per_peer
+        # half-open handshakes: streams that never say hello hold a slot each while they last
+        streams = []
+        for _ in range(cap + 20):
+            # a refused stream is reset at once, sometimes before its opener finished
+            # negotiating it: the opener's side then fails, which is fine here
+            with contextlib.suppress(PeerUnreachable):
+                streams.append(await evil.open_stream(victim.peer_id, PROTOCOL))
+        await wait_until(lambda: victim.dataplane.channels_refused >= 20, 10, what="refusals")
+        assert victim.dataplane.channels_refused == 20
+        refusals = [r for r in caplog.records if "refused a channel" in r.getMessage()]
+        assert len(refusals) == 1  # one line per peer per minute, however many floods
+        # the honest peer is not affected by the other peer's flood
+        await _honest_send_works(honest, victim, "during")
+        for stream in streams:
+            await stream.reset()

@@ -116,7 +116,9 @@ class Channel:
         self._msg_ids = itertools.count(1)
         self._acks: dict[int, tuple[trio.Event, list[Any]]] = {}
         self._ack_send, self._ack_recv = trio.open_memory_channel[bytes](256)
-        self._out = bytearray(sealing.HEADER.size + self._chunk + sealing.TAG_BYTES)
+        # the outgoing frame buffer (a chunk and its seal) is allocated by the first send:
+        # a channel that only receives (or that a peer opens and never uses) costs none
+        self._out = bytearray(0)
         self._in = bytearray(0)
         self.closed = trio.Event()
         self.close_reason = ""
@@ -256,6 +258,8 @@ class Channel:
 
         Sans-I/O: the caller writes each frame before asking for the next one.
         """
+        if not self._out:
+            self._out = bytearray(sealing.HEADER.size + self._chunk + sealing.TAG_BYTES)
         out = memoryview(self._out)
         for _spec, view in items:
             for offset in range(0, len(view), self._chunk):

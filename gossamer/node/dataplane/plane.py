@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -94,6 +94,8 @@ class DataPlane:
             config.dataplane_unsolicited_budget_bytes, config.dataplane_unsolicited_timeout
         )
         self._channels: defaultdict[str, list[Channel]] = defaultdict(list)
+        self._handshaking: Counter[str] = Counter()  # inbound channels being set up, per peer
+        self.channels_refused = 0
         self._open_locks: defaultdict[str, trio.Lock] = defaultdict(trio.Lock)
         self._pending_direct: dict[bytes, _PendingDirect] = {}
         self._listeners: list[trio.SocketListener] = []
@@ -318,6 +320,39 @@ class DataPlane:
     async def _serve_handshake(self, stream: Stream) -> None:
         config = self._node.config
         peer_id = stream.peer_id
+        refusal = channel_admission(
+            open_for_peer=len(self._channels.get(peer_id, [])) + self._handshaking[peer_id],
+            open_total=sum(len(c) for c in self._channels.values())
+            + sum(self._handshaking.values()),
+            per_peer=config.dataplane_max_channels_per_peer,
+            total=config.dataplane_max_channels,
+        )
+        if refusal is not None:
+            self._node.complaints.log(
+                log, peer_id, "data plane: refused a channel from %s: %s", peer_id[-8:], refusal
+            )
+            self.channels_refused += 1
+            await stream.reset()
+            return
+        self._handshaking[peer_id] += 1
+        counted = True
+
+        def registered() -> None:  # from here on the channel counts in self._channels
+            nonlocal counted
+            if counted:
+                counted = False
+                self._handshaking[peer_id] -= 1
+                if not self._handshaking[peer_id]:
+                    del self._handshaking[peer_id]
+
+        try:
+            await self._handshake_and_run(stream, registered)
+        finally:
+            registered()
+
+    async def _handshake_and_run(self, stream: Stream, registered: Callable[[], None]) -> None:
+        config = self._node.config
+        peer_id = stream.peer_id
         reader = wire.FrameReader(stream)
         channel_id = os.urandom(CHANNEL_ID_BYTES)
         pending: _PendingDirect | None = None
@@ -349,7 +384,9 @@ class DataPlane:
                 elif decision != "libp2p":
                     raise ProtocolError(f"unknown data path {decision!r}")
         except (trio.TooSlowError, ProtocolError, EOFError, ConnectionError) as exc:
-            log.info("data-plane handshake from %s failed: %s", peer_id[-8:], exc)
+            self._node.complaints.log(
+                log, peer_id, "data-plane handshake from %s failed: %s", peer_id[-8:], exc
+            )
             self._pending_direct.pop(channel_id, None)
             if pending is not None and pending.transport is not None:
                 pending.finished.set()
@@ -369,6 +406,7 @@ class DataPlane:
                 transport.path = "relay"
             finished = None
         channel = self._make_channel(peer_id, transport, keys["r2i"], keys["i2r"])
+        registered()
         # The handshake stream's task runs the channel: py-libp2p keeps a stream
         # alive only while its handler runs, which the libp2p path needs.
         await self._run_channel(channel, finished)
@@ -467,3 +505,19 @@ def _direct_target(offer: Any, remote: tuple[str, int] | None) -> tuple[str, int
             return None  # relayed or unknown: no address to dial
         host = remote[0]
     return host, port
+
+
+def channel_admission(
+    *, open_for_peer: int, open_total: int, per_peer: int, total: int
+) -> str | None:
+    """Why an inbound channel must be refused (None: admit it).  Pure.
+
+    Every channel costs buffers and a reader task, so one peer gets at most ``per_peer`` (a
+    peer needs one per direction, and one more while a stale one is replaced) and all peers
+    together ``total``.
+    """
+    if open_for_peer >= per_peer:
+        return f"it has {open_for_peer} channels open (at most {per_peer} per peer)"
+    if open_total >= total:
+        return f"{open_total} channels are open (at most {total})"
+    return None
