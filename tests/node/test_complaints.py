@@ -32,3 +32,16 @@ def test_memory_is_bounded_by_the_number_of_peers_remembered() -> None:
         assert complaints.due(f"peer{i}") == 0
     assert len(complaints._last) == MAX_PEERS
     assert complaints.due("peer0") == 0  # forgotten first, so it is due again
+
+
+def test_libp2p_repeats_reach_our_log_once_per_minute_first_line_only(caplog) -> None:
+    from gossamer.node._libp2p_compat import route_libp2p_logging
+
+    route_libp2p_logging()
+    noisy = logging.getLogger("libp2p.host.basic_host")
+    with caplog.at_level(logging.WARNING, logger="gossamer.libp2p"):
+        for i in range(500):
+            noisy.error("Failed to open stream to peer %s:\n  Error: protocol read failed", i)
+        noisy.error("something else entirely")
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("gossamer.libp2p")]
+    assert lines == ["Failed to open stream to peer 0:", "something else entirely"]
