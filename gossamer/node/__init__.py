@@ -9,6 +9,8 @@ from __future__ import annotations
 from gossamer._lazy import lazy_face
 
 _EXPORTS = {
+    "InFlight": "gossamer.node.budgets",
+    "PeerBudget": "gossamer.node.budgets",
     "parse_multiaddr": "gossamer.node.addresses",
     "NodeConfig": "gossamer.node.config",
     "default_data_dir": "gossamer.node.config",

@@ -52,6 +52,8 @@ from gossamer.node import (
     CallContext,
     DeadlineExceeded,
     GossamerError,
+    InFlight,
+    PeerBudget,
     Refused,
     Service,
     TransferError,
@@ -77,7 +79,13 @@ _HEADER_ALLOWANCE = 16 << 10  # msgpack header + small fields around the raw byt
 MAX_CHECKPOINT_BYTES = 4 << 30
 _ITEM = 4  # float32
 MAX_STEPS = 100_000
-MAX_ROW_STEPS = 10_000_000  # one integrate request: rows × steps
+MAX_ROW_STEPS = 2_000_000  # one integrate request: rows × steps (= one peer's burst)
+# What one peer may ask of this host: row-steps (one expert forward of one image) in a burst
+# and then per second, and jobs at once.  The compute threads are shared by every peer; these
+# keep one of them from holding them all (a legitimate sampler asks ~100 × its batch per run).
+PEER_ROW_STEPS_BURST = MAX_ROW_STEPS
+PEER_ROW_STEPS_PER_S = 20_000
+PEER_JOBS = 16  # a sampler has one request per expert (and micro-batch) in flight
 DDM_META_KEY = "gossamer_ddm"  # checkpoint metadata: {"cluster", "run", "partition", "steps"}
 
 
@@ -341,6 +349,21 @@ class DdmService(Service):
     def __init__(self, node: Node, server: ExpertServer) -> None:
         self.node = node
         self.server = server
+        self._work = PeerBudget(PEER_ROW_STEPS_BURST, PEER_ROW_STEPS_PER_S)
+        self._jobs = InFlight(PEER_JOBS)
+
+    def _admit(self, peer_id: str, row_steps: int) -> None:
+        """Start one job of ``row_steps`` for ``peer_id`` or refuse it (busy, over budget);
+        the caller ends the job (``self._jobs.end``) whatever happens next."""
+        if not self._jobs.start(peer_id):
+            raise Refused(f"{PEER_JOBS} requests of yours are running already", "busy")
+        if not self._work.take(peer_id, row_steps):
+            self._jobs.end(peer_id)
+            raise Refused(
+                f"{row_steps} row-steps exceed what you have left "
+                f"({int(self._work.left(peer_id))}; {self._work.rate:g}/s)",
+                "over_budget",
+            )
 
     @rpc
     async def describe(self, ctx: CallContext) -> dict[str, Any]:
@@ -375,14 +398,22 @@ class DdmService(Service):
         try:
             entry = self.server.expert(cid)
             b = self._check_header(entry, shape, dtype)
-            t_tensor = from_wire(_expect_bytes(t, b * _ITEM, "t"), (b,))
-            x_tensor, cond_tensor = await self._read_batch(ctx, entry, shape, x, cond, tag)
-            check_batch(x_tensor, t_tensor, cond_tensor, entry.cond_dim)
+            self._admit(ctx.peer_id, b)
         except Refused as exc:
             self._refused(ctx, exc, tag)
             raise
-        v = await self.server.forward(entry, x_tensor, t_tensor, cond_tensor)
-        return await self._reply(ctx, tag, v)
+        try:
+            try:
+                t_tensor = from_wire(_expect_bytes(t, b * _ITEM, "t"), (b,))
+                x_tensor, cond_tensor = await self._read_batch(ctx, entry, shape, x, cond, tag)
+                check_batch(x_tensor, t_tensor, cond_tensor, entry.cond_dim)
+            except Refused as exc:
+                self._refused(ctx, exc, tag)
+                raise
+            v = await self.server.forward(entry, x_tensor, t_tensor, cond_tensor)
+            return await self._reply(ctx, tag, v)
+        finally:
+            self._jobs.end(ctx.peer_id)
 
     @rpc
     async def integrate(
@@ -411,13 +442,21 @@ class DdmService(Service):
                 raise _bad(f"need 0 <= start < end <= steps <= {MAX_STEPS}")
             if (end - start) * b > MAX_ROW_STEPS:
                 raise _bad(f"{(end - start) * b} row-steps exceed {MAX_ROW_STEPS}", "too_large")
-            x_tensor, cond_tensor = await self._read_batch(ctx, entry, shape, x, cond, tag)
-            check_batch(x_tensor, torch.zeros(b), cond_tensor, entry.cond_dim)
+            self._admit(ctx.peer_id, (end - start) * b)
         except Refused as exc:
             self._refused(ctx, exc, tag)
             raise
-        out = await self.server.integrate(entry, x_tensor, start, end, steps, cond_tensor)
-        return await self._reply(ctx, tag, out)
+        try:
+            try:
+                x_tensor, cond_tensor = await self._read_batch(ctx, entry, shape, x, cond, tag)
+                check_batch(x_tensor, torch.zeros(b), cond_tensor, entry.cond_dim)
+            except Refused as exc:
+                self._refused(ctx, exc, tag)
+                raise
+            out = await self.server.integrate(entry, x_tensor, start, end, steps, cond_tensor)
+            return await self._reply(ctx, tag, out)
+        finally:
+            self._jobs.end(ctx.peer_id)
 
     def _check_header(self, entry: ServedCheckpoint, shape: Any, dtype: Any) -> int:
         if dtype != WIRE_DTYPE:
