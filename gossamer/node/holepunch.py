@@ -43,23 +43,39 @@ does (0/5: one connect per address per round), it keeps the relayed
 connection 60 s after an upgrade, predicts addresses from identify's
 unverified observations, allows 3 attempts per peer, and exposes no
 per-peer outcome for ``status()``.
+
+A hostile peer must not turn this into a reflection tool (a peer names the
+addresses we dial, and a refused connect is repeated at once).  So the
+responder answers only on a stream that rides a relayed connection from a peer
+we have no direct connection to (:func:`responder_refusal`: an upgrade is what
+the exchange is for); :class:`PunchBudget` admits at most
+:data:`SESSIONS_PER_PEER` sessions per peer and :data:`SESSIONS_TOTAL` in all
+per :data:`BUDGET_WINDOW_S` (the initiator keeps its own budget, so a peer that
+reconnects through a relay again and again is bounded as well); one session
+makes at most :data:`MAX_CONNECTS_PER_SESSION` connects, re-dials included
+(:class:`DialAllowance`); and :func:`dial_targets` keeps the address scope
+(loopback only when we listen on loopback, LAN addresses only when we may be on
+a LAN, never multicast, link-local or unspecified).  A refused session is
+closed without an answer, counted in ``HolePuncher.refused`` and logged at most
+once per peer per minute (``node.complaints``).
 """
 
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import random
 import time
-from collections import OrderedDict
-from collections.abc import Collection, Sequence
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from gossamer.node import _libp2p_compat as compat
-from gossamer.node.host import raw_stream_peer
+from gossamer.node.host import raw_stream_kind, raw_stream_peer
 from gossamer.node.reachability import Reachability, is_public_ip, tcp_multiaddr
 
 if TYPE_CHECKING:
@@ -73,6 +89,20 @@ MESSAGE_TIMEOUT_S = 10.0
 MAX_ADDRS = 8
 MAX_STATES = 512
 REDIAL_JITTER_S = 0.004  # between re-dials after an RST (see HolePuncher._dial_all)
+# What one peer, and all peers together, can make us dial (see the module docs).
+BUDGET_WINDOW_S = 60.0
+SESSIONS_PER_PEER = 3  # sessions we answer per peer per window (at least holepunch_attempts)
+SESSIONS_TOTAL = 60  # ... and from all peers together
+MAX_CONNECTS_PER_SESSION = 256  # TCP connects one session may make, re-dials after RST included
+MAX_BUDGET_PEERS = 4096  # peers a budget remembers (those with nothing left in the window go)
+_GLOBAL = "*dcutr*"  # the complaints key for refusals that no single peer caused
+
+REFUSALS = {
+    "not-relayed": "the stream does not ride a relayed connection",
+    "direct": "a direct connection exists: nothing to upgrade",
+    "peer-budget": "too many sessions with this peer in the last minute",
+    "busy": "too many sessions in all in the last minute",
+}
 
 
 @dataclass
@@ -126,12 +156,30 @@ def predicted_addrs(
     return out[:MAX_ADDRS]
 
 
+def address_scope(ip: str) -> str | None:
+    """``"loopback"``, ``"lan"`` (private ranges), ``"public"`` or None (never dialed:
+    unspecified, multicast, link-local, broadcast, reserved or not an address) (pure)."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return None
+    if addr.is_loopback:
+        return "loopback"
+    if is_public_ip(ip):
+        return "public"
+    if addr.is_unspecified or addr.is_multicast or addr.is_link_local or addr.is_reserved:
+        return None
+    return "lan" if addr.is_private else None
+
+
 def dial_targets(
-    addrs: list[str], own_ips: set[str], loopback: bool = False
+    addrs: list[str], own_ips: set[str], loopback: bool = False, lan: bool = True
 ) -> list[tuple[str, int]]:
     """(ip, port) worth dialing among a peer's CONNECT addresses (pure).
 
-    Loopback addresses only when we listen on loopback ourselves (one machine).
+    Never our own addresses; loopback addresses only when we listen on loopback
+    ourselves (one machine); LAN addresses only when ``lan`` (we may be on one);
+    nothing outside those scopes and the public internet.
     """
     out: list[tuple[str, int]] = []
     for addr in addrs[:MAX_ADDRS]:
@@ -143,13 +191,106 @@ def dial_targets(
             port = int(parts[4])
         except ValueError:
             continue
-        if not 0 < port < 65536 or ip in own_ips or ip in ("0.0.0.0", "::"):
+        if not 0 < port < 65536 or ip in own_ips:
             continue
-        if (ip.startswith("127.") or ip == "::1") and not loopback:
+        scope = address_scope(ip)
+        if scope is None or (scope == "loopback" and not loopback) or (scope == "lan" and not lan):
             continue
         if (ip, port) not in out:
             out.append((ip, port))
     return out
+
+
+def scopes_of(own_ips: Collection[str]) -> tuple[bool, bool]:
+    """(loopback, lan): the scopes we can reach peers in, from the addresses we listen and are
+    seen at (pure).  A wildcard listener may be on a LAN; a loopback-only node is on none."""
+    loopback = any(address_scope(ip) == "loopback" for ip in own_ips)
+    lan = any(ip in ("0.0.0.0", "::") or address_scope(ip) == "lan" for ip in own_ips)
+    return loopback, lan
+
+
+# ------------------------------------------------ what a peer may make us do (pure)
+
+
+def responder_refusal(stream_kind: str, kinds: Collection[str]) -> str | None:
+    """Why we do not answer a DCUtR stream (a key of :data:`REFUSALS`), or None (pure).
+
+    Only a stream riding a relayed connection, from a peer we reach only through a relay,
+    is an upgrade in progress; anything else would be a peer asking us to dial for it.
+    """
+    if stream_kind != "relayed" or "relayed" not in kinds:
+        return "not-relayed"
+    if "direct" in kinds:
+        return "direct"
+    return None
+
+
+class PunchBudget:
+    """DCUtR sessions admitted per peer and in all per sliding window (pure: the clock is
+    injected).  Only admitted sessions count, so the memory is bounded by ``total``."""
+
+    def __init__(
+        self,
+        per_peer: int = SESSIONS_PER_PEER,
+        total: int = SESSIONS_TOTAL,
+        window: float = BUDGET_WINDOW_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.per_peer = per_peer
+        self.total = total
+        self.window = window
+        self._clock = clock
+        self._all: deque[float] = deque()
+        self._peers: OrderedDict[str, deque[float]] = OrderedDict()  # by last admission
+
+    def admit(self, peer_id: str) -> str | None:
+        """None, and the session counts; else ``"peer-budget"`` or ``"busy"``."""
+        now = self._clock()
+        self._expire(now)
+        times = self._peers.get(peer_id)
+        if times is not None:
+            while times and now - times[0] >= self.window:
+                times.popleft()
+            if len(times) >= self.per_peer:
+                return "peer-budget"
+        if len(self._all) >= self.total:
+            return "busy"
+        if times is None:
+            times = self._peers[peer_id] = deque()
+        times.append(now)
+        self._peers.move_to_end(peer_id)
+        self._all.append(now)
+        while len(self._peers) > MAX_BUDGET_PEERS:
+            self._peers.popitem(last=False)
+        return None
+
+    def used(self, peer_id: str) -> int:
+        """Sessions ``peer_id`` has in the current window."""
+        now = self._clock()
+        return sum(1 for t in self._peers.get(peer_id, ()) if now - t < self.window)
+
+    def _expire(self, now: float) -> None:
+        while self._all and now - self._all[0] >= self.window:
+            self._all.popleft()
+        while self._peers:
+            oldest = next(iter(self._peers.values()))
+            if oldest and now - oldest[-1] < self.window:
+                break
+            self._peers.popitem(last=False)
+
+
+class DialAllowance:
+    """The TCP connects one session may still make (re-dials included)."""
+
+    def __init__(self, connects: int = MAX_CONNECTS_PER_SESSION) -> None:
+        self.left = connects
+
+    def take(self) -> bool:
+        """True (and one fewer left) if one more connect is allowed."""
+        if self.left <= 0:
+            return False
+        self.left -= 1
+        return True
 
 
 # ------------------------------------------------- who punches, and when (pure)
@@ -209,6 +350,14 @@ class HolePuncher:
         self._locks: dict[str, trio.Lock] = {}
         self._active: set[str] = set()
         self._responding: dict[str, trio.CancelScope] = {}
+        # An honest initiator makes holepunch_attempts sessions per relayed connection.
+        attempts = max(1, node.config.holepunch_attempts)
+        self._answers = PunchBudget(per_peer=max(SESSIONS_PER_PEER, attempts))  # we answer
+        # Sessions we start: a peer that reconnects through a relay again and again makes us
+        # initiate each time.
+        self._initiations = PunchBudget(per_peer=2 * attempts)
+        self.refused: Counter[str] = Counter()  # refusal code -> sessions refused
+        self.connects = 0  # hole-punch TCP connects made, re-dials included
 
     def start(self) -> None:
         node = self._node
@@ -282,6 +431,11 @@ class HolePuncher:
         state.role = "initiator"
         attempts = node.config.holepunch_attempts
         for attempt in range(attempts):
+            refusal = self._initiations.admit(peer_id)
+            if refusal is not None:
+                state.reason = f"hole-punch budget spent ({REFUSALS[refusal]})"
+                self._mark_failed(state)
+                return False
             state.attempts += 1
             state.state = "punching"
             self._active.add(peer_id)
@@ -340,8 +494,19 @@ class HolePuncher:
 
     async def _handle(self, stream: Any) -> None:
         node = self._node
-        peer_id = raw_stream_peer(stream)
+        try:
+            peer_id = raw_stream_peer(stream)
+        except Exception:  # a stream without a peer id: nothing to answer
+            await _close(stream)
+            return
         if not node.config.holepunch:
+            await _close(stream)
+            return
+        refusal = responder_refusal(raw_stream_kind(stream), node.connection_kinds(peer_id))
+        if refusal is None:
+            refusal = self._answers.admit(peer_id)
+        if refusal is not None:
+            self._refuse(peer_id, refusal)
             await _close(stream)
             return
         state = self._state(peer_id)
@@ -381,6 +546,9 @@ class HolePuncher:
             state.role = "responder"
             state.attempts += 1
             state.state = "punching"
+            if "direct" in node.connection_kinds(peer_id):  # it came direct meanwhile
+                self._mark_direct(state)
+                return
             targets = self._targets(theirs)
             # Outlive the initiator's dials: if our SYN waits in its NAT until
             # its socket gave up, its listener must still find ours open.
@@ -413,8 +581,16 @@ class HolePuncher:
 
     def _targets(self, theirs: list[str]) -> list[tuple[str, int]]:
         own = self._own_ips()
-        loopback = any(ip.startswith("127.") or ip == "::1" for ip in own)
-        return dial_targets(theirs, own - {"127.0.0.1", "::1"}, loopback)
+        loopback, lan = scopes_of(own)
+        return dial_targets(theirs, own - {"127.0.0.1", "::1"}, loopback, lan)
+
+    def _refuse(self, peer_id: str, code: str) -> None:
+        self.refused[code] += 1
+        # A full global budget is no one peer's doing: one line for all of them.
+        key = _GLOBAL if code == "busy" else peer_id
+        self._node.complaints.log(
+            log, key, "DCUtR session from %s refused: %s", peer_id[-8:], REFUSALS[code]
+        )
 
     async def _dial_all(
         self, peer_id: str, targets: list[tuple[str, int]], as_responder: bool, timeout: float
@@ -424,6 +600,7 @@ class HolePuncher:
         if not listen:
             return False
         source = listen[0]
+        allowance = DialAllowance(MAX_CONNECTS_PER_SESSION)
 
         async def one(ip: str, port: int) -> None:
             # A router without a firewall answers a SYN that arrives before its
@@ -432,7 +609,8 @@ class HolePuncher:
             # connect is repeated at once, at a random pace, until the window
             # ends (a router that drops such SYNs keeps the first connect
             # waiting until the peer's SYN opens the way).
-            while True:
+            while allowance.take():
+                self.connects += 1
                 try:
                     stream = await _open_punch_socket(ip, port, source)
                 except OSError as exc:
@@ -553,4 +731,11 @@ async def _close(stream: Any) -> None:
         log.debug("closing DCUtR stream", exc_info=True)
 
 
-__all__ = ["DCUTR_PROTOCOL", "HolePuncher", "PunchState", "is_public_ip"]
+__all__ = [
+    "DCUTR_PROTOCOL",
+    "DialAllowance",
+    "HolePuncher",
+    "PunchBudget",
+    "PunchState",
+    "is_public_ip",
+]
