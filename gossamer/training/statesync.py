@@ -24,6 +24,26 @@ chunks round-robin among them, so chunks come from several peers at once; check 
 sha256 as it lands; a chunk that is late or wrong drops its source and goes to another; finally
 rebuild the state and check its ``state_digest`` against the one the run document names. A bad
 peer can waste time, never corrupt the state.
+
+Serving (:class:`StateService`) is for the members of the run a state belongs to, and bounded
+per peer, since a peer id costs nothing and one ``send`` names up to ``MAX_CHUNKS_PER_REQUEST``
+chunks of 4 MiB each:
+
+- who: a state is served to the peers its membership rule admits. ``publish(snapshot)`` without
+  a rule serves the members of the runs this node replicates whose run document names the state
+  in a round entry (the charter admits the peer and the peer wrote its member record); no such
+  run, no one. A run found naming the state when a peer asks for it keeps it, so a holder that
+  moved on to the next round still serves that state to the run's members (a state no one asked
+  for before its run moved on is served to no one). ``publish(snapshot, allowed=rule)`` sets
+  another rule (:func:`anyone` for tests and public states);
+- how much: the chunk indices of a request are de-duplicated; one upload per peer at a time (a
+  request waits ``BUSY_GRACE_S`` at most for the peer's previous one to end) and
+  ``MAX_SENDING_PEERS`` in all (``busy``); the bytes a peer may make us send are a leaky bucket
+  (:class:`ServeBudget`) of ``BUDGET_SNAPSHOTS`` times the state's size, draining over
+  ``BUDGET_WINDOW_S`` (``rate_limited``). An honest fetch costs a source at most one copy.
+
+Every refusal is a :class:`Refused` with a code (``unknown_state``, ``not_member``, ``bad_chunks``,
+``bad_tag``, ``busy``, ``rate_limited``) and our own words, logged once per peer per minute.
 """
 
 from __future__ import annotations
@@ -34,13 +54,14 @@ import math
 import os
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import trio
 
+from gossamer.crdt import CrdtService
 from gossamer.node import CallContext, GossamerError, Refused, Service
 from gossamer.node.rpc import rpc
 from gossamer.training.outer import OuterState, state_digest
@@ -53,8 +74,13 @@ MAX_SOURCES = 8
 MAX_CHUNKS_PER_REQUEST = 4096
 MANIFEST_TIMEOUT_S = 5.0
 MIN_RATE_BYTES_PER_S = 10e6  # a source slower than this for a chunk is dropped
+BUDGET_SNAPSHOTS = 2.0  # copies of a state one peer may pull at once, and per window after that
+BUDGET_WINDOW_S = 60.0
+MAX_SENDING_PEERS = 8  # peers we upload states to at the same time
+BUSY_GRACE_S = 1.0  # a request may wait this long for the peer's previous upload to end
 
 Layout = list[tuple[str, tuple[int, ...]]]
+Allowed = Callable[[str], bool]  # a membership rule: may this peer have the state?
 
 
 class StateSyncError(GossamerError):
@@ -74,6 +100,14 @@ class Snapshot:
     @property
     def numel(self) -> int:
         return int(self.flat.numel())
+
+    @property
+    def nbytes(self) -> int:
+        return 4 * self.numel
+
+    def spans(self) -> list[tuple[int, int]]:
+        """Where each chunk lies in ``flat``."""
+        return chunks(self.numel)
 
     def chunk_hashes(self) -> list[str]:
         if self._hashes is None:
@@ -150,71 +184,266 @@ def unpack_snapshot(
     return params, state
 
 
+def anyone(peer_id: str) -> bool:
+    """The membership rule that admits every peer (tests, and states that are public)."""
+    return True
+
+
+def runs_naming(digest: str, docs: Mapping[str, Any]) -> set[str]:
+    """The runs (id → :class:`gossamer.crdt.RunDocument`) whose round entries name ``digest``."""
+    return {
+        run_id
+        for run_id, doc in docs.items()
+        if any(entry.hash == digest for entry in doc.round_entries().values())
+    }
+
+
+def admitted(peer_id: str, doc: Any) -> bool:
+    """Is ``peer_id`` a member of the run: its charter lets the peer in and the peer joined?"""
+    return doc.charter.may_join(peer_id) and doc.member(peer_id) is not None
+
+
+class ServeBudget:
+    """The bytes each peer may make us send, as a leaky bucket per peer (no I/O, no clock).
+
+    What a peer was granted drains at ``capacity / window`` bytes per second; a request is
+    granted if its cost fits under ``capacity`` on top of what has not drained yet. So a peer
+    gets at most ``capacity`` at once and ``capacity`` per ``window`` after that. ``capacity``
+    comes with each call (it follows the size of the state asked for); ``now`` is a monotonic
+    time. At most ``max_peers`` peers are remembered (those idle longest are forgotten first:
+    forgetting a peer only forgets a debt that was draining anyway).
+    """
+
+    def __init__(self, window: float = BUDGET_WINDOW_S, max_peers: int = 4096) -> None:
+        if window <= 0:
+            raise ValueError("the budget window must be positive")
+        self.window = window
+        self.max_peers = max_peers
+        self._spent: OrderedDict[str, tuple[float, float]] = OrderedDict()  # peer -> (bytes, at)
+
+    def spent(self, peer_id: str, capacity: float, now: float) -> float:
+        """What ``peer_id`` was granted and has not drained yet."""
+        amount, at = self._spent.get(peer_id, (0.0, now))
+        return max(0.0, amount - max(0.0, now - at) * capacity / self.window)
+
+    def grant(self, peer_id: str, cost: float, capacity: float, now: float) -> bool:
+        """Grant ``cost`` bytes to ``peer_id`` if they fit; True if granted (and recorded)."""
+        spent = self.spent(peer_id, capacity, now)
+        if spent + cost > capacity:
+            return False
+        self._set(peer_id, spent + cost, now)
+        return True
+
+    def refund(self, peer_id: str, amount: float, capacity: float, now: float) -> None:
+        """Give back ``amount`` granted bytes that were never sent."""
+        if amount > 0 and peer_id in self._spent:
+            self._set(peer_id, max(0.0, self.spent(peer_id, capacity, now) - amount), now)
+
+    def _set(self, peer_id: str, amount: float, now: float) -> None:
+        self._spent[peer_id] = (amount, now)
+        self._spent.move_to_end(peer_id)
+        while len(self._spent) > self.max_peers:
+            self._spent.popitem(last=False)
+
+
+@dataclass
+class _Held:
+    """A state we serve, with who may have it."""
+
+    snapshot: Snapshot
+    allowed: Allowed | None  # None: the members of the runs whose documents name it
+    runs: set[str] = field(default_factory=set)  # runs found naming it (they keep it)
+
+
+def _manifest_cost(snap: Snapshot) -> int:
+    """About the bytes of a manifest on the wire (charged to the asker's budget)."""
+    return 256 + 72 * len(snap.spans()) + sum(64 + 12 * len(s) for _, s in snap.layout)
+
+
 class StateService(Service):
-    """Serves the states this member holds (``publish`` them as rounds begin)."""
+    """Serves the states this member holds (``publish`` them as rounds begin) to the members
+    of their run, within a byte budget per peer (see the module's notes)."""
 
     name = "statesync"
 
-    def __init__(self, node: Any, keep: int = KEEP) -> None:
+    def __init__(
+        self,
+        node: Any,
+        keep: int = KEEP,
+        *,
+        budget_snapshots: float = BUDGET_SNAPSHOTS,
+        budget_window: float = BUDGET_WINDOW_S,
+        max_sending_peers: int = MAX_SENDING_PEERS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.node = node
         self.keep = keep
-        self.snapshots: OrderedDict[str, Snapshot] = OrderedDict()
+        self.budget_snapshots = budget_snapshots
+        self.max_sending_peers = max_sending_peers
+        self.budget = ServeBudget(budget_window)
+        self.clock = clock
+        self._held: OrderedDict[str, _Held] = OrderedDict()
+        self._uploads: dict[str, trio.Event] = {}  # peer -> set when its upload ends
+        self._waiting: set[str] = set()  # peers with a request waiting for that
         self.bytes_served = 0
 
     @classmethod
-    def attach(cls, node: Any) -> StateService:
-        """The node's state service (registered on first use)."""
+    def attach(cls, node: Any, **settings: Any) -> StateService:
+        """The node's state service (registered on first use, with ``settings`` for
+        :meth:`__init__`; settings for a service that exists already are an error)."""
         existing = node.service(StateService)
         if existing is not None:
+            if settings:
+                raise GossamerError("the node's state service exists already")
             return existing
-        service = cls(node)
+        service = cls(node, **settings)
         node.register(service)
         node.attach(service)
         return service
 
-    def publish(self, snapshot: Snapshot) -> None:
-        self.snapshots[snapshot.digest] = snapshot
-        self.snapshots.move_to_end(snapshot.digest)
-        while len(self.snapshots) > self.keep:
-            self.snapshots.popitem(last=False)
+    @property
+    def sending(self) -> set[str]:
+        """The peers we are uploading to now."""
+        return set(self._uploads)
 
-    def _get(self, digest: str) -> Snapshot:
-        snap = self.snapshots.get(digest)
-        if snap is None:
-            raise Refused(f"this member does not hold state {digest[:12]}", "unknown_state")
-        return snap
+    @property
+    def snapshots(self) -> dict[str, Snapshot]:
+        """The states we serve, oldest first."""
+        return {digest: held.snapshot for digest, held in self._held.items()}
+
+    def publish(self, snapshot: Snapshot, *, allowed: Allowed | None = None) -> None:
+        """Serve ``snapshot`` to the peers ``allowed`` admits; by default to the members of the
+        runs (on this node) whose documents name it. Keeps the last ``keep`` states."""
+        held = self._held.get(snapshot.digest)
+        if held is None:
+            held = self._held[snapshot.digest] = _Held(snapshot, allowed)
+        else:
+            held.snapshot = snapshot
+            if allowed is not None:
+                held.allowed = allowed
+        self._held.move_to_end(snapshot.digest)
+        while len(self._held) > self.keep:
+            self._held.popitem(last=False)
+
+    def allows(self, digest: str, peer_id: str) -> bool:
+        """May ``peer_id`` have state ``digest`` (which we hold)?"""
+        held = self._held.get(digest)
+        if held is None:
+            return False
+        if held.allowed is not None:
+            return bool(held.allowed(peer_id))
+        crdt = self.node.service(CrdtService)
+        if crdt is None:
+            return False
+        docs = {run_id: run.doc for run_id, run in crdt.runs.items()}
+        if any(admitted(peer_id, docs[r]) for r in held.runs if r in docs):
+            return True
+        found = runs_naming(digest, {r: d for r, d in docs.items() if r not in held.runs})
+        held.runs |= found
+        return any(admitted(peer_id, docs[r]) for r in found)
+
+    def _refuse(self, peer: str, message: str, code: str) -> Refused:
+        self.node.complaints.log(
+            log, peer, "state sync: refused %s (%s): %s", peer[-8:], code, message
+        )
+        return Refused(message, code)
+
+    def _admit(self, peer: str, digest: str) -> Snapshot:
+        held = self._held.get(digest) if isinstance(digest, str) else None
+        if held is None:  # ordinary (a holder moved on): no complaint
+            raise Refused(f"this member does not hold state {str(digest)[:12]}", "unknown_state")
+        if not self.allows(digest, peer):
+            raise self._refuse(peer, "state sync serves the members of the run only", "not_member")
+        return held.snapshot
+
+    def capacity(self, snap: Snapshot) -> float:
+        """The bytes of ``snap`` one peer may pull at once (and per window): copies of the
+        state with its manifest."""
+        return self.budget_snapshots * (snap.nbytes + _manifest_cost(snap))
+
+    def _grant(self, peer: str, snap: Snapshot, cost: int) -> None:
+        if not self.budget.grant(peer, cost, self.capacity(snap), self.clock()):
+            raise self._refuse(
+                peer,
+                f"over the state sync budget ({self.budget_snapshots:g} copies of the state "
+                f"per {self.budget.window:g} s)",
+                "rate_limited",
+            )
 
     @rpc
     async def manifest(self, ctx: CallContext, digest: str) -> dict[str, Any]:
-        snap = self._get(digest)
+        snap = self._admit(ctx.peer_id, digest)
+        self._grant(ctx.peer_id, snap, _manifest_cost(snap))
         return await trio.to_thread.run_sync(snap.manifest)
 
     @rpc
     async def send(self, ctx: CallContext, digest: str, chunks: list, tag: str) -> dict[str, Any]:
-        snap = self._get(digest)
-        count = len(snap.chunk_hashes())
+        peer = ctx.peer_id
+        snap = self._admit(peer, digest)
+        spans = snap.spans()
+        count = len(spans)
         if not 0 < len(chunks) <= MAX_CHUNKS_PER_REQUEST or not all(
             isinstance(i, int) and not isinstance(i, bool) and 0 <= i < count for i in chunks
         ):
-            raise Refused(f"chunks must be indices below {count}", "bad_chunks")
-        if not tag.startswith("ss/") or len(tag) > 64:
-            raise Refused("tag must start with 'ss/' (at most 64 characters)", "bad_tag")
-        self.node.nursery.start_soon(self._send_chunks, ctx.peer_id, snap, list(chunks), tag)
+            raise self._refuse(peer, f"chunks must be indices below {count}", "bad_chunks")
+        if not isinstance(tag, str) or not tag.startswith("ss/") or len(tag) > 64:
+            raise self._refuse(peer, "tag must start with 'ss/' (at most 64 characters)", "bad_tag")
+        indices = list(dict.fromkeys(chunks))  # each chunk once, in the order asked
+        await self._previous_upload(peer)
+        if len(self._uploads) >= self.max_sending_peers:
+            raise self._refuse(peer, "this member is uploading to enough peers", "busy")
+        cost = sum(4 * (spans[i][1] - spans[i][0]) for i in indices)
+        self._grant(peer, snap, cost)
+        self._uploads[peer] = trio.Event()
+        self.node.nursery.start_soon(self._send_chunks, peer, snap, indices, tag, cost)
         return {"ok": True}
 
-    async def _send_chunks(self, peer: str, snap: Snapshot, indices: list[int], tag: str) -> None:
-        spans = chunks(snap.numel)
-        for i in indices:
-            a, b = spans[i]
-            timeout = 5.0 + (b - a) * 4 / MIN_RATE_BYTES_PER_S
-            try:
+    async def _previous_upload(self, peer: str) -> None:
+        """Wait (``BUSY_GRACE_S`` at most) for the upload to ``peer`` under way to end, as
+        when a fetcher asks again just before our last chunk's receipt is back; one request
+        per peer waits, any other is refused, as is this one if the upload goes on."""
+        done = self._uploads.get(peer)
+        if done is None:
+            return
+        if peer in self._waiting:
+            raise self._refuse(peer, "an upload to this peer is under way", "busy")
+        self._waiting.add(peer)
+        try:
+            with trio.move_on_after(BUSY_GRACE_S):
+                await done.wait()
+        finally:
+            self._waiting.discard(peer)
+        if peer in self._uploads:
+            raise self._refuse(peer, "an upload to this peer is under way", "busy")
+
+    async def _send_chunks(
+        self, peer: str, snap: Snapshot, indices: list[int], tag: str, granted: int
+    ) -> None:
+        """Upload ``indices`` to ``peer`` (our task, started for the peer: nothing it provokes
+        leaves it); give back the budget of what was not sent."""
+        spans = snap.spans()
+        sent = 0
+        try:
+            for i in indices:
+                a, b = spans[i]
+                timeout = 5.0 + (b - a) * 4 / MIN_RATE_BYTES_PER_S
                 report = await self.node.dataplane.send(
                     peer, f"{tag}/{i}", {"x": snap.flat[a:b]}, timeout=timeout
                 )
-            except GossamerError as exc:
-                log.info("state sync: sending chunk %d to %s failed: %s", i, peer[-8:], exc)
-                return
-            self.bytes_served += report.nbytes
+                sent += 4 * (b - a)
+                self.bytes_served += report.nbytes
+        except (GossamerError, trio.TooSlowError) as exc:
+            self.node.complaints.log(
+                log, peer, "state sync: sending to %s stopped: %s", peer[-8:], str(exc)[:200]
+            )
+        except Exception as exc:  # a peer's upload must never take the node down
+            self.node.complaints.log(
+                log, peer, "state sync: sending to %s failed: %s", peer[-8:], type(exc).__name__
+            )
+            log.debug("state sync: the upload's failure", exc_info=True)
+        finally:
+            self._uploads.pop(peer).set()
+            self.budget.refund(peer, granted - sent, self.capacity(snap), self.clock())
 
 
 @dataclass
