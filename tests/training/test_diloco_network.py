@@ -165,7 +165,7 @@ async def test_state_sync_from_several_peers_survives_a_lying_one(nodes, monkeyp
     async with nodes(4) as (a, b, c, joiner):
         for holder in (a, b, c):
             await joiner.connect(holder.addrs()[0])
-            statesync.StateService.attach(holder).publish(snapshot)
+            statesync.StateService.attach(holder).publish(snapshot, allowed=statesync.anyone)
         # c announces the right manifest but sends other bytes
         liar = statesync.Snapshot(
             snapshot.digest,
