@@ -34,6 +34,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "experts_cmd",
     "demo_cmd",
     "bench_cmd",
+    "fuzz_cmd",
 )
 
 
