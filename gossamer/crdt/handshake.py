@@ -7,6 +7,14 @@ before deciding whether the other is admitted.  A ``HELLO`` without a state
 vector is a charter probe: the listener answers and closes, which is how a
 joiner learns the charter of a run id.  Every step waits at most
 ``hello_timeout``; what follows the hello is :class:`.link.Link`'s.
+
+A hello is decoded before its sender is admitted, within the hello's own
+budgets (:func:`.protocol.decode_hello`: bytes, objects, depth; off the event
+loop when large).  A malformed or oversized hello costs its sender penalty
+points and gets a short refusal written by us, never the decoder's words; the
+quiet failures (no hello in time, a stream that ends) are logged through the
+node's :class:`~gossamer.node.complaints.Complaints`, at most once per peer
+per interval.
 """
 
 from __future__ import annotations
@@ -19,14 +27,15 @@ import trio
 from gossamer.crdt.charter import Charter, CharterError
 from gossamer.crdt.link import Link
 from gossamer.crdt.protocol import (
-    ERROR,
     MAX_HELLO_BYTES,
     PENALTY_FORBIDDEN,
     PROTOCOL,
     RunAccessError,
+    check_hello,
+    decode_hello,
     error_message,
     hello_message,
-    parse_hello,
+    is_error,
 )
 from gossamer.node import FrameTooLarge, GossamerError, PeerUnreachable, ProtocolError, wire
 
@@ -57,10 +66,10 @@ async def dial(run: Run, peer_id: str) -> Link:
         await stream.reset()
         raise PeerUnreachable(f"{peer_id[-8:]} closed the crdt stream during the hello")
     try:
-        msg = wire.unpack(payload)
-        if isinstance(msg, list) and msg and msg[0] == ERROR:
+        msg = await decode_hello(payload)
+        if is_error(msg):
             raise RunAccessError(f"{peer_id[-8:]} refused run {run.run_id}: {msg[1:3]}")
-        run_id, charter_blob, sv = parse_hello(payload)
+        run_id, charter_blob, sv = check_hello(msg)
         if run_id != run.run_id or sv is None:
             raise ProtocolError("hello answered for another run or without a state vector")
     except (ProtocolError, RunAccessError) as exc:
@@ -91,18 +100,23 @@ async def accept(service: CrdtService, stream: Stream) -> None:
     try:
         with trio.fail_after(timeout):
             payload = await reader.read_frame(MAX_HELLO_BYTES, "crdt hello")
-    except (trio.TooSlowError, ConnectionError, EOFError, FrameTooLarge) as exc:
-        log.info("crdt: no hello from %s: %r", peer[-8:], exc)
+    except FrameTooLarge as exc:
+        service.penalise(peer, PENALTY_FORBIDDEN, f"bad hello: {exc}")
+        await stream.reset()
+        return
+    except (trio.TooSlowError, ConnectionError, EOFError) as exc:
+        if service.node.complaints.due(peer) is not None:
+            log.info("crdt: no hello from %s: %s", peer[-8:], type(exc).__name__)
         await stream.reset()
         return
     if payload is None:
         await stream.close()
         return
     try:
-        run_id, charter_blob, sv = parse_hello(payload)
+        run_id, charter_blob, sv = check_hello(await decode_hello(payload))
     except ProtocolError as exc:
         service.penalise(peer, PENALTY_FORBIDDEN, f"bad hello: {exc}")
-        await _refuse(stream, "protocol", str(exc), timeout)
+        await _refuse(stream, "protocol", "malformed hello", timeout)
         return
     run = service.runs.get(run_id)
     if run is None:
@@ -155,10 +169,10 @@ async def fetch_charter(node: Node, run_id: str, peers: list[str], timeout: floa
                 payload = await wire.FrameReader(stream).read_frame(MAX_HELLO_BYTES, "hello")
             if payload is None:
                 raise PeerUnreachable(f"{peer[-8:]} closed the stream")
-            msg = wire.unpack(payload)
-            if isinstance(msg, list) and msg and msg[0] == ERROR:
+            msg = await decode_hello(payload)
+            if is_error(msg):
                 raise RunAccessError(f"{peer[-8:]} refused run {run_id}: {msg[1:3]}")
-            _, blob, _ = parse_hello(payload)
+            _, blob, _ = check_hello(msg)
             if blob is None:
                 raise ProtocolError("the hello carries no charter")
             return Charter.decode(blob, run_id)

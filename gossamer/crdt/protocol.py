@@ -18,6 +18,12 @@ Messages (msgpack arrays)::
 
 A state vector is a map {client id: clock}.
 
+**Decoding.**  Every frame is decoded with budgets on its size, its number of
+objects and its depth (:func:`gossamer.node.wire.unpack`), large ones on a
+worker thread.  A HELLO is decoded before its sender is admitted, so its
+budgets are what the largest legitimate hello needs and no more: a charter of
+at most ``MAX_CHARTER_BYTES`` and a state vector of at most ``MAX_SV_ENTRIES``.
+
 **Penalties.**  A refused envelope or a malformed message costs the *sending*
 peer points (malformed or forged: 100, a rule violation or protocol error:
 50); at 100 the peer is banned for ``ban_seconds`` — its links close and its
@@ -28,15 +34,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from gossamer.crdt.charter import Charter, CharterError, check_run_id
+from gossamer.crdt.charter import MAX_CHARTER_BYTES, Charter, CharterError, check_run_id
 from gossamer.node import GossamerError, ProtocolError, wire
 
 PROTOCOL = "/gossamer/crdt/1.0.0"
 PROTOCOL_VERSION = 1
 
 HELLO, ENVELOPE, SV_REQUEST, SV_REPLY, CHARTER, PING, ERROR, HAVE = range(8)
-MAX_HELLO_BYTES = 4 << 20
 MAX_SV_ENTRIES = 100_000
+# [0, 1, run id, charter, {client: clock}]: ids and clocks are below 2**53 (9 bytes each)
+MAX_HELLO_BYTES = MAX_CHARTER_BYTES + 18 * MAX_SV_ENTRIES + 4096  # about 2.7 MiB
+HELLO_MAX_OBJECTS = 6 + 2 * MAX_SV_ENTRIES  # the list, its five fields, the state vector
+HELLO_MAX_DEPTH = 3  # the state vector's entries
+# After the hello: the widest message is an SV_REQUEST/SV_REPLY, the deepest its entries.
+MESSAGE_MAX_OBJECTS = 4 + 2 * MAX_SV_ENTRIES
+MESSAGE_MAX_DEPTH = 3
 
 PENALTY_MALFORMED = 100
 PENALTY_FORBIDDEN = 50
@@ -69,13 +81,54 @@ def check_nonce(obj: Any) -> int:
     return obj
 
 
+async def decode_hello(payload: bytes) -> Any:
+    """The decoded first frame of a stream (a HELLO, or an ERROR in answer to ours), within
+    the hello's budgets; ProtocolError past them.  Check it with :func:`check_hello`."""
+    return await wire.unpack_async(
+        payload,
+        max_container=MAX_SV_ENTRIES,
+        max_objects=HELLO_MAX_OBJECTS,
+        max_depth=HELLO_MAX_DEPTH,
+    )
+
+
+async def decode_message(payload: bytes) -> list[Any]:
+    """A decoded link frame (any message after the hello), within its budgets; ProtocolError
+    past them or if it is not a list starting with its type."""
+    msg = await wire.unpack_async(
+        payload,
+        max_container=MAX_SV_ENTRIES,
+        max_objects=MESSAGE_MAX_OBJECTS,
+        max_depth=MESSAGE_MAX_DEPTH,
+    )
+    if not isinstance(msg, list) or not msg or not isinstance(msg[0], int):
+        raise ProtocolError("a crdt message is a list starting with its type")
+    return msg
+
+
+def is_error(msg: Any) -> bool:
+    """Whether a decoded first frame is an ERROR (the other side refused us and closes)."""
+    return isinstance(msg, list) and bool(msg) and msg[0] == ERROR
+
+
 def parse_hello(payload: bytes) -> tuple[str, bytes | None, dict[int, int] | None]:
-    """(run id, charter blob or None, state vector) of a HELLO; ProtocolError if malformed.
+    """(run id, charter blob or None, state vector) of an encoded HELLO: :func:`check_hello`."""
+    return check_hello(
+        wire.unpack(
+            payload,
+            max_container=MAX_SV_ENTRIES,
+            max_objects=HELLO_MAX_OBJECTS,
+            max_depth=HELLO_MAX_DEPTH,
+        )
+    )
+
+
+def check_hello(msg: Any) -> tuple[str, bytes | None, dict[int, int] | None]:
+    """(run id, charter blob or None, state vector) of a decoded HELLO; ProtocolError if malformed.
 
     A nil state vector asks only for the charter: the listener answers its
     HELLO and closes (how a joiner learns the charter of a run id).
     """
-    msg = wire.unpack(payload)
     if not isinstance(msg, list) or len(msg) != 5 or msg[0] != HELLO:
         raise ProtocolError("expected HELLO [0, version, run, charter, state vector]")
     _, version, run_id, charter, sv = msg

@@ -5,19 +5,38 @@ reader passes the largest frame it accepts, and the length is checked before a
 single payload byte is buffered, so a peer cannot make us allocate more than
 the limit.  msgpack decoding gets explicit limits on every container and
 refuses extension types; tuples are packed as lists and bytes stay bytes.
+
+**Bounded decoding.**  Limits per container do not bound the whole: 4 MiB of
+``[[], [], …]`` nested a few levels deep is four million objects (seconds of
+CPU, hundreds of MB).  :func:`unpack` therefore first walks the encoded bytes
+(:func:`scan`: no object is built, nothing is allocated but a stack as deep as
+the nesting limit) and counts every object, checks every container's length
+and the nesting depth, and stops at the first limit passed; only input within
+all limits reaches msgpack's decoder.  The walk costs at most one step per
+object of the budget, however large the input.  :func:`unpack_async` runs
+large decodes on a worker thread, a few at a time, so that one peer's big
+message does not stall the event loop.
 """
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import Any, Protocol
 
 import msgpack
+import trio
 
 from gossamer.node.errors import FrameTooLarge, ProtocolError
 
 LENGTH = struct.Struct(">I")
 MAX_DEPTH = 32
+MAX_CONTAINER = 100_000
+# Room for one full map of MAX_CONTAINER entries (a state vector: keys and values count)
+# and what wraps it, the largest message any caller expects; pass a tighter one where known.
+MAX_OBJECTS = 1 << 18
+THREAD_THRESHOLD = 64 << 10  # unpack_async decodes larger inputs on a worker thread
+DECODE_THREADS = 2  # large decodes at a time, over all peers (each bounded by its limits)
 
 
 class ByteStream(Protocol):
@@ -36,29 +55,113 @@ def _refuse_ext(code: int, data: bytes) -> Any:
     raise ProtocolError(f"msgpack extension type {code} is not accepted")
 
 
-def _depth(obj: Any, limit: int) -> int:
-    """Nesting depth of a decoded object, stopping early once it passes ``limit``."""
-    stack = [(obj, 1)]
-    deepest = 0
-    while stack:
-        item, depth = stack.pop()
-        deepest = max(deepest, depth)
-        if deepest > limit:
-            return deepest
-        if isinstance(item, dict):
-            stack.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list):
-            stack.extend((v, depth + 1) for v in item)
-    return deepest
+def _fixed_sizes() -> tuple[int, ...]:
+    """First byte -> length of a token that has no children and no length field, else 0."""
+    sizes = [0] * 256
+    for b in range(0x80):
+        sizes[b] = 1  # positive fixint
+    for b in range(0xE0, 0x100):
+        sizes[b] = 1  # negative fixint
+    for b in range(0xA0, 0xC0):
+        sizes[b] = 1 + (b & 0x1F)  # fixstr
+    for b, size in {0xC0: 1, 0xC2: 1, 0xC3: 1, 0xCA: 5, 0xCB: 9}.items():
+        sizes[b] = size  # nil, false, true, float 32 and 64
+    for first in (0xCC, 0xD0):
+        for i, width in enumerate((1, 2, 4, 8)):
+            sizes[first + i] = 1 + width  # uint and int 8 … 64
+    return tuple(sizes)
 
 
-def unpack(data: bytes | bytearray | memoryview, *, max_container: int = 100_000) -> Any:
+_FIXED = _fixed_sizes()
+_LENGTH_FIELD = {0xC4: 1, 0xC5: 2, 0xC6: 4, 0xD9: 1, 0xDA: 2, 0xDB: 4}  # bin 8/16/32, str 8/16/32
+_CONTAINER_FIELD = {0xDC: (2, 1), 0xDD: (4, 1), 0xDE: (2, 2), 0xDF: (4, 2)}  # (width, per entry)
+_EXT = frozenset((0xC7, 0xC8, 0xC9, 0xD4, 0xD5, 0xD6, 0xD7, 0xD8))
+
+
+def scan(
+    data: bytes | bytearray | memoryview,
+    *,
+    max_objects: int = MAX_OBJECTS,
+    max_container: int = MAX_CONTAINER,
+    max_depth: int = MAX_DEPTH,
+) -> int:
+    """The number of objects in one encoded msgpack object; ProtocolError past a limit.
+
+    Walks the encoding without building anything: every object counts (a map
+    entry is two, its key and its value), no array or map may have more than
+    ``max_container`` items, nothing may nest deeper than ``max_depth`` (the
+    top-level object is at depth 1), extension types are refused, and the
+    object must fill ``data`` exactly.  Stops at the first limit passed, so a
+    refusal costs at most ``max_objects`` steps.
+    """
+    end = len(data)
+    fixed = _FIXED
+    pos = objects = 0
+    left = 1  # items still to read in the innermost open container (the input is one item)
+    depth = 1  # the depth of those items
+    enclosing: list[int] = []  # items left in each container around it
+    while True:
+        if not left:
+            if not enclosing:
+                break
+            left = enclosing.pop()
+            depth -= 1
+            continue
+        left -= 1
+        objects += 1
+        if objects > max_objects:
+            raise ProtocolError(f"too many objects (more than {max_objects})")
+        if pos >= end:
+            raise ProtocolError("truncated msgpack")
+        first = data[pos]
+        size = fixed[first]
+        if size:
+            pos += size
+            continue
+        if 0x80 <= first <= 0x9F:  # fixmap, fixarray
+            count, per_item = first & 0x0F, 2 if first <= 0x8F else 1
+            pos += 1
+        elif first in _CONTAINER_FIELD:
+            width, per_item = _CONTAINER_FIELD[first]
+            count = int.from_bytes(data[pos + 1 : pos + 1 + width], "big")
+            pos += 1 + width
+        elif first in _LENGTH_FIELD:
+            width = _LENGTH_FIELD[first]
+            pos += 1 + width + int.from_bytes(data[pos + 1 : pos + 1 + width], "big")
+            continue
+        elif first in _EXT:
+            raise ProtocolError("msgpack extension types are not accepted")
+        else:  # 0xC1, never used
+            raise ProtocolError(f"malformed msgpack: byte 0x{first:02x} at {pos}")
+        if count > max_container:
+            raise ProtocolError(
+                f"msgpack container of {count} items (the limit is {max_container})"
+            )
+        if count:
+            if depth >= max_depth:
+                raise ProtocolError(f"msgpack nesting deeper than {max_depth}")
+            enclosing.append(left)
+            left, depth = count * per_item, depth + 1
+    if pos != end:
+        raise ProtocolError("truncated msgpack" if pos > end else "trailing bytes after msgpack")
+    return objects
+
+
+def unpack(
+    data: bytes | bytearray | memoryview,
+    *,
+    max_container: int = MAX_CONTAINER,
+    max_objects: int = MAX_OBJECTS,
+    max_depth: int = MAX_DEPTH,
+) -> Any:
     """Decode one msgpack object with limits; ProtocolError on anything malformed.
 
-    Limits: no container longer than ``max_container`` items, no string or
-    binary longer than the input itself, no extension types, nesting at most
-    ``MAX_DEPTH``, and no trailing bytes.
+    Limits (checked by :func:`scan` before anything is built): at most
+    ``max_objects`` objects in all, no container longer than ``max_container``
+    items, nesting at most ``max_depth``, no extension types, no trailing
+    bytes; and no string or binary longer than the input itself.
     """
+    scan(data, max_objects=max_objects, max_container=max_container, max_depth=max_depth)
     size = len(data)
     try:
         obj = msgpack.unpackb(
@@ -77,12 +180,45 @@ def unpack(data: bytes | bytearray | memoryview, *, max_container: int = 100_000
         raise
     except Exception as exc:  # msgpack raises ExtraData, ValueError, TypeError, StackError …
         raise ProtocolError(f"malformed msgpack: {type(exc).__name__}: {exc}") from None
-    if _depth(obj, MAX_DEPTH) > MAX_DEPTH:
-        raise ProtocolError(f"msgpack nesting deeper than {MAX_DEPTH}")
     for key in obj if isinstance(obj, dict) else ():
         if not isinstance(key, str | int | bytes):
             raise ProtocolError("msgpack map keys must be strings, integers or bytes")
     return obj
+
+
+_decode_limiter: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar(
+    "gossamer.wire.decode_limiter"
+)
+
+
+def _limiter() -> trio.CapacityLimiter:
+    try:
+        return _decode_limiter.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(DECODE_THREADS)
+        _decode_limiter.set(limiter)
+        return limiter
+
+
+async def unpack_async(
+    data: bytes | bytearray | memoryview,
+    *,
+    max_container: int = MAX_CONTAINER,
+    max_objects: int = MAX_OBJECTS,
+    max_depth: int = MAX_DEPTH,
+) -> Any:
+    """:func:`unpack`, on a worker thread when ``data`` is over :data:`THREAD_THRESHOLD` bytes.
+
+    At most :data:`DECODE_THREADS` such decodes run at once in a trio run (the
+    rest wait their turn), so many peers' large messages together cost at most
+    that many decodes' CPU and memory at a time.
+    """
+    decode = functools.partial(
+        unpack, data, max_container=max_container, max_objects=max_objects, max_depth=max_depth
+    )
+    if len(data) <= THREAD_THRESHOLD:
+        return decode()
+    return await trio.to_thread.run_sync(decode, limiter=_limiter())
 
 
 def frame(payload: bytes) -> bytes:
