@@ -87,6 +87,7 @@ class CrdtService:
         node.attach(service)
         node.set_stream_handler(PROTOCOL, service._handle_stream)
         node.add_connection_listener(service._on_connection)
+        node.add_protected_peers(service._members_of_our_runs)
         service._register_control()
         node.on_close(service.aclose)
         if resume and service.root.exists():
@@ -100,6 +101,13 @@ class CrdtService:
                 except GossamerError as exc:
                     log.warning("cannot reopen run %s: %s", directory.name, exc)
         return service
+
+    def _members_of_our_runs(self) -> list[str]:
+        """Peers admission must not evict: the members of every run we replicate."""
+        out: list[str] = []
+        for run in self.runs.values():
+            out.extend(run.doc.members())
+        return out
 
     async def aclose(self) -> None:
         for run in list(self.runs.values()):

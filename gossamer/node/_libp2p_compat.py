@@ -9,7 +9,7 @@ the release fixed.  Nothing outside this module reaches into libp2p internals.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 #    record a broken handshake with 0, because the fallback dial then races the
 #    primary one on the same peer.
 _DIAL_HEAD_START_S = 0.02
+EVICTION_HEADROOM = 16  # connections past max_connections the swarm lets through to admission
 
 
 def _patch_dial_delay() -> None:
@@ -171,14 +172,21 @@ def build_host(
 
     _patch_dial_delay()
     _patch_yamux_window_updates()
+    # The swarm refuses an inbound connection once it holds max_connections, before the
+    # handshake: a node full of idle strangers could then never admit a peer it needs.  It
+    # gets headroom; the node's admission (node/admission.py) enforces the real cap, evicting
+    # an idle stranger to make room.
+    ceiling = config.max_connections + EVICTION_HEADROOM
     connection_config = ConnectionConfig(
-        max_connections=config.max_connections,
+        max_connections=ceiling,
         max_connections_per_peer=config.max_connections_per_peer,
         dial_timeout=config.dial_timeout,
+        # a stranger gets this long to finish Noise + yamux (py-libp2p's default is 10 s)
+        inbound_upgrade_timeout=config.handshake_timeout,
         # The pruner trims from high_watermark down to low_watermark.
         min_connections=0,
         low_watermark=max(1, config.max_connections * 9 // 10),
-        high_watermark=config.max_connections,
+        high_watermark=ceiling,
     )
     announce = None
     factory = None
@@ -274,6 +282,24 @@ def tcp_maddr(ip: str, port: int) -> Any:
 
     family = "ip6" if ":" in ip else "ip4"
     return multiaddr.Multiaddr(f"/{family}/{ip}/tcp/{port}")
+
+
+def wrap_inbound_connections(host: Any, admit: Callable[..., Awaitable[None]]) -> None:
+    """Route every inbound raw connection through ``admit(handle, stream)`` first.
+
+    Defect (not in the notes): py-libp2p admits every inbound TCP connection into a Noise
+    handshake (10 s to time out) and counts only established connections against its caps,
+    so 300 half-open sockets from one address locked every other peer out for as long as they
+    were renewed.  ``admit`` decides per remote address before any byte is read and calls
+    ``handle()`` (the swarm's own inbound path) only for those it lets through.
+    """
+    swarm = host.get_network()
+    original = swarm._handle_inbound_connection
+
+    async def inbound(read_write_closer: Any, maddr: Any) -> None:
+        await admit(lambda: original(read_write_closer, maddr), read_write_closer)
+
+    swarm._handle_inbound_connection = inbound
 
 
 def libp2p_keypair(identity: Identity) -> Any:

@@ -39,6 +39,14 @@ class NodeConfig:
 
     # connection management
     max_connections: int = 256
+    # admission of inbound connections (node/admission.py)
+    handshake_timeout: float = 5.0  # Noise + yamux must finish within this
+    admission_handshakes_per_ip: int = 8
+    admission_handshakes_per_subnet: int = 32  # /24 (IPv4) or /64 (IPv6)
+    admission_handshakes_total: int = 128
+    admission_connections_per_ip: int = 32
+    admission_evict_idle_after: float = 30.0  # a full node evicts a stranger idle this long
+    admission_exempt_loopback: bool = True  # local test swarms are not strangers
     max_connections_per_peer: int = 1
     max_concurrent_dials: int = 16
     dial_timeout: float = 10.0
@@ -175,12 +183,21 @@ def validate(config: NodeConfig) -> None:
         "dataplane_chunk_bytes",
         "dataplane_max_message_bytes",
         "dataplane_max_channels_per_peer",
+        "admission_handshakes_per_ip",
+        "admission_handshakes_per_subnet",
+        "admission_handshakes_total",
+        "admission_connections_per_ip",
         "dataplane_max_channels",
     )
     for name in positive_ints:
         if getattr(config, name) <= 0:
             raise ConfigError(f"config key {name!r} must be positive")
-    for name in ("dial_timeout", "rpc_default_timeout", "bootstrap_backoff_min"):
+    for name in (
+        "dial_timeout",
+        "rpc_default_timeout",
+        "bootstrap_backoff_min",
+        "handshake_timeout",
+    ):
         if getattr(config, name) <= 0:
             raise ConfigError(f"config key {name!r} must be positive")
     for name in (

@@ -243,6 +243,14 @@ class _Notifee:
         self._closed(Connection(conn))
 
 
+def _remote_of(stream: Any) -> tuple[str, int] | None:
+    try:
+        remote = stream.get_remote_address()
+    except Exception:  # a transport that does not know it
+        return None
+    return (str(remote[0]), int(remote[1])) if remote else None
+
+
 def _peer(peer_id: str) -> Any:
     from libp2p.peer.id import ID
 
@@ -267,6 +275,11 @@ class Host:
         )
         self._listen = list(listen_addrs)
         self._host = compat.build_host(identity, config, self._listen, addrs_filter)
+        self._handshaking: set[Any] = set()  # inbound (ip, port) whose handshake runs
+        self._admission: tuple[Callable[[str | None], bool], Callable[[str | None], None]] = (
+            lambda ip: True,
+            lambda ip: None,
+        )
 
     # ------------------------------------------------------------- lifecycle
 
@@ -286,7 +299,41 @@ class Host:
         self, opened: Callable[[Connection], None], closed: Callable[[Connection], None]
     ) -> None:
         """Call ``opened(conn)`` / ``closed(conn)`` for every connection (synchronously)."""
-        self._host.get_network().register_notifee(_Notifee(opened, closed))
+
+        def on_opened(conn: Connection) -> None:
+            self._handshake_over(conn.remote)
+            opened(conn)
+
+        self._host.get_network().register_notifee(_Notifee(on_opened, closed))
+
+    def admit_inbound(
+        self, begin: Callable[[str | None], bool], end: Callable[[str | None], None]
+    ) -> None:
+        """Ask ``begin(ip)`` before the handshake of every inbound TCP connection (False:
+        close it unanswered); ``end(ip)`` follows exactly once, when its handshake completes or
+        it fails."""
+        self._admission = (begin, end)
+        compat.wrap_inbound_connections(self._host, self._inbound)
+
+    async def _inbound(self, handle: Callable[[], Awaitable[None]], stream: Any) -> None:
+        remote = _remote_of(stream)
+        ip = remote[0] if remote else None
+        begin, _ = self._admission
+        if not begin(ip):
+            with contextlib.suppress(Exception):  # the peer may be gone already
+                await stream.close()
+            return
+        key = remote or ("", id(stream))
+        self._handshaking.add(key)
+        try:
+            await handle()
+        finally:
+            self._handshake_over(key)
+
+    def _handshake_over(self, key: Any) -> None:
+        if key in self._handshaking:
+            self._handshaking.discard(key)
+            self._admission[1](key[0] or None)
 
     # ------------------------------------------------------------- addresses
 
@@ -334,7 +381,12 @@ class Host:
         return bool(self.connections(peer_id))
 
     def connected_peers(self) -> list[str]:
-        return [str(pid) for pid in self._host.get_network().get_connections_map()]
+        """Peers with an open connection (the swarm keeps a closed one listed for a moment)."""
+        return [
+            str(pid)
+            for pid, conns in self._host.get_network().get_connections_map().items()
+            if any(not c.is_closed for c in conns)
+        ]
 
     def connection_count(self) -> int:
         return sum(len(c) for c in self._host.get_network().get_connections_map().values())

@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from gossamer.node import addresses
+from gossamer.node.admission import Admission, AdmissionLimits
 from gossamer.node.complaints import Complaints
 from gossamer.node.config import NodeConfig
 from gossamer.node.errors import GossamerError, PeerUnreachable
@@ -93,6 +94,20 @@ class Node:
         self._services = Services()
         # peer-provoked failures: one log line per peer per minute, with a count
         self.complaints = Complaints()
+        config = self.config
+        self.admission = Admission(
+            AdmissionLimits(
+                handshakes_per_ip=config.admission_handshakes_per_ip,
+                handshakes_per_subnet=config.admission_handshakes_per_subnet,
+                handshakes_total=config.admission_handshakes_total,
+                connections_per_ip=config.admission_connections_per_ip,
+                max_connections=config.max_connections,
+                evict_idle_after=config.admission_evict_idle_after,
+                exempt_loopback=config.admission_exempt_loopback,
+            )
+        )
+        # peers whose connections admission never closes to make room (see add_protected_peers)
+        self._protected_sources: list[Callable[[], Iterable[str]]] = []
         # name -> handler(params) for the daemon's local control API; layers
         # above the node (dht, crdt, training) add their own methods here.
         self.control_methods: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {}
@@ -120,6 +135,7 @@ class Node:
                     "(address in use or not local)"
                 )
             host.on_connections(self._on_connected, self._on_disconnected)
+            host.admit_inbound(self._begin_handshake, self.admission.end_handshake)
             self.register(NodeService(self))
             from gossamer.node.dataplane.plane import DataPlane
 
@@ -239,6 +255,7 @@ class Node:
         self.add_address_source(lambda: list(reachability.verdict.confirmed_addrs))
         self.add_address_source(relays.circuit_addrs, relayed=True)
         self.set_relayed_dialer(relays.dial)
+        self.add_protected_peers(lambda: list(relays.client.reservations))
         reachability.start()
         relays.start()
         self.holepunch.start()
@@ -440,17 +457,62 @@ class Node:
             event = self._connection_events.setdefault(peer_id, trio.Event())
             await event.wait()
 
+    def add_protected_peers(self, source: Callable[[], Iterable[str]]) -> None:
+        """Peers ``source()`` names are never evicted to make room (relays we hold
+        reservations with, members of our runs); bootstrap peers always are protected."""
+        self._protected_sources.append(source)
+
+    def protected_peers(self) -> set[str]:
+        out = {p.peer_id for p in self.peers.all() if p.bootstrap}
+        for source in self._protected_sources:
+            try:
+                out.update(source())
+            except Exception:
+                log.warning("a protected-peers source failed", exc_info=True)
+        return out
+
+    def _begin_handshake(self, ip: str | None) -> bool:
+        refusal = self.admission.begin_handshake(ip)
+        if refusal is not None:
+            self.complaints.log(log, f"ip:{ip}", "refused an inbound connection: %s", refusal)
+        return refusal is None
+
     def _on_connected(self, conn: Connection) -> None:
         peer_id = conn.peer_id
         direction = "outbound" if conn.initiated_by_us else "inbound"
         remote = conn.transport_addr
         assert self.host is not None
-        total = self.host.connection_count()
-        info = self.peers.get(peer_id)
-        if total > self.config.max_connections and not (info and info.bootstrap):
-            log.info("connection cap %d reached: closing %s", self.config.max_connections, peer_id)
+        protected = self.protected_peers()
+        ip = conn.remote[0] if conn.remote else None
+        others = [p for p in self.host.connected_peers() if p != peer_id]
+        now = time.time()
+        idle_since = {}
+        for other in others:
+            seen = self.peers.get(other)
+            idle_since[other] = (seen.last_seen or seen.first_seen) if seen else now
+        decision = self.admission.on_connected(
+            ip,
+            connections_from_ip=sum(
+                1
+                for other in [peer_id, *others]
+                for c in self.host.connections(other)
+                if c.remote is not None and c.remote[0] == ip
+            ),
+            total=self.host.connection_count(),
+            protected=peer_id in protected,
+            idle_since=idle_since,
+            protected_peers=protected,
+            now=now,
+        )
+        if not decision.admit:
+            self.complaints.log(
+                log, peer_id, "closing the connection of %s: %s", peer_id[-8:], decision.reason
+            )
             self.nursery.start_soon(conn.close)
             return
+        if decision.evict is not None:
+            log.info("full: closing idle %s for %s", decision.evict[-8:], peer_id[-8:])
+            self.nursery.start_soon(self.disconnect, decision.evict)
         self.peers.on_connected(peer_id, direction, remote)
         event = self._connection_events.pop(peer_id, None)
         if event is not None:

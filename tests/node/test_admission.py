@@ -1,0 +1,137 @@
+"""Connection admission: the pure rules, and a lock-out attempt through real sockets."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+
+import pytest
+import trio
+
+from gossamer.node import GossamerError, Node
+from gossamer.node.admission import Admission, AdmissionLimits, subnet_of
+
+STRICT = AdmissionLimits(
+    handshakes_per_ip=2,
+    handshakes_per_subnet=3,
+    handshakes_total=5,
+    connections_per_ip=2,
+    max_connections=3,
+    evict_idle_after=30.0,
+    exempt_loopback=False,
+)
+
+
+def test_half_open_handshakes_are_capped_per_ip_subnet_and_in_all() -> None:
+    admission = Admission(STRICT)
+    assert admission.begin_handshake("203.0.113.1") is None
+    assert admission.begin_handshake("203.0.113.1") is None
+    assert admission.begin_handshake("203.0.113.1") is not None  # per IP
+    assert admission.begin_handshake("203.0.113.2") is None
+    assert admission.begin_handshake("203.0.113.3") is not None  # per /24
+    assert admission.begin_handshake("198.51.100.1") is None
+    assert admission.begin_handshake("192.0.2.1") is None
+    assert admission.begin_handshake("192.0.2.9") is not None  # in all (5)
+    admission.end_handshake("203.0.113.1")
+    assert admission.begin_handshake("203.0.113.1") is None  # its slot came back
+    assert admission.refused == {
+        "handshakes_per_ip": 1,
+        "handshakes_per_subnet": 1,
+        "handshakes_total": 1,
+    }
+
+
+def test_loopback_is_exempt_only_when_configured() -> None:
+    lax = Admission(AdmissionLimits(handshakes_per_ip=1))
+    assert all(lax.begin_handshake("127.0.0.1") is None for _ in range(10))
+    strict = Admission(STRICT)
+    assert strict.begin_handshake("127.0.0.1") is None
+    assert strict.begin_handshake("127.0.0.1") is None
+    assert strict.begin_handshake("127.0.0.1") is not None
+
+
+def test_subnets() -> None:
+    assert subnet_of("203.0.113.77") == "203.0.113.0/24"
+    assert subnet_of("2001:db8::1") == "2001:db8::/64"
+    assert subnet_of("not an ip") == "not an ip"
+
+
+def _connected(admission, **changes):
+    base = {
+        "connections_from_ip": 1,
+        "total": 2,
+        "protected": False,
+        "idle_since": {"a": 0.0, "b": 50.0},
+        "protected_peers": set(),
+        "now": 100.0,
+    }
+    return admission.on_connected("203.0.113.1", **{**base, **changes})
+
+
+def test_a_full_node_evicts_the_idlest_stranger_never_a_protected_or_busy_peer() -> None:
+    admission = Admission(STRICT)
+    assert _connected(admission).admit  # under the cap
+    decision = _connected(admission, total=4)
+    assert decision.admit and decision.evict == "a"  # idle for 100 s
+    decision = _connected(admission, total=4, protected_peers={"a"})
+    assert decision.admit and decision.evict == "b"  # idle for 50 s
+    decision = _connected(admission, total=4, protected_peers={"a"}, now=60.0)
+    assert not decision.admit  # b was active 10 s ago: nobody is idle enough
+    decision = _connected(admission, total=4, protected=True, protected_peers={"a", "b"})
+    assert decision.admit and decision.evict is None  # we need this peer
+    assert not _connected(admission, connections_from_ip=3).admit  # per IP
+
+
+@pytest.mark.parametrize("flood", [400])  # more than the swarm's 272 inbound slots
+async def test_a_flood_of_half_open_connections_does_not_lock_out_an_honest_peer(
+    node_config, flood
+) -> None:
+    # the attacker floods from 127.0.1.5 (its own /24 on loopback); the honest peer comes from
+    # 127.0.0.1; the hub treats loopback addresses as strangers here
+    config = node_config("hub", admission_exempt_loopback=False)
+    async with Node(config) as hub, Node(node_config("honest")) as honest:
+        port = int(hub.addrs()[0].split("/tcp/")[1].split("/")[0])
+        sockets: list[socket.socket] = []
+        stop = trio.Event()
+
+        async def keep_flooding() -> None:
+            # a socket the hub dropped is replaced: the flood lasts as long as the test
+            while not stop.is_set():
+                for sock in [s for s in sockets if _closed_by_peer(s)]:
+                    sockets.remove(sock)
+                    sock.close()
+                for _ in range(min(100, flood - len(sockets))):  # at most 2000 new a second
+                    sock = socket.socket()
+                    sock.setblocking(False)
+                    sock.bind(("127.0.1.5", 0))
+                    with contextlib.suppress(BlockingIOError):
+                        sock.connect(("127.0.0.1", port))
+                    sockets.append(sock)
+                await trio.sleep(0.05)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(keep_flooding)
+            await trio.sleep(0.5)
+            took = []
+            for _ in range(10):
+                start = trio.current_time()
+                with trio.move_on_after(2), contextlib.suppress(GossamerError):
+                    await honest.connect(hub.addrs()[0])
+                    await honest.ping(hub.peer_id, timeout=2)
+                    took.append(trio.current_time() - start)
+                await honest.disconnect(hub.peer_id)
+                await trio.sleep(0.1)
+            stop.set()
+        for sock in sockets:
+            sock.close()
+        assert len(took) >= 9, took
+        assert hub.admission.refused["handshakes_per_ip"] > 0
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
