@@ -28,7 +28,6 @@ from gossamer.crdt.protocol import (
     ENVELOPE,
     ERROR,
     HAVE,
-    MAX_SV_ENTRIES,
     PENALTY_FORBIDDEN,
     PENALTY_MALFORMED,
     PING,
@@ -36,6 +35,7 @@ from gossamer.crdt.protocol import (
     SV_REQUEST,
     check_nonce,
     check_sv,
+    decode_message,
     error_message,
 )
 from gossamer.crdt.replica import Receipt, Severity, Verdict
@@ -236,21 +236,19 @@ class Link:
             if payload is None:
                 return
             try:
-                self._dispatch(payload)
+                # decoded within the message budgets, off the event loop when it is large
+                self._dispatch(await decode_message(payload))
             except ProtocolError as exc:
                 service.penalise(self.peer_id, PENALTY_FORBIDDEN, f"protocol error: {exc}")
-                self.send_raw(error_message("protocol", str(exc)))
+                self.send_raw(error_message("protocol", "malformed or forbidden message"))
                 return
             if self.closed:
                 return
 
     # ----------------------------------------------------------- receiving
 
-    def _dispatch(self, payload: bytes) -> None:
+    def _dispatch(self, msg: list[Any]) -> None:
         run = self.run
-        msg = wire.unpack(payload, max_container=MAX_SV_ENTRIES)
-        if not isinstance(msg, list) or not msg or not isinstance(msg[0], int):
-            raise ProtocolError("a crdt message is a list starting with its type")
         kind = msg[0]
         if kind == ENVELOPE:
             self._on_envelope(envelope_from_wire(msg, run.replica.author_key))

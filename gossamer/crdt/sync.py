@@ -284,10 +284,18 @@ class CrdtService:
     def penalise(self, peer_id: str, points: float, reason: str) -> None:
         score = self._scores.get(peer_id, 0.0) + points
         self._scores[peer_id] = score
-        log.warning("crdt: penalising %s (+%g → %g): %s", peer_id[-8:], points, score, reason)
+        self.node.complaints.log(
+            log, peer_id, "crdt: penalising %s (+%g → %g): %s", peer_id[-8:], points, score, reason
+        )
         if score >= BAN_SCORE and not self.is_banned(peer_id):
             self._banned_until[peer_id] = self.monotonic() + self.options.ban_seconds
-            log.warning("crdt: banning %s for %.0f s", peer_id[-8:], self.options.ban_seconds)
+            self.node.complaints.log(
+                log,
+                f"ban:{peer_id}",  # its own key: a ban is worth a line of its own
+                "crdt: banning %s for %.0f s",
+                peer_id[-8:],
+                self.options.ban_seconds,
+            )
             for run in self.runs.values():
                 for link in run.links.get(peer_id, []):
                     link.close()

@@ -190,11 +190,6 @@ async def test_hellos_that_never_arrive_are_logged_once_per_interval(node_config
         assert not victim_s.is_banned(evil_id)  # a stream that ends is no offence
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="CrdtService.penalise (crdt/sync.py) logs every penalty; it should log through "
-    "node.complaints so that a peer is named at most once per interval",
-)
 async def test_penalties_are_logged_once_per_interval(node_config, caplog):
     caplog.set_level(logging.INFO, logger="gossamer")
     options = SyncOptions(heartbeat_interval=0, anti_entropy_interval=0, ban_seconds=0)
