@@ -47,6 +47,10 @@ class NodeConfig:
     admission_connections_per_ip: int = 32
     admission_evict_idle_after: float = 30.0  # a full node evicts a stranger idle this long
     admission_exempt_loopback: bool = True  # local test swarms are not strangers
+    # a peer that keeps misbehaving is disconnected and refused (node/complaints.py)
+    misbehaviour_ban_score: float = 100.0
+    misbehaviour_ban_seconds: float = 60.0  # doubles per repeat, up to an hour; 0: never ban
+    misbehaviour_exempt_loopback: bool = True  # never ban local test peers by accident
     max_connections_per_peer: int = 1
     max_concurrent_dials: int = 16
     dial_timeout: float = 10.0

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from gossamer.node import addresses
-from gossamer.node.admission import Admission, AdmissionLimits
-from gossamer.node.complaints import Complaints
+from gossamer.node.admission import Admission, AdmissionLimits, is_loopback
+from gossamer.node.complaints import Complaints, Misbehaviour
 from gossamer.node.config import NodeConfig
 from gossamer.node.errors import GossamerError, PeerUnreachable
 from gossamer.node.hooks import Services, T
@@ -92,8 +92,12 @@ class Node:
         # dial(peer_id, relayed multiaddr) for ``.../p2p-circuit/...`` addresses
         self._relayed_dialer: Callable[[str, str], Awaitable[None]] | None = None
         self._services = Services()
-        # peer-provoked failures: one log line per peer per minute, with a count
+        # peer-provoked failures: one log line per peer per minute, with a count, and a score
         self.complaints = Complaints()
+        self.misbehaviour = Misbehaviour(
+            ban_score=self.config.misbehaviour_ban_score,
+            ban_seconds=self.config.misbehaviour_ban_seconds,
+        )
         config = self.config
         self.admission = Admission(
             AdmissionLimits(
@@ -471,6 +475,21 @@ class Node:
                 log.warning("a protected-peers source failed", exc_info=True)
         return out
 
+    def misbehaved(
+        self, logger: logging.Logger, peer_id: str, points: float, message: str, *args: object
+    ) -> None:
+        """``peer_id``'s bytes broke a rule: log it (once per peer per minute) and score it;
+        a peer that keeps at it is disconnected and refused for a while (``misbehaviour_*``)."""
+        self.complaints.log(logger, peer_id, message, *args)
+        remote = self.peer_remote(peer_id) if self.host is not None else None
+        if self.config.misbehaviour_exempt_loopback and remote and is_loopback(remote[0]):
+            return
+        seconds = self.misbehaviour.record(peer_id, points)
+        if seconds is not None:
+            log.warning("banning %s for %.0f s: it kept misbehaving", peer_id[-8:], seconds)
+            if self._nursery is not None:
+                self._nursery.start_soon(self.disconnect, peer_id)
+
     def _begin_handshake(self, ip: str | None) -> bool:
         refusal = self.admission.begin_handshake(ip)
         if refusal is not None:
@@ -482,6 +501,10 @@ class Node:
         direction = "outbound" if conn.initiated_by_us else "inbound"
         remote = conn.transport_addr
         assert self.host is not None
+        if self.misbehaviour.banned(peer_id):
+            self.complaints.log(log, peer_id, "refusing banned %s", peer_id[-8:])
+            self.nursery.start_soon(conn.close)
+            return
         protected = self.protected_peers()
         ip = conn.remote[0] if conn.remote else None
         others = [p for p in self.host.connected_peers() if p != peer_id]
@@ -605,9 +628,10 @@ class Node:
                 # provoked stays here, even when it comes grouped with a Cancelled.
                 failed, rest = _split_failures(exc)
                 if failed is not None:
-                    self.complaints.log(
+                    self.misbehaved(
                         log,
                         stream.peer_id,
+                        20,
                         "handler for %s from %s failed: %s",
                         protocol,
                         stream.peer_id[-8:],

@@ -241,8 +241,8 @@ class RpcServer:
         limit = service.max_request_bytes or config.rpc_max_request_bytes
         peer = stream.peer_id
         if self._active[peer] >= config.rpc_max_concurrent_streams_per_peer:
-            self._node.complaints.log(
-                log, peer, "rpc: %s opened too many concurrent streams; resetting", peer[-8:]
+            self._node.misbehaved(
+                log, peer, 10, "rpc: %s opened too many concurrent streams; resetting", peer[-8:]
             )
             await stream.reset()
             return

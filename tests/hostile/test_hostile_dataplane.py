@@ -83,3 +83,28 @@ async def test_a_flood_of_channels_from_one_peer_is_capped(nodes, caplog) -> Non
         await _honest_send_works(honest, victim, "during")
         for stream in streams:
             await stream.reset()
+
+
+async def test_a_peer_that_keeps_sending_crafted_frames_is_banned(node_config, monkeypatch) -> None:
+    from gossamer.node import Node
+
+    strict = {"misbehaviour_exempt_loopback": False, "misbehaviour_ban_score": 25}
+    async with (
+        Node(node_config("victim", **strict)) as victim,
+        Node(node_config("evil")) as evil,
+        Node(node_config("honest")) as honest,
+    ):
+        await evil.connect(victim.addrs()[0])
+        await honest.connect(victim.addrs()[0])
+        monkeypatch.setattr(BufferSpec, "to_wire", lambda s: [s.name, s.kind, [1], [], 0])
+        for _ in range(3):  # 10 points each
+            with contextlib.suppress(TransferError, PeerUnreachable):
+                await evil.dataplane.send(victim.peer_id, "bad", {"x": torch.ones(3)}, timeout=5)
+        monkeypatch.undo()
+        assert victim.misbehaviour.banned(evil.peer_id)
+        await wait_until(lambda: not victim.is_connected(evil.peer_id), 5, what="evil dropped")
+        # while banned it is refused again at once; the honest peer is served throughout
+        with contextlib.suppress(PeerUnreachable):
+            await evil.connect(victim.addrs()[0])
+        await wait_until(lambda: not victim.is_connected(evil.peer_id), 5, what="evil refused")
+        await _honest_send_works(honest, victim, "fine")

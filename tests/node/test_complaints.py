@@ -45,3 +45,22 @@ def test_libp2p_repeats_reach_our_log_once_per_minute_first_line_only(caplog) ->
         noisy.error("something else entirely")
     lines = [r.getMessage() for r in caplog.records if r.name.startswith("gossamer.libp2p")]
     assert lines == ["Failed to open stream to peer 0:", "something else entirely"]
+
+
+def test_a_peer_that_keeps_misbehaving_is_banned_for_longer_each_time() -> None:
+    from gossamer.node.complaints import Misbehaviour
+
+    now = [0.0]
+    scores = Misbehaviour(ban_score=30, ban_seconds=10, half_life=60, clock=lambda: now[0])
+    assert scores.record("evil", 10) is None and scores.record("evil", 10) is None
+    assert scores.record("evil", 10) == 10  # banned for 10 s
+    assert scores.banned("evil") and not scores.banned("honest")
+    assert scores.record("evil", 100) is None  # already banned: no new ban
+    now[0] = 11.0
+    assert not scores.banned("evil")
+    assert scores.record("evil", 30) == 20  # the second ban is twice as long
+    # scores decay: an honest peer that trips a rule now and then never gets there
+    for _ in range(100):
+        now[0] += 120.0
+        assert scores.record("honest", 10) is None
+    assert Misbehaviour(ban_seconds=0, clock=lambda: 0.0).record("x", 1e9) is None  # off

@@ -99,8 +99,11 @@ class Channel:
         max_message_bytes: int,
         stall_timeout: float = STALL_TIMEOUT_S,
         limiters: tuple[trio.CapacityLimiter, trio.CapacityLimiter] | None = None,
+        on_violation: Callable[[str], None] | None = None,
     ) -> None:
         self.peer_id = peer_id
+        # the peer broke the protocol (called with why; the node logs and scores it)
+        self._on_violation = on_violation or self._log_violation
         # (send, receive) worker-thread slots shared by the node's channels: more
         # threads than that only fight over the GIL (measured in the all-reduce)
         self._limiters = limiters or (trio.CapacityLimiter(1), trio.CapacityLimiter(1))
@@ -150,7 +153,7 @@ class Channel:
         try:
             await self._read_loop()
         except (IntegrityError, ProtocolError) as exc:
-            log.warning("data channel %d from %s closed: %s", self.number, self.peer_id[-8:], exc)
+            self._on_violation(str(exc))
             self.close_reason = str(exc)
         except (EOFError, ChannelClosed, TruncatedTransfer) as exc:
             # TruncatedTransfer: the peer (or our own shutdown) ended the socket inside a
@@ -158,14 +161,12 @@ class Channel:
             log.debug("data channel %d to %s ended: %s", self.number, self.peer_id[-8:], exc)
             self.close_reason = self.close_reason or str(exc)
         except Exception as exc:  # whatever a peer's bytes provoke stays in this channel
-            log.warning(
-                "data channel %d from %s closed: unexpected %s while reading it",
-                self.number,
-                self.peer_id[-8:],
-                type(exc).__name__,
-            )
+            self._on_violation(f"unexpected {type(exc).__name__} while reading it")
             log.debug("the unexpected error", exc_info=True)
             self.close_reason = f"protocol violation ({type(exc).__name__})"
+
+    def _log_violation(self, why: str) -> None:
+        log.warning("data channel %d from %s closed: %s", self.number, self.peer_id[-8:], why)
 
     async def aclose(self, reason: str = "closed locally") -> None:
         if self.closed.is_set():

@@ -298,6 +298,9 @@ class DataPlane:
             chunk_bytes=config.dataplane_chunk_bytes,
             limiters=self._thread_limiters,
             max_message_bytes=config.dataplane_max_message_bytes,
+            on_violation=lambda why: self._node.misbehaved(
+                log, peer_id, 10, "data channel from %s closed: %s", peer_id[-8:], why
+            ),
         )
         self._channels[peer_id].append(channel)
         return channel
@@ -328,8 +331,8 @@ class DataPlane:
             total=config.dataplane_max_channels,
         )
         if refusal is not None:
-            self._node.complaints.log(
-                log, peer_id, "data plane: refused a channel from %s: %s", peer_id[-8:], refusal
+            self._node.misbehaved(
+                log, peer_id, 5, "data plane: refused a channel from %s: %s", peer_id[-8:], refusal
             )
             self.channels_refused += 1
             await stream.reset()
@@ -384,8 +387,8 @@ class DataPlane:
                 elif decision != "libp2p":
                     raise ProtocolError(f"unknown data path {decision!r}")
         except (trio.TooSlowError, ProtocolError, EOFError, ConnectionError) as exc:
-            self._node.complaints.log(
-                log, peer_id, "data-plane handshake from %s failed: %s", peer_id[-8:], exc
+            self._node.misbehaved(
+                log, peer_id, 10, "data-plane handshake from %s failed: %s", peer_id[-8:], exc
             )
             self._pending_direct.pop(channel_id, None)
             if pending is not None and pending.transport is not None:
