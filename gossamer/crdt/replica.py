@@ -79,6 +79,10 @@ class Limits:
     max_pending: int = 4096
     max_pending_per_author: int = 512
     max_authors: int = 100_000
+    # distinct keys one author may write: a member's own keys are a handful (its record,
+    # heartbeat, round, metrics, a key per fragment or expert it serves), and a member that
+    # invents keys must not grow every replica's document (and this index) without bound
+    max_keys_per_author: int = 4096
 
 
 class WriteError(GossamerError):
@@ -121,6 +125,7 @@ class Replica:
         self._blocked: set[int] = set()
         self._log: dict[int, list[Envelope]] = {}
         self._progress: dict[int, rules.Progress] = {}
+        self._author_keys: dict[int, set[int]] = {}  # client -> the key ids it has written
         self._pending: dict[int, dict[int, _Pending]] = {}
         self._pending_bytes = 0
         self._pending_count = 0
@@ -284,9 +289,14 @@ class Replica:
         self, envelope: Envelope, client: int, clock: int, apply: bool, source: Any
     ) -> Receipt:
         author = envelope.author_peer_id
+        mark = len(self._keys)
         try:
             checked = self._check(envelope, client, clock, author)
         except rules.RuleViolation as exc:
+            # forget the key ids the refused update made up: a liar must leave nothing behind
+            for pair in self._keys[mark:]:
+                del self._key_ids[pair]
+            del self._keys[mark:]
             self._blocked.add(client)
             self._drop_pending(client)
             return self._refuse(envelope, str(exc), Severity.FORBIDDEN)
@@ -300,6 +310,7 @@ class Replica:
                 )
         end = envelope.span[1]
         self._index.setdefault(client, array("I")).extend(checked.new_keys)
+        self._author_keys.setdefault(client, set()).update(checked.new_keys)
         self._clock[client] = end
         self._progress.update(checked.progress)
         self._authors[client] = envelope.author
@@ -316,6 +327,8 @@ class Replica:
         checked = _Checked(new_keys=array("I"))
         new_keys = checked.new_keys
         allowed: set[int] = set()
+        own_keys = self._author_keys.get(client, set())
+        new_kids: set[int] = set()
         max_config = self.limits.max_config_value_bytes
         for item in decoded.items:
             item_end = item.clock + item.length
@@ -335,11 +348,20 @@ class Replica:
                 assert item.root is not None and item.key is not None
                 if item.root not in self.maps:
                     raise rules.RuleViolation(f"unknown root {item.root!r}")
+                # the key's rules before it gets an id: a refused update must leave nothing
+                rules.check_key(item.root, item.key, author, is_host=is_host)
                 kid = self._key_id(item.root, item.key)
+                allowed.add(kid)
             root, key = self._keys[kid]
             if kid not in allowed:
                 rules.check_key(root, key, author, is_host=is_host)
                 allowed.add(kid)
+            if kid not in own_keys and kid not in new_kids:
+                new_kids.add(kid)
+                if len(own_keys) + len(new_kids) > self.limits.max_keys_per_author:
+                    raise rules.RuleViolation(
+                        f"an author may write at most {self.limits.max_keys_per_author} keys"
+                    )
             if not item.deleted:
                 assert item.value is not None
                 try:
