@@ -181,7 +181,16 @@ def _validate_params(spec: _MethodSpec, params: Any) -> dict[str, Any]:
 
 def decode_request(payload: bytes) -> tuple[int, str, Any, float | None]:
     """Parse a request frame's payload; ProtocolError if it is not a valid request."""
-    message = wire.unpack(payload)
+    return parse_request(wire.unpack(payload))
+
+
+async def decode_request_async(payload: bytes) -> tuple[int, str, Any, float | None]:
+    """:func:`decode_request`, decoding a large payload off the event loop."""
+    return parse_request(await wire.unpack_async(payload))
+
+
+def parse_request(message: Any) -> tuple[int, str, Any, float | None]:
+    """Check a decoded request (any msgpack value); ProtocolError if it is not a request."""
     if not isinstance(message, dict):
         raise ProtocolError("a request must be a map")
     call_id, method, params = message.get("i"), message.get("m"), message.get("p", {})
@@ -289,7 +298,7 @@ class RpcServer:
     ) -> None:
         peer = stream.peer_id
         try:
-            call_id, method, params, timeout = decode_request(payload)
+            call_id, method, params, timeout = await decode_request_async(payload)
         except ProtocolError as exc:
             log.info("rpc %s: bad request from %s: %s", service.name, peer[-8:], exc)
             await self._send_error(stream, 0, "bad_request", str(exc))

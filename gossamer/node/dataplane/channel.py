@@ -333,7 +333,7 @@ class Channel:
 
     async def _read_control(self, size: int, header: bytes) -> Any:
         sealed = await self._read_sealed(size)
-        return wire.unpack(self._opener.open(header, sealed))
+        return await wire.unpack_async(self._opener.open(header, sealed))
 
     async def _read_loop(self) -> None:
         while True:
