@@ -63,6 +63,7 @@ class NodeConfig:
     rpc_max_response_bytes: int = 16 << 20
     rpc_default_timeout: float = 10.0
     rpc_max_concurrent_streams_per_peer: int = 64
+    rpc_max_concurrent_streams: int = 1024  # from all peers together
 
     # tensor data plane
     dataplane_listen: str = "0.0.0.0:0"
@@ -184,6 +185,7 @@ def validate(config: NodeConfig) -> None:
         "rpc_max_request_bytes",
         "rpc_max_response_bytes",
         "rpc_max_concurrent_streams_per_peer",
+        "rpc_max_concurrent_streams",
         "dataplane_chunk_bytes",
         "dataplane_max_message_bytes",
         "dataplane_max_channels_per_peer",

@@ -273,22 +273,20 @@ class AutoNATService(Service):
         except trio.TooSlowError:
             return {"addr": addr, "ok": False, "error": f"no answer in {timeout:g} s"}
         except Exception as exc:  # refused, reset, wrong key: all mean "not reachable"
-            return {"addr": addr, "ok": False, "error": _short(exc)}
+            # our words, never the exception's text (it is sent to the peer)
+            return {"addr": addr, "ok": False, "error": _dial_back_failure(exc)}
         return {"addr": addr, "ok": True, "error": ""}
 
 
-def _short(exc: BaseException) -> str:
-    seen = 0
-    while seen < 10:
-        seen += 1
-        if isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-            exc = exc.exceptions[0]
-        elif exc.__cause__ is not None:
-            exc = exc.__cause__
-        else:
-            break
-    text = str(exc) or type(exc).__name__
-    return text[:120]
+def _dial_back_failure(exc: BaseException) -> str:
+    """What a failed dial-back tells the peer: one of a few phrases of ours."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, OSError):
+        return "unreachable"
+    return "handshake failed (not you at that address?)"
 
 
 # --------------------------------------------------------------- the client

@@ -18,7 +18,7 @@ import inspect
 import itertools
 import logging
 import math
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, get_type_hints
@@ -230,6 +230,8 @@ class RpcServer:
         self._services: dict[str, tuple[Service, dict[str, _MethodSpec]]] = {}
         self._active: defaultdict[str, int] = defaultdict(int)
         self._incidents = itertools.count(1)
+        self._active_total = 0
+        self._idle: OrderedDict[Stream, None] = OrderedDict()  # open streams awaiting a request
 
     def register(self, service: Service) -> None:
         if not service.name or "/" in service.name:
@@ -255,12 +257,30 @@ class RpcServer:
             )
             await stream.reset()
             return
+        if self._active_total >= config.rpc_max_concurrent_streams:
+            # many peers together: nobody's fault, so no score.  An idle stream (kept open by
+            # a client's pool) makes room; with none idle, the new one is reset unanswered.
+            if self._idle:
+                idle, _ = self._idle.popitem(last=False)
+                await idle.reset()
+            else:
+                self._node.complaints.log(
+                    log, "rpc:total", "rpc: %d streams busy; resetting new ones", self._active_total
+                )
+                await stream.reset()
+                return
         self._active[peer] += 1
+        self._active_total += 1
         reader = wire.FrameReader(stream)
         try:
             while True:
                 try:
-                    if not await reader.wait_readable():
+                    self._idle[stream] = None
+                    try:
+                        readable = await reader.wait_readable()
+                    finally:
+                        self._idle.pop(stream, None)
+                    if not readable:
                         return
                     with trio.fail_after(FRAME_COMPLETION_TIMEOUT_S):
                         payload = await reader.read_frame(limit, "request")
@@ -285,6 +305,7 @@ class RpcServer:
             log.debug("rpc %s stream from %s ended: %s", service.name, peer[-8:], exc)
         finally:
             self._active[peer] -= 1
+            self._active_total -= 1
             if not self._active[peer]:
                 del self._active[peer]
             await stream.close()
