@@ -95,6 +95,10 @@ class Misbehaviour:
                 del self._bans[peer]
         return seconds
 
+    def banned_count(self) -> int:
+        now = self._clock()
+        return sum(1 for until, _ in self._bans.values() if until > now)
+
     def banned(self, peer_id: str) -> bool:
         ban = self._bans.get(peer_id)
         return ban is not None and ban[0] > self._clock()

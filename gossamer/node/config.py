@@ -97,6 +97,10 @@ class NodeConfig:
     holepunch: bool = True  # DCUtR: upgrade relayed connections to direct ones
     holepunch_attempts: int = 3
     holepunch_timeout: float = 5.0  # one attempt's dials
+    # what a peer can make us dial (DCUtR answers), per minute; see node/holepunch.py
+    holepunch_sessions_per_peer: int = 3
+    holepunch_sessions_per_minute: int = 60  # from all peers together
+    holepunch_max_connects: int = 256  # TCP connects one session may make, re-dials included
     holepunch_relay_grace: float = 3.0  # keep the relayed connection this long after upgrade
     upnp: bool = True  # when private: ask a UPnP gateway for a port mapping (verified first)
     upnp_timeout: float = 3.0
@@ -219,6 +223,9 @@ def validate(config: NodeConfig) -> None:
         "relay_check_interval",
         "holepunch_attempts",
         "holepunch_timeout",
+        "holepunch_sessions_per_peer",
+        "holepunch_sessions_per_minute",
+        "holepunch_max_connects",
         "upnp_timeout",
     ):
         if getattr(config, name) <= 0:

@@ -49,10 +49,10 @@ addresses we dial, and a refused connect is repeated at once).  So the
 responder answers only on a stream that rides a relayed connection from a peer
 we have no direct connection to (:func:`responder_refusal`: an upgrade is what
 the exchange is for); :class:`PunchBudget` admits at most
-:data:`SESSIONS_PER_PEER` sessions per peer and :data:`SESSIONS_TOTAL` in all
-per :data:`BUDGET_WINDOW_S` (the initiator keeps its own budget, so a peer that
+``holepunch_sessions_per_peer`` sessions per peer and ``holepunch_sessions_per_minute``
+in all per :data:`BUDGET_WINDOW_S` (the initiator keeps its own budget, so a peer that
 reconnects through a relay again and again is bounded as well); one session
-makes at most :data:`MAX_CONNECTS_PER_SESSION` connects, re-dials included
+makes at most ``holepunch_max_connects`` connects, re-dials included
 (:class:`DialAllowance`); and :func:`dial_targets` keeps the address scope
 (loopback only when we listen on loopback, LAN addresses only when we may be on
 a LAN, never multicast, link-local or unspecified).  A refused session is
@@ -351,11 +351,17 @@ class HolePuncher:
         self._active: set[str] = set()
         self._responding: dict[str, trio.CancelScope] = {}
         # An honest initiator makes holepunch_attempts sessions per relayed connection.
-        attempts = max(1, node.config.holepunch_attempts)
-        self._answers = PunchBudget(per_peer=max(SESSIONS_PER_PEER, attempts))  # we answer
+        config = node.config
+        attempts = max(1, config.holepunch_attempts)
+        self._answers = PunchBudget(  # the sessions we answer
+            per_peer=max(config.holepunch_sessions_per_peer, attempts),
+            total=config.holepunch_sessions_per_minute,
+        )
         # Sessions we start: a peer that reconnects through a relay again and again makes us
         # initiate each time.
-        self._initiations = PunchBudget(per_peer=2 * attempts)
+        self._initiations = PunchBudget(
+            per_peer=2 * attempts, total=config.holepunch_sessions_per_minute
+        )
         self.refused: Counter[str] = Counter()  # refusal code -> sessions refused
         self.connects = 0  # hole-punch TCP connects made, re-dials included
 
@@ -600,7 +606,7 @@ class HolePuncher:
         if not listen:
             return False
         source = listen[0]
-        allowance = DialAllowance(MAX_CONNECTS_PER_SESSION)
+        allowance = DialAllowance(self._node.config.holepunch_max_connects)
 
         async def one(ip: str, port: int) -> None:
             # A router without a firewall answers a SYN that arrives before its

@@ -719,10 +719,16 @@ class Node:
             "peers_known": len(self.peers),
             "protocols": self.rpc_server.protocols,
             "dataplane": self._dataplane.status() if self._dataplane else {},
+            "refused": {
+                "connections": dict(self.admission.refused),
+                "banned_peers": self.misbehaviour.banned_count(),
+                "complaints": self.complaints.total,
+            },
             "reachability": self.reachability.to_dict() if self.reachability else "unknown",
             "nat": {
                 "relay": self.relays.status() if self.relays else {},
                 "holepunch": self.holepunch.status() if self.holepunch else {},
+                "holepunch_refused": dict(self.holepunch.refused) if self.holepunch else {},
                 "upnp": self.upnp.status() if self.upnp else {},
             },
         }

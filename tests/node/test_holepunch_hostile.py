@@ -14,7 +14,6 @@ import trio
 from conftest import wait_until
 
 from gossamer.node import Node, NodeConfig
-from gossamer.node import holepunch as holepunch_module
 from gossamer.node._libp2p_compat import dcutr_hole_punch, read_dcutr, write_delimited
 from gossamer.node.holepunch import DCUTR_PROTOCOL, SESSIONS_PER_PEER
 
@@ -141,15 +140,17 @@ async def test_sessions_through_a_relay_are_bounded_per_peer(node_config, caplog
         assert victim.connection_kinds(attacker.peer_id) == ["relayed"]
 
 
-async def test_a_session_makes_a_bounded_number_of_connects(node_config, monkeypatch) -> None:
+async def test_a_session_makes_a_bounded_number_of_connects(node_config) -> None:
     """A closed port answers RST, which the node re-dials at once (routers that answer RST):
-    one session still makes at most MAX_CONNECTS_PER_SESSION connects."""
-    monkeypatch.setattr(holepunch_module, "MAX_CONNECTS_PER_SESSION", 20)
+    one session still makes at most holepunch_max_connects connects."""
     closed = trio.socket.socket()
     await closed.bind(("127.0.0.1", 0))
     port = closed.getsockname()[1]
     closed.close()
-    async with relayed_pair(node_config, holepunch_timeout=1.0) as (victim, attacker):
+    async with relayed_pair(node_config, holepunch_timeout=1.0, holepunch_max_connects=20) as (
+        victim,
+        attacker,
+    ):
         # The victim's own attempts to punch to the attacker (it accepted the relayed
         # connection) fail in the exchange, before any dial: every connect is this session's.
         assert await session(attacker, victim, [f"/ip4/127.0.0.1/tcp/{port}"])
