@@ -9,6 +9,7 @@ from __future__ import annotations
 from gossamer._lazy import lazy_face
 
 _EXPORTS = {
+    "Complaints": "gossamer.node.complaints",
     "InFlight": "gossamer.node.budgets",
     "PeerBudget": "gossamer.node.budgets",
     "parse_multiaddr": "gossamer.node.addresses",

@@ -50,6 +50,7 @@ import trio
 
 from gossamer.node import (
     CallContext,
+    Complaints,
     DeadlineExceeded,
     GossamerError,
     InFlight,
@@ -220,7 +221,9 @@ class ExpertServer:
         self.requests = 0
         self.rows = 0
         self.refusals = 0
-        self._logged_refusals: set[tuple[str, str]] = set()
+        # one log line per peer per minute, with a count (a set per peer and reason grew
+        # with every peer id a stranger made up)
+        self._complaints = Complaints()
 
     def add_expert(
         self,
@@ -329,10 +332,9 @@ class ExpertServer:
 
     def note_refusal(self, peer_id: str, exc: Refused) -> None:
         self.refusals += 1
-        key = (peer_id, exc.code)
-        if key not in self._logged_refusals:  # once per peer and reason
-            self._logged_refusals.add(key)
-            log.warning("ddm: refused a request from %s: %s", peer_id[-8:], exc.message)
+        self._complaints.log(
+            log, peer_id, "ddm: refused a request from %s: %s", peer_id[-8:], exc.message
+        )
 
 
 class DdmService(Service):
