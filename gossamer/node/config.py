@@ -72,6 +72,7 @@ class NodeConfig:
     dataplane_chunk_bytes: int = 4 << 20
     dataplane_max_message_bytes: int = 32 << 30
     dataplane_unsolicited_budget_bytes: int = 1 << 30
+    dataplane_unsolicited_budget_per_peer_bytes: int = 256 << 20  # one sender's share of it
     dataplane_unsolicited_timeout: float = 30.0
     dataplane_max_channels_per_peer: int = 4  # inbound channels one peer may hold open
     dataplane_max_channels: int = 512  # inbound channels from all peers together
@@ -193,6 +194,7 @@ def validate(config: NodeConfig) -> None:
         "dataplane_chunk_bytes",
         "dataplane_max_message_bytes",
         "dataplane_max_channels_per_peer",
+        "dataplane_unsolicited_budget_per_peer_bytes",
         "admission_handshakes_per_ip",
         "admission_handshakes_per_subnet",
         "admission_handshakes_total",

@@ -108,3 +108,24 @@ async def test_a_peer_that_keeps_sending_crafted_frames_is_banned(node_config, m
             await evil.connect(victim.addrs()[0])
         await wait_until(lambda: not victim.is_connected(evil.peer_id), 5, what="evil refused")
         await _honest_send_works(honest, victim, "fine")
+
+
+async def test_one_sender_cannot_take_the_whole_unsolicited_budget(nodes) -> None:
+    settings = {
+        "dataplane_unsolicited_budget_bytes": 4 << 20,
+        "dataplane_unsolicited_budget_per_peer_bytes": 1 << 20,
+        "dataplane_unsolicited_timeout": 0.5,
+    }
+    async with nodes(3, **settings) as (victim, evil, honest):
+        await evil.connect(victim.addrs()[0])
+        await honest.connect(victim.addrs()[0])
+        quarter = {"x": torch.zeros(1 << 16)}  # 256 KiB
+        for i in range(4):  # nobody receives these: they wait in the victim's memory
+            await evil.dataplane.send(victim.peer_id, f"hoard/{i}", quarter, timeout=10)
+        with pytest.raises(TransferError, match="no receiver"):  # past its 1 MiB share
+            await evil.dataplane.send(victim.peer_id, "hoard/more", quarter, timeout=10)
+        # another sender still has room, although the budget's first MiB is the hoarder's
+        await honest.dataplane.send(victim.peer_id, "early", quarter, timeout=10)
+        got = await victim.dataplane.recv(honest.peer_id, "early", timeout=5)
+        assert got["x"].numel() == 1 << 16
+        assert victim.dataplane.status()["unsolicited_bytes"] == 1 << 20

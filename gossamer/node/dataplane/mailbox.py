@@ -82,7 +82,12 @@ class PendingReceive:
 
 
 class Mailbox:
-    def __init__(self, budget_bytes: int, unsolicited_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        budget_bytes: int,
+        unsolicited_timeout: float = 30.0,
+        per_peer_budget_bytes: int | None = None,
+    ) -> None:
         self._posted: dict[tuple[str | None, str], collections.deque[PendingReceive]] = (
             collections.defaultdict(collections.deque)
         )
@@ -90,7 +95,13 @@ class Mailbox:
             collections.deque
         )
         self._budget = budget_bytes
+        # one peer's early arrivals may use this much of the budget, so that one sender
+        # cannot hold back everyone else's
+        self._per_peer = (
+            per_peer_budget_bytes if per_peer_budget_bytes is not None else budget_bytes
+        )
         self._used = 0
+        self._used_by: collections.Counter[str] = collections.Counter()
         self._posted_event = trio.Event()
         self._unsolicited_timeout = unsolicited_timeout
 
@@ -125,7 +136,7 @@ class Mailbox:
         freed = 0
         for key in [k for k in self._arrived if k[1].startswith(tag_prefix)]:
             for received in self._arrived.pop(key):
-                self._used -= received.nbytes
+                self._release(received.peer_id, received.nbytes)
                 freed += 1
         return freed
 
@@ -137,7 +148,7 @@ class Mailbox:
             queue = self._arrived[key]
             while queue and now - queue[0].arrived_at > max_age:
                 received = queue.popleft()
-                self._used -= received.nbytes
+                self._release(received.peer_id, received.nbytes)
                 freed += 1
                 log.warning(
                     "dropping message %r from %s: nobody received it in %.0f s",
@@ -154,6 +165,17 @@ class Mailbox:
         if queue and pending in queue:
             queue.remove(pending)
 
+    def _fits(self, peer_id: str, total: int) -> bool:
+        return (
+            self._used + total <= self._budget and self._used_by[peer_id] + total <= self._per_peer
+        )
+
+    def _release(self, peer_id: str, nbytes: int) -> None:
+        self._used -= nbytes
+        self._used_by[peer_id] -= nbytes
+        if self._used_by[peer_id] <= 0:
+            del self._used_by[peer_id]
+
     def _take_arrived(self, peer_id: str | None, tag: str) -> Received | None:
         keys = (
             [(peer_id, tag)] if peer_id is not None else [k for k in self._arrived if k[1] == tag]
@@ -164,7 +186,7 @@ class Mailbox:
                 received = queue.popleft()
                 if not queue:
                     del self._arrived[key]
-                self._used -= received.nbytes
+                self._release(received.peer_id, received.nbytes)
                 return received
         return None
 
@@ -211,7 +233,7 @@ class Mailbox:
         """Decide where the message ``(peer_id, tag)`` described by ``specs`` lands."""
         total = sum(s.nbytes for s in specs)
         pending = self._find_posted(peer_id, tag)
-        if pending is None and self._used + total > self._budget:
+        if pending is None and not self._fits(peer_id, total):
             # Hold the sender back (TCP backpressure) until a receive shows up.
             with trio.move_on_after(self._unsolicited_timeout):
                 while pending is None:
@@ -260,19 +282,20 @@ class Mailbox:
         buffers = {spec.name: allocate(spec) for spec in specs}
         views = [describe(spec.name, buffers[spec.name], writable=True)[1] for spec in specs]
         self._used += total
+        self._used_by[peer_id] += total
         key = (peer_id, tag)
 
         def finish(seconds: float, path: str) -> None:
             received = Received(peer_id, tag, buffers, total, seconds, path)
             pending = self._find_posted(peer_id, tag)
             if pending is not None:
-                self._used -= total
+                self._release(peer_id, total)
                 self._hand_over(pending, received)
             else:
                 self._arrived[key].append(received)
 
         def fail(exc: BaseException) -> None:
-            self._used -= total
+            self._release(peer_id, total)
             pending = self._find_posted(peer_id, tag)
             if pending is not None:
                 pending._resolve(None, exc)

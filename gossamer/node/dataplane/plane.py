@@ -91,7 +91,9 @@ class DataPlane:
         self._node = node
         config = node.config
         self._mailbox = Mailbox(
-            config.dataplane_unsolicited_budget_bytes, config.dataplane_unsolicited_timeout
+            config.dataplane_unsolicited_budget_bytes,
+            config.dataplane_unsolicited_timeout,
+            per_peer_budget_bytes=config.dataplane_unsolicited_budget_per_peer_bytes,
         )
         self._channels: defaultdict[str, list[Channel]] = defaultdict(list)
         self._handshaking: Counter[str] = Counter()  # inbound channels being set up, per peer
