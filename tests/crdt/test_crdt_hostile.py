@@ -7,13 +7,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import struct
-from collections.abc import AsyncIterator
 
 import pytest
 import trio
 from conftest import wait_until
+from crdt_helpers import crdt_nodes
 
-from gossamer.crdt import CrdtService, SyncOptions
+from gossamer.crdt import SyncOptions
 from gossamer.crdt.protocol import (
     ERROR,
     HELLO,
@@ -23,29 +23,7 @@ from gossamer.crdt.protocol import (
     PROTOCOL_VERSION,
     hello_message,
 )
-from gossamer.node import Node, NodeConfig, PeerUnreachable, wire
-
-FAST = SyncOptions(
-    anti_entropy_interval=0.5, maintain_interval=0.1, heartbeat_interval=0, dial_backoff=0.5
-)
-
-
-@contextlib.asynccontextmanager
-async def crdt_nodes(
-    configs: list[NodeConfig], options: SyncOptions = FAST
-) -> AsyncIterator[list[CrdtService]]:
-    async def serve(config: NodeConfig, stop: trio.Event, task_status) -> None:
-        async with Node(config) as node:
-            task_status.started(await CrdtService.start(node, options))
-            await stop.wait()
-
-    stop = trio.Event()
-    async with trio.open_nursery() as nursery:
-        services = [await nursery.start(serve, config, stop) for config in configs]
-        try:
-            yield services
-        finally:
-            stop.set()
+from gossamer.node import Node, PeerUnreachable, wire
 
 
 def array_header(n: int) -> bytes:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import random
-from collections.abc import AsyncIterator
 
 import msgpack
 import pytest
 import trio
 from conftest import wait_until
+from crdt_helpers import crdt_nodes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pycrdt import Doc, Map
@@ -17,32 +16,7 @@ from pycrdt import Doc, Map
 from gossamer.crdt import CrdtService, Envelope, RunAccessError, SyncOptions, WriteError
 from gossamer.crdt.envelope import client_id_for
 from gossamer.crdt.protocol import ENVELOPE, PROTOCOL, hello_message
-from gossamer.node import Node, NodeConfig, wire
-
-FAST = SyncOptions(
-    anti_entropy_interval=0.5, maintain_interval=0.1, heartbeat_interval=0, dial_backoff=0.5
-)
-
-
-@contextlib.asynccontextmanager
-async def crdt_nodes(
-    configs: list[NodeConfig], options: SyncOptions = FAST
-) -> AsyncIterator[list[CrdtService]]:
-    """Nodes with the crdt service, each in its own task so that they stop concurrently
-    (a node's stop costs ~0.2 s per open connection)."""
-
-    async def serve(config: NodeConfig, stop: trio.Event, task_status) -> None:
-        async with Node(config) as node:
-            task_status.started(await CrdtService.start(node, options))
-            await stop.wait()
-
-    stop = trio.Event()
-    async with trio.open_nursery() as nursery:
-        services = [await nursery.start(serve, config, stop) for config in configs]
-        try:
-            yield services
-        finally:
-            stop.set()
+from gossamer.node import wire
 
 
 async def converged(runs, timeout: float = 10.0) -> None:
