@@ -15,13 +15,16 @@ from gossamer.node import NodeConfig
 
 
 @contextlib.contextmanager
-def peer_process(*args: str, timeout: float = 60.0) -> Iterator[dict[str, Any]]:
-    """Start ``python -m gossamer.bench._peer ARGS``; yield its ready line (parsed JSON).
+def peer_process(
+    *args: str, module: str = "gossamer.bench._peer", timeout: float = 60.0
+) -> Iterator[dict[str, Any]]:
+    """Start ``python -m MODULE ARGS``; yield its ready line (parsed JSON), with the child's
+    pid (``_pid``) and process handle (``_process``) added.
 
     The child exits when its stdin closes, so leaving the block always ends it.
     """
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gossamer.bench._peer", *args],
+        [sys.executable, "-m", module, *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -29,9 +32,12 @@ def peer_process(*args: str, timeout: float = 60.0) -> Iterator[dict[str, Any]]:
     try:
         line = proc.stdout.readline() if proc.stdout else ""
         if not line:
-            raise RuntimeError(f"benchmark peer {args[0]} exited before it was ready")
+            raise RuntimeError(
+                f"benchmark peer {module} {' '.join(args)} exited before it was ready"
+            )
         ready = json.loads(line)
         ready["_pid"] = proc.pid
+        ready["_process"] = proc
         yield ready
     finally:
         stop_processes([proc], timeout)

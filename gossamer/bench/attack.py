@@ -14,19 +14,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import random
 import socket
-import subprocess
-import sys
 import time
 from typing import Any
 
 import trio
 
-from gossamer.bench._common import percentile, stop_processes, temp_node_config
+from gossamer.bench._common import peer_process, percentile, temp_node_config
 from gossamer.bench._mutate import Mutator
-from gossamer.bench.fuzz import PROTOCOLS, _protocols, _rss_kb, _send
+from gossamer.bench.fuzz import PROTOCOLS, TARGET, _protocols, _rss_kb, _send
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,18 +42,9 @@ async def _attack(seconds: float, attackers: int, half_open: int, seed: int) -> 
     from gossamer.dht import DHT
     from gossamer.node import GossamerError, Node, PeerUnreachable
 
-    target = subprocess.Popen(
-        [sys.executable, "-m", "gossamer.bench._fuzz_target"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
     result: dict[str, Any] = {"bench": "attack", "seconds": seconds, "attackers": attackers}
-    try:
-        line = target.stdout.readline() if target.stdout else ""
-        if not line:
-            raise RuntimeError("the attack target exited before it was ready")
-        ready = json.loads(line)
+    with peer_process(module=TARGET) as ready:
+        target = ready["_process"]
         known = _protocols(ready)
         port = int(ready["addr"].split("/tcp/")[1].split("/")[0])
         async with contextlib.AsyncExitStack() as stack:
@@ -155,6 +143,4 @@ async def _attack(seconds: float, attackers: int, half_open: int, seed: int) -> 
                     "run_member_intact": honest.peer_id in peers,
                 }
             )
-    finally:
-        stop_processes([target], 10)
     return result

@@ -13,11 +13,9 @@ at the end.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import subprocess
-import sys
 import time
 from collections import Counter
 from typing import Any
@@ -25,12 +23,13 @@ from typing import Any
 import msgpack
 import trio
 
-from gossamer.bench._common import stop_processes, temp_node_config
+from gossamer.bench._common import peer_process, temp_node_config
 from gossamer.bench._mutate import Mutator, Protocol
 
 PROTOCOLS = ("rpc", "dht", "statesync", "ddm", "crdt", "dataplane", "relay", "dcutr")
 CONCURRENCY = 16  # streams in flight at once
 READ_TIMEOUT_S = 0.1  # an answer comes at once or not at all (the target waits for more bytes)
+TARGET = "gossamer.bench._fuzz_target"  # the node attacked, in its own process
 LIVENESS_EVERY = 500  # inputs between honest checks
 LOOPBACK_4001 = bytes.fromhex("047f000001060fa1")  # /ip4/127.0.0.1/tcp/4001 as a multiaddr
 
@@ -195,18 +194,9 @@ async def _campaign(
 ) -> dict[str, Any]:
     from gossamer.node import Node, PeerUnreachable
 
-    target = subprocess.Popen(
-        [sys.executable, "-m", "gossamer.bench._fuzz_target"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
     result: dict[str, Any] = {"bench": "fuzz", "seed": seed, "protocols": {}}
-    try:
-        line = target.stdout.readline() if target.stdout else ""
-        if not line:
-            raise RuntimeError("the fuzz target exited before it was ready")
-        ready = json.loads(line)
+    with peer_process(module=TARGET) as ready:
+        target = ready["_process"]
         known = _protocols(ready)
         async with (
             Node(temp_node_config()) as attacker,
@@ -228,8 +218,6 @@ async def _campaign(
         result["crashes"] = sum(p["crashes"] for p in result["protocols"].values())
         result["inputs"] = sum(p["inputs"] for p in result["protocols"].values())
         result["rss_peak_mb"] = round(_rss_kb(target.pid)[1] / 1024, 1)
-    finally:
-        stop_processes([target], 10)
     return result
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import Counter
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 
@@ -106,25 +106,31 @@ class Admission:
         *,
         connections_from_ip: int,
         total: int,
-        protected: bool,
+        peer_id: str,
         idle_since: Mapping[str, float],
-        protected_peers: Collection[str],
+        protected_peers: Callable[[], Collection[str]],
         now: float,
     ) -> Decision:
-        """Admit or refuse a new connection (counts include it); maybe evict another.
+        """Admit or refuse ``peer_id``'s new connection (counts include it); maybe evict another.
 
         ``idle_since``: each other connected peer's last activity (same clock as ``now``).
+        ``protected_peers`` is asked only when a cap is reached (it reads every run's members).
         """
         limits = self.limits
         exempt = ip is None or (limits.exempt_loopback and is_loopback(ip))
-        if not exempt and not protected and connections_from_ip > limits.connections_per_ip:
+        over_ip = not exempt and connections_from_ip > limits.connections_per_ip
+        if not over_ip and total <= limits.max_connections:
+            return Decision(True)
+        protected_set = protected_peers()
+        protected = peer_id in protected_set
+        if over_ip and not protected:
             return Decision(False, reason=self._refuse("connections_per_ip", f"{ip} is full"))
         if total <= limits.max_connections:
             return Decision(True)
         idle = [
             (since, peer)
             for peer, since in idle_since.items()
-            if peer not in protected_peers and now - since >= limits.evict_idle_after
+            if peer not in protected_set and now - since >= limits.evict_idle_after
         ]
         if idle:
             _, victim = min(idle)

@@ -505,7 +505,6 @@ class Node:
             self.complaints.log(log, peer_id, "refusing banned %s", peer_id[-8:])
             self.nursery.start_soon(conn.close)
             return
-        protected = self.protected_peers()
         ip = conn.remote[0] if conn.remote else None
         others = [p for p in self.host.connected_peers() if p != peer_id]
         now = time.time()
@@ -522,9 +521,9 @@ class Node:
                 if c.remote is not None and c.remote[0] == ip
             ),
             total=self.host.connection_count(),
-            protected=peer_id in protected,
+            peer_id=peer_id,
             idle_since=idle_since,
-            protected_peers=protected,
+            protected_peers=self.protected_peers,
             now=now,
         )
         if not decision.admit:

@@ -56,16 +56,18 @@ def test_subnets() -> None:
     assert subnet_of("not an ip") == "not an ip"
 
 
-def _connected(admission, **changes):
+def _connected(admission, protected=False, protected_peers=(), **changes):
     base = {
         "connections_from_ip": 1,
         "total": 2,
-        "protected": False,
+        "peer_id": "new",
         "idle_since": {"a": 0.0, "b": 50.0},
-        "protected_peers": set(),
         "now": 100.0,
     }
-    return admission.on_connected("203.0.113.1", **{**base, **changes})
+    named = {*protected_peers, *(["new"] if protected else [])}
+    return admission.on_connected(
+        "203.0.113.1", protected_peers=lambda: named, **{**base, **changes}
+    )
 
 
 def test_a_full_node_evicts_the_idlest_stranger_never_a_protected_or_busy_peer() -> None:
