@@ -8,6 +8,7 @@ the release fixed.  Nothing outside this module reaches into libp2p internals.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -309,14 +310,49 @@ def wrap_inbound_connections(host: Any, admit: Callable[..., Awaitable[None]]) -
     so 300 half-open sockets from one address locked every other peer out for as long as they
     were renewed.  ``admit`` decides per remote address before any byte is read and calls
     ``handle()`` (the swarm's own inbound path) only for those it lets through.
+
+    Defect (not in the notes): the swarm's inbound handler holds one of its inbound slots
+    (a ``CapacityLimiter`` of ``max_connections``) and then, after a successful upgrade,
+    waits for the *swarm* to stop (``manager.wait_finished()``), not for the connection to
+    close.  Every inbound connection a node ever accepted kept its slot: after
+    ``max_connections + EVICTION_HEADROOM`` of them over the node's life, it refused every
+    inbound connection until restarted (found by the idle-hosts lock-out test: 0 of 10 honest
+    connects once 56 slots had been used).  Here the handler returns when its connection
+    closes, which releases the slot.  Only the inbound handler's upgrades wait: the hole
+    punch's ``dial_addr_as_responder`` calls the same upgrade and needs its result.
     """
     swarm = host.get_network()
     original = swarm._handle_inbound_connection
+    upgrade = swarm.upgrade_inbound_raw_conn
+
+    async def upgrade_then_hold(raw_conn: Any, maddr: Any) -> Any:
+        muxed = await upgrade(raw_conn, maddr)
+        closed = getattr(muxed, "event_closed", None)
+        if not _IN_INBOUND_HANDLER.get() or closed is None:
+            return muxed
+        await closed.wait()
+        # the handler's ``except Exception`` closes the raw connection (closed already) and
+        # returns; its ``finally`` releases the inbound slot
+        raise _InboundConnectionEnded
 
     async def inbound(read_write_closer: Any, maddr: Any) -> None:
-        await admit(lambda: original(read_write_closer, maddr), read_write_closer)
+        token = _IN_INBOUND_HANDLER.set(True)
+        try:
+            await admit(lambda: original(read_write_closer, maddr), read_write_closer)
+        finally:
+            _IN_INBOUND_HANDLER.reset(token)
 
     swarm._handle_inbound_connection = inbound
+    swarm.upgrade_inbound_raw_conn = upgrade_then_hold
+
+
+_IN_INBOUND_HANDLER: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "gossamer_in_inbound_handler", default=False
+)
+
+
+class _InboundConnectionEnded(Exception):
+    """Ends the swarm's inbound handler once its connection has closed (see above)."""
 
 
 def libp2p_keypair(identity: Identity) -> Any:

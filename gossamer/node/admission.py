@@ -5,7 +5,11 @@ Two moments decide:
 * **Before the handshake** (:meth:`Admission.begin_handshake`): an inbound TCP connection costs
   a Noise handshake and a task until it completes or times out.  Half-open connections are
   capped per IP, per subnet (/24 for IPv4, /64 for IPv6) and in all, so a flood from one
-  address (or one subnet) fills its own allowance and nobody else's.
+  address (or one subnet) fills its own allowance and nobody else's.  An address that already
+  holds its ``connections_per_ip`` gets one handshake per ``full_ip_handshake_every`` seconds:
+  each of its handshakes would be refused after it completed (unless it is a peer we need,
+  whom only the handshake can name), and a host that redials at once must not make us pay a
+  Noise handshake per redial.
 * **After it** (:meth:`Admission.on_connected`): established connections are capped per IP; and
   when the node is full, a newcomer may take the slot of the connection that has been idle the
   longest — never one we need (bootstrap peers, our relays, members of our runs: *protected*),
@@ -32,6 +36,7 @@ class AdmissionLimits:
     connections_per_ip: int = 32
     max_connections: int = 256
     evict_idle_after: float = 30.0
+    full_ip_handshake_every: float = 1.0
     exempt_loopback: bool = True
 
 
@@ -67,13 +72,20 @@ class Admission:
         self._pending_ip: Counter[str] = Counter()
         self._pending_subnet: Counter[str] = Counter()
         self._pending = 0
+        self._full_ip_tried: dict[str, float] = {}  # address at its cap -> its last handshake
         self.refused: Counter[str] = Counter()  # reason code -> count
+        self.evicted = 0  # idle connections closed to make room for a newcomer
 
     # ------------------------------------------------------------ handshakes
 
-    def begin_handshake(self, ip: str | None) -> str | None:
+    def begin_handshake(
+        self, ip: str | None, *, connections_from_ip: int = 0, now: float = 0.0
+    ) -> str | None:
         """Count an inbound handshake from ``ip``; a refusal reason if it must be dropped
-        (then nothing is counted).  Call :meth:`end_handshake` when it ends, either way."""
+        (then nothing is counted).  Call :meth:`end_handshake` when it ends, either way.
+
+        ``connections_from_ip``: the established connections ``ip`` holds now; ``now``: a
+        monotonic clock, for the handshake rate of an address at its cap."""
         limits = self.limits
         if ip is not None and limits.exempt_loopback and is_loopback(ip):
             ip = None  # counted in the total only
@@ -85,10 +97,24 @@ class Admission:
             subnet = subnet_of(ip)
             if self._pending_subnet[subnet] >= limits.handshakes_per_subnet:
                 return self._refuse("handshakes_per_subnet", f"{subnet} has handshakes pending")
+            if connections_from_ip >= limits.connections_per_ip:
+                last = self._full_ip_tried.get(ip)
+                if last is not None and now - last < limits.full_ip_handshake_every:
+                    return self._refuse("full_ip_redial", f"{ip} is full and redialled")
+                self._forget_old_full_ips(now)
+                self._full_ip_tried[ip] = now
             self._pending_ip[ip] += 1
             self._pending_subnet[subnet] += 1
         self._pending += 1
         return None
+
+    def _forget_old_full_ips(self, now: float) -> None:
+        # at most max_connections / connections_per_ip addresses can be full at once; those
+        # that have not redialled for a while are forgotten
+        horizon = 10 * self.limits.full_ip_handshake_every
+        for ip, last in list(self._full_ip_tried.items()):
+            if now - last >= horizon:
+                del self._full_ip_tried[ip]
 
     def end_handshake(self, ip: str | None) -> None:
         if ip is not None and self.limits.exempt_loopback and is_loopback(ip):
@@ -134,6 +160,7 @@ class Admission:
         ]
         if idle:
             _, victim = min(idle)
+            self.evicted += 1
             return Decision(True, evict=victim, reason="evicted the idlest connection")
         if protected:
             return Decision(True, reason="over the cap for a protected peer")

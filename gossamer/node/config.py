@@ -46,6 +46,7 @@ class NodeConfig:
     admission_handshakes_total: int = 128
     admission_connections_per_ip: int = 32
     admission_evict_idle_after: float = 30.0  # a full node evicts a stranger idle this long
+    admission_full_ip_handshake_every: float = 1.0  # an address at its cap: one handshake per
     admission_exempt_loopback: bool = True  # local test swarms are not strangers
     # a peer that keeps misbehaving is disconnected and refused (node/complaints.py)
     misbehaviour_ban_score: float = 100.0
@@ -209,6 +210,7 @@ def validate(config: NodeConfig) -> None:
         "rpc_default_timeout",
         "bootstrap_backoff_min",
         "handshake_timeout",
+        "admission_full_ip_handshake_every",
     ):
         if getattr(config, name) <= 0:
             raise ConfigError(f"config key {name!r} must be positive")

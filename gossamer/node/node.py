@@ -107,6 +107,7 @@ class Node:
                 connections_per_ip=config.admission_connections_per_ip,
                 max_connections=config.max_connections,
                 evict_idle_after=config.admission_evict_idle_after,
+                full_ip_handshake_every=config.admission_full_ip_handshake_every,
                 exempt_loopback=config.admission_exempt_loopback,
             )
         )
@@ -491,7 +492,18 @@ class Node:
                 self._nursery.start_soon(self.disconnect, peer_id)
 
     def _begin_handshake(self, ip: str | None) -> bool:
-        refusal = self.admission.begin_handshake(ip)
+        assert self.host is not None
+        from_ip = 0
+        if ip is not None:
+            from_ip = sum(
+                1
+                for peer in self.host.connected_peers()
+                for c in self.host.connections(peer)
+                if c.remote is not None and c.remote[0] == ip
+            )
+        refusal = self.admission.begin_handshake(
+            ip, connections_from_ip=from_ip, now=time.monotonic()
+        )
         if refusal is not None:
             self.complaints.log(log, f"ip:{ip}", "refused an inbound connection: %s", refusal)
         return refusal is None
@@ -720,6 +732,7 @@ class Node:
             "dataplane": self._dataplane.status() if self._dataplane else {},
             "refused": {
                 "connections": dict(self.admission.refused),
+                "evicted_idle": self.admission.evicted,
                 "banned_peers": self.misbehaviour.banned_count(),
                 "complaints": self.complaints.total,
             },

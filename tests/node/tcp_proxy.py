@@ -8,12 +8,14 @@ import trio
 class TcpProxy:
     """Forwards connections to ``target``; ``tamper(direction, offset, data) -> data | None``.
 
-    Returning None from ``tamper`` cuts both sides of the connection.  All
+    Returning None from ``tamper`` cuts both sides of the connection; ``source`` makes every
+    connection reach the target from one chosen loopback address.  All
     bytes seen client→server are kept in ``seen`` for eavesdropping checks.
     """
 
-    def __init__(self, target: tuple[str, int], tamper=None) -> None:
+    def __init__(self, target: tuple[str, int], tamper=None, source: str | None = None) -> None:
         self.target = target
+        self.source = source  # the address the proxy dials from (a 127.x.y.z of the test's)
         self.tamper = tamper
         self.seen = bytearray()
         self.port = 0
@@ -28,7 +30,7 @@ class TcpProxy:
     async def _handle(self, client: trio.SocketStream) -> None:
         self.connections += 1
         try:
-            server = await trio.open_tcp_stream(*self.target)
+            server = await trio.open_tcp_stream(*self.target, local_address=self.source)
         except OSError:
             await client.aclose()
             return
