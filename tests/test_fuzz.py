@@ -65,4 +65,6 @@ def test_a_short_campaign_finds_no_crash_and_the_target_serves_afterwards() -> N
     for name, stats in result["protocols"].items():
         assert stats["inputs"] == 120, name
         assert stats["served_honest_after"], name
+        # the target logs at info; a peer's misbehaviour gets a line a minute, not one per input
+        assert stats["target_log_lines"] <= 10, (name, result["target_log"])
     assert 0 < result["rss_peak_mb"] < 2048

@@ -16,10 +16,11 @@ from gossamer.node import NodeConfig
 
 @contextlib.contextmanager
 def peer_process(
-    *args: str, module: str = "gossamer.bench._peer", timeout: float = 60.0
+    *args: str, module: str = "gossamer.bench._peer", timeout: float = 60.0, stderr: Any = None
 ) -> Iterator[dict[str, Any]]:
     """Start ``python -m MODULE ARGS``; yield its ready line (parsed JSON), with the child's
-    pid (``_pid``) and process handle (``_process``) added.
+    pid (``_pid``) and process handle (``_process``) added.  ``stderr``: where the child's
+    log goes (a file object; None: ours).
 
     The child exits when its stdin closes, so leaving the block always ends it.
     """
@@ -27,6 +28,7 @@ def peer_process(
         [sys.executable, "-m", module, *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
+        stderr=stderr,
         text=True,
     )
     try:

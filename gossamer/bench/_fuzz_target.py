@@ -3,7 +3,8 @@
 A loopback node with every network-facing service a daemon runs: the DHT, a hosted run
 document, state sync with one published state, an expert host (``ddm``) with one tiny expert,
 the relay hop service, hole punching.  Prints one JSON line (address, peer id, run id, the
-digest and expert cid it serves) and serves until stdin closes.
+digest and expert cid it serves) and serves until stdin closes.  It logs to stderr at a
+daemon's default level (info), so that the campaign can count the lines hostile input costs.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ async def main() -> None:
 
     from gossamer.bench._common import temp_node_config
     from gossamer.crdt import attach_stack
+    from gossamer.logs import setup_logging
     from gossamer.node import Node
     from gossamer.training import StateService
     from gossamer.training.diffusion import ExpertSpec, expert_to_bytes, serving
@@ -27,7 +29,8 @@ async def main() -> None:
     from gossamer.training.statesync import anyone, make_snapshot
 
     torch.set_num_threads(1)
-    config = temp_node_config(relay_service="on", log_level="warning")
+    setup_logging("info")
+    config = temp_node_config(relay_service="on", log_level="info")
     async with Node(config) as node:
         crdt = await attach_stack(node, resume=False)
         assert crdt is not None

@@ -195,7 +195,9 @@ async def _campaign(
     from gossamer.node import Node, PeerUnreachable
 
     result: dict[str, Any] = {"bench": "fuzz", "seed": seed, "protocols": {}}
-    with peer_process(module=TARGET) as ready:
+    log = target_log()
+    result["target_log"] = log.name
+    with log, peer_process(module=TARGET, stderr=log) as ready:
         target = ready["_process"]
         known = _protocols(ready)
         async with (
@@ -207,10 +209,14 @@ async def _campaign(
             for name in protocols:
                 protocol_id, protocol = known[name]
                 mutator = Mutator(random.Random(f"{seed}/{name}"))
+                lines_before = log_lines(log.name)
                 stats = await _fuzz_one(
                     attacker, honest, target, ready, protocol_id, protocol, mutator,
                     inputs, seconds, PeerUnreachable,
                 )  # fmt: skip
+                # what the target logged at its default level (info) for these inputs: one
+                # line per peer per minute is the rule, a line per input the disk-filling tool
+                stats["target_log_lines"] = log_lines(log.name) - lines_before
                 result["protocols"][name] = stats
                 if target.poll() is not None:
                     break
@@ -218,7 +224,22 @@ async def _campaign(
         result["crashes"] = sum(p["crashes"] for p in result["protocols"].values())
         result["inputs"] = sum(p["inputs"] for p in result["protocols"].values())
         result["rss_peak_mb"] = round(_rss_kb(target.pid)[1] / 1024, 1)
+    result["target_log_lines"] = log_lines(log.name)
     return result
+
+
+def target_log() -> Any:
+    """A file for the target's log (kept after the run, for a look at what it wrote)."""
+    import tempfile
+
+    return tempfile.NamedTemporaryFile(
+        "w", prefix="gossamer-fuzz-target-", suffix=".log", delete=False
+    )
+
+
+def log_lines(path: str) -> int:
+    with open(path, "rb") as fh:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 20), b""))
 
 
 async def _fuzz_one(

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gossamer.node.complaints import Complaints
+from gossamer.node.errors import ProtocolError
 
 if TYPE_CHECKING:
     from gossamer.node.config import NodeConfig
@@ -382,10 +383,25 @@ def dcutr_hole_punch() -> Any:
 
 
 async def read_delimited(raw_stream: Any, message_class: Any) -> Any:
-    """One varint-length-prefixed protobuf message (circuit v2 framing)."""
+    """One varint-length-prefixed protobuf message (circuit v2 framing, at most 64 KiB).
+
+    A peer's bad bytes become :class:`ProtocolError` (too large, not that message) and a stream
+    that ends early :class:`EOFError`, so that callers can tell misbehaviour from a peer that
+    went away without knowing py-libp2p's and protobuf's exception types.
+    """
+    from google.protobuf.message import DecodeError
+    from libp2p.io.exceptions import MessageTooLarge
+    from libp2p.network.stream.exceptions import StreamEOF
     from libp2p.relay.circuit_v2.utils import read_delimited_msg
 
-    return await read_delimited_msg(raw_stream, message_class)
+    try:
+        return await read_delimited_msg(raw_stream, message_class)
+    except StreamEOF:
+        raise EOFError("the stream ended before a whole message") from None
+    except MessageTooLarge:
+        raise ProtocolError("message over the 64 KiB limit") from None
+    except DecodeError:
+        raise ProtocolError(f"not a {message_class.__name__}") from None
 
 
 async def read_dcutr(raw_stream: Any) -> Any:

@@ -115,7 +115,11 @@ class RelayedConnections:
             )
             conn = await self._node.host.upgrade_relayed_stream(stream, source, relay_id, False)
         except Exception as exc:  # malformed, timed out, or the upgrade failed
-            log.info("relayed connection via %s failed: %r", relay_id[-8:], exc)
+            # the source behind the relay chooses what we see here: once a minute per relay
+            self._node.complaints.log(
+                log, relay_id, "relayed connection via %s failed: %s", relay_id[-8:],
+                type(exc).__name__,
+            )  # fmt: skip
             await reset_quietly(stream)
             return
         log.info("accepted a connection from %s through relay %s", source[-8:], relay_id[-8:])

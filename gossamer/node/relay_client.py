@@ -283,7 +283,7 @@ class RelayClient:
             if reservation.expires_at - time.time() < ttl * RENEW_MARGIN:
                 try:
                     await self._reserve(relay_id)
-                except (RelayError, GossamerError, OSError, trio.TooSlowError) as exc:
+                except (RelayError, GossamerError, OSError, EOFError, trio.TooSlowError) as exc:
                     self.drop(relay_id, f"renewal failed: {exc}")
 
     async def _fill(self) -> None:
@@ -298,7 +298,7 @@ class RelayClient:
                 break
             try:
                 await self._reserve_with(candidate)
-            except (RelayError, GossamerError, OSError, trio.TooSlowError) as exc:
+            except (RelayError, GossamerError, OSError, EOFError, trio.TooSlowError) as exc:
                 candidate.failures += 1
                 candidate.retry_at = time.monotonic() + backoff(candidate.failures)
                 log.info("reservation with %s failed: %s", candidate.peer_id[-8:], exc)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from gossamer.node import _libp2p_compat as compat
-from gossamer.node.errors import GossamerError
+from gossamer.node.errors import GossamerError, ProtocolError
 from gossamer.node.host import raw_stream_kind, raw_stream_peer
 from gossamer.node.identity import peer_id_from_bytes, peer_id_to_bytes
 from gossamer.node.relay_addrs import MAX_RELAY_ADDRS, tcp_addr
@@ -132,11 +132,18 @@ class HopServer:
             else:
                 await self._status(stream, StatusCode.UNEXPECTED_MESSAGE)
                 await stream.close()
+        except ProtocolError as exc:  # its bytes were not a hop message
+            self._node.misbehaved(log, peer, 10, "relay request from %s: %s", peer[-8:], exc)
+            await reset_quietly(stream)
+        except EOFError:  # it went away before asking
+            await reset_quietly(stream)
         except (trio.TooSlowError, OSError, ValueError, GossamerError) as exc:
-            log.info("relay request from %s failed: %r", peer[-8:], exc)
+            self._node.complaints.log(log, peer, "relay request from %s failed: %r", peer[-8:], exc)
             await reset_quietly(stream)
         except Exception as exc:  # py-libp2p stream errors come in many types
-            log.info("relay request from %s failed: %r", peer[-8:], exc)
+            self._node.complaints.log(
+                log, peer, "relay request from %s failed: %s", peer[-8:], type(exc).__name__
+            )
             await reset_quietly(stream)
 
     def _public_addrs(self) -> list[bytes]:

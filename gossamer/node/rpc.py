@@ -285,17 +285,22 @@ class RpcServer:
                     with trio.fail_after(FRAME_COMPLETION_TIMEOUT_S):
                         payload = await reader.read_frame(limit, "request")
                 except trio.TooSlowError:
-                    log.info("rpc %s from %s: request frame stalled", service.name, peer[-8:])
+                    # a slow link can do this too: logged (once a minute), not scored
+                    self._node.complaints.log(
+                        log, peer, "rpc %s from %s: request frame stalled", service.name, peer[-8:]
+                    )
                     await stream.reset()
                     return
                 except FrameTooLarge as exc:
-                    log.info("rpc %s from %s: %s", service.name, peer[-8:], exc)
+                    self._node.misbehaved(
+                        log, peer, 10, "rpc %s from %s: %s", service.name, peer[-8:], exc
+                    )
                     await self._send_error(stream, 0, "too_large", str(exc))
                     # the rest of the oversize frame is still in flight: framing is lost
                     await stream.reset()
                     return
-                except EOFError:
-                    log.info("rpc %s from %s: stream ended mid-frame", service.name, peer[-8:])
+                except EOFError:  # what a peer that goes away mid-request does
+                    log.debug("rpc %s from %s: stream ended mid-frame", service.name, peer[-8:])
                     return
                 if payload is None:
                     return
@@ -321,7 +326,9 @@ class RpcServer:
         try:
             call_id, method, params, timeout = await decode_request_async(payload)
         except ProtocolError as exc:
-            log.info("rpc %s: bad request from %s: %s", service.name, peer[-8:], exc)
+            self._node.misbehaved(
+                log, peer, 10, "rpc %s: bad request from %s: %s", service.name, peer[-8:], exc
+            )
             await self._send_error(stream, 0, "bad_request", str(exc))
             return
         spec = methods.get(method)

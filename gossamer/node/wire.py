@@ -179,7 +179,8 @@ def unpack(
     except ProtocolError:
         raise
     except Exception as exc:  # msgpack raises ExtraData, ValueError, TypeError, StackError …
-        raise ProtocolError(f"malformed msgpack: {type(exc).__name__}: {exc}") from None
+        # the type only: the library's text may quote the peer's bytes back at it
+        raise ProtocolError(f"malformed msgpack ({type(exc).__name__})") from None
     for key in obj if isinstance(obj, dict) else ():
         if not isinstance(key, str | int | bytes):
             raise ProtocolError("msgpack map keys must be strings, integers or bytes")
