@@ -59,6 +59,75 @@ def _patch_yamux_stale_streams() -> None:
 
     yamux_module._STALE_STREAM_GRACE_SECONDS = _STALE_STREAM_GRACE_S
     yamux_module._STALE_STREAM_SWEEP_INTERVAL = _STALE_STREAM_SWEEP_S
+    _patch_yamux_close_after_reset(yamux_module)
+    _patch_yamux_orphan_events(yamux_module)
+
+
+def _patch_yamux_close_after_reset(yamux_module: Any) -> None:
+    """Closing a stream the peer reset drops it, with what it sent.
+
+    Defect (not in the notes): an RST marks the stream closed (and keeps the peer's unread
+    bytes for a late reader); our ``close()`` afterwards half-closes it, which sets ``closed``
+    back to False because the receive side was never FIN'd — and the sweep reclaims only closed
+    streams.  So every stream a peer wrote into and reset before we had read it all stayed,
+    buffer and all, for the connection's life: under ``gossamer bench attack`` ~65 such streams
+    a minute, 12 MB of buffers after 2.5 min, rising linearly (tracemalloc, a helper's run).
+    """
+    stream_class = yamux_module.YamuxStream
+    if getattr(stream_class.close, "_gossamer", False):
+        return
+    original = stream_class.close
+
+    async def close(self: Any) -> None:
+        if not self.reset_received:
+            await original(self)
+            return
+        # the peer reset it: nothing to half-close, and its unread bytes will never be read
+        self.closed = self.send_closed = self.recv_closed = True
+        async with self.conn.streams_lock:
+            self.conn.stream_buffers.pop(self.stream_id, None)
+            self.conn._finalize_stream_locked(self, fully_closed=True)
+
+    close._gossamer = True  # type: ignore[attr-defined]
+    stream_class.close = close
+
+
+def _patch_yamux_orphan_events(yamux_module: Any) -> None:
+    """The periodic sweep also drops wake-up events of streams that no longer exist.
+
+    Defect (not in the notes): a reader that wakes up re-arms its stream's event
+    (``stream_events[sid] = trio.Event()``) even when the stream was finalised meanwhile, so
+    the event map of a long-lived connection gains an entry per such stream and never loses it:
+    ~3,300 orphan events a minute under ``gossamer bench attack`` (6,950 of 7,278 entries had
+    no stream).  Setting an orphan before dropping it wakes any reader still parked on it.
+    """
+    muxer_class = yamux_module.Yamux
+    if getattr(muxer_class._sweep_stale_streams, "_gossamer", False):
+        return
+    original = muxer_class._sweep_stale_streams
+
+    def sweep(self: Any, now: float | None = None) -> int:
+        reclaimed = original(self, now)
+        for sid in [sid for sid in self.stream_events if sid not in self.streams]:
+            self.stream_events.pop(sid).set()
+        return reclaimed
+
+    sweep._gossamer = True  # type: ignore[attr-defined]
+    muxer_class._sweep_stale_streams = sweep
+
+
+def muxer_stats(host: Any) -> dict[str, int]:
+    """What yamux holds across a host's connections: streams, unread bytes, wake-up events."""
+    streams = buffered = events = 0
+    for conns in host.get_network().get_connections_map().values():
+        for conn in conns:
+            muxer = getattr(conn, "muxed_conn", None)
+            if muxer is None or not hasattr(muxer, "stream_buffers"):
+                continue
+            streams += len(muxer.streams)
+            buffered += sum(len(b) for b in muxer.stream_buffers.values())
+            events += len(muxer.stream_events)
+    return {"streams": streams, "buffered_bytes": buffered, "events": events}
 
 
 def _patch_yamux_window_updates() -> None:

@@ -391,6 +391,11 @@ class Host:
     def connection_count(self) -> int:
         return sum(len(c) for c in self._host.get_network().get_connections_map().values())
 
+    def muxer_stats(self) -> dict[str, int]:
+        """What the stream muxer holds across our connections (streams, unread bytes, events):
+        per-connection state a peer's streams can grow, reported in ``node status``."""
+        return compat.muxer_stats(self._host)
+
     async def dial(self, peer_id: str, addr: multiaddr.Multiaddr | None) -> None:
         """One dial of ``peer_id`` at ``addr`` (a transport address, no /p2p/).
 

@@ -730,6 +730,7 @@ class Node:
             "peers_known": len(self.peers),
             "protocols": self.rpc_server.protocols,
             "dataplane": self._dataplane.status() if self._dataplane else {},
+            "muxer": self.host.muxer_stats() if self.host else {},
             "refused": {
                 "connections": dict(self.admission.refused),
                 "evicted_idle": self.admission.evicted,
