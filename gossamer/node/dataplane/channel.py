@@ -259,8 +259,12 @@ class Channel:
 
         Sans-I/O: the caller writes each frame before asking for the next one.
         """
-        if not self._out:
-            self._out = bytearray(sealing.HEADER.size + self._chunk + sealing.TAG_BYTES)
+        # as large as the largest chunk sent so far, not the configured 4 MiB: most channels
+        # only ever carry small messages (a state of a few KB, expert batches)
+        largest = min(self._chunk, max((len(view) for _spec, view in items), default=0))
+        need = sealing.HEADER.size + largest + sealing.TAG_BYTES
+        if len(self._out) < need:
+            self._out = bytearray(need)
         out = memoryview(self._out)
         for _spec, view in items:
             for offset in range(0, len(view), self._chunk):
