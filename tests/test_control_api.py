@@ -8,6 +8,7 @@ real blocking ``ControlClient`` (run in a thread) or raw TCP.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import stat
@@ -127,7 +128,8 @@ async def test_control_file_call_and_cleanup(tmp_path: Path) -> None:
     assert not path.exists(), "the control file must go when the server stops"
 
 
-async def test_wrong_or_missing_token_is_refused_and_closed(tmp_path: Path) -> None:
+async def test_wrong_or_missing_token_is_refused_and_closed(tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="gossamer")
     async with serving(tmp_path) as server:
         for token in ("0" * 64, "", server.token[:-1], "é" * 64):
             lines, closed = await raw_exchange(server.port, request(token, "test.echo", {}))
@@ -139,6 +141,9 @@ async def test_wrong_or_missing_token_is_refused_and_closed(tmp_path: Path) -> N
         # ... and a wrong token never reaches the handler's answer
         lines, _ = await raw_exchange(server.port, request("x", "test.echo", {"secret": 1}))
         assert "ok" not in lines[0]
+    # any local process can knock: one line for all its wrong tokens, not one per knock
+    refusals = [r for r in caplog.records if "wrong token" in r.getMessage()]
+    assert len(refusals) == 1
 
 
 async def test_handler_errors_become_answers_and_server_survives(tmp_path: Path) -> None:

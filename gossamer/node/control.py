@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gossamer.node.complaints import Complaints
 from gossamer.node.errors import GossamerError
 
 log = logging.getLogger(__name__)
@@ -271,6 +272,8 @@ class ControlServer:
         self.max_connections = max_connections
         self._active = 0
         self.control_file: Path | None = None
+        # any local process can knock: wrong tokens are logged once a minute, with a count
+        self._complaints = Complaints()
 
     async def run(self, *, task_status: Any = None) -> None:
         """Listen, write the control file, serve until cancelled, then remove it.
@@ -356,7 +359,7 @@ class ControlServer:
                 await self._send(stream, encode_error(reject.type, reject.message))
                 return
             if not tokens_match(token, self.token):
-                log.warning("control request with a wrong token: refused")
+                self._complaints.log(log, "token", "control request with a wrong token: refused")
                 await self._send(
                     stream, encode_error("unauthorized", "wrong control token", body.get("id"))
                 )
