@@ -7,7 +7,8 @@ the target takes them, what the fuzz campaign generates for every protocol, and 
 half-open TCP connections comes from another address; meanwhile the honest peer calls the
 target every 100 ms.  Reported: the target's RSS over time and its peak (the bound to hold),
 the honest peer's RPC latency (p50/p99; goal p99 < 50 ms) and how many calls failed, whether
-the DHT record and the run document entries are intact afterwards, and the inputs sent.
+the DHT record and the run document entries are intact afterwards, the inputs sent, and the
+lines the target logged (at info, a daemon's default).
 """
 
 from __future__ import annotations
@@ -23,7 +24,15 @@ import trio
 
 from gossamer.bench._common import peer_process, percentile, temp_node_config
 from gossamer.bench._mutate import Mutator
-from gossamer.bench.fuzz import PROTOCOLS, TARGET, _protocols, _rss_kb, _send
+from gossamer.bench.fuzz import (
+    PROTOCOLS,
+    TARGET,
+    _protocols,
+    _rss_kb,
+    _send,
+    log_lines,
+    target_log,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +52,9 @@ async def _attack(seconds: float, attackers: int, half_open: int, seed: int) -> 
     from gossamer.node import GossamerError, Node, PeerUnreachable
 
     result: dict[str, Any] = {"bench": "attack", "seconds": seconds, "attackers": attackers}
-    with peer_process(module=TARGET) as ready:
+    log = target_log()
+    result["target_log"] = log.name
+    with log, peer_process(module=TARGET, stderr=log) as ready:
         target = ready["_process"]
         known = _protocols(ready)
         port = int(ready["addr"].split("/tcp/")[1].split("/")[0])
@@ -141,6 +152,8 @@ async def _attack(seconds: float, attackers: int, half_open: int, seed: int) -> 
                     "rss_peak_mb": round(_rss_kb(target.pid)[1] / 1024, 1),
                     "dht_record_intact": record is not None and record.value == {"canary": 1},
                     "run_member_intact": honest.peer_id in peers,
+                    # at a daemon's level (info): one line per hostile peer per minute is the rule
+                    "target_log_lines": log_lines(log.name),
                 }
             )
     return result

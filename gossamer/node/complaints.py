@@ -44,7 +44,16 @@ class Complaints:
         if held is None:
             return
         suffix = f" (and {held} more from this peer since)" if held else ""
-        logger.warning(message + suffix, *args)
+        logger.warning(message + suffix, *(printable(a) if isinstance(a, str) else a for a in args))
+
+
+def printable(text: str, limit: int = 200) -> str:
+    """``text`` safe for one log line: control characters escaped (a peer's bytes must not be
+    able to start a forged line), at most ``limit`` characters."""
+    if text.isprintable() and len(text) <= limit:
+        return text
+    out = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text[:limit])
+    return out + ("…" if len(text) > limit else "")
 
 
 class Misbehaviour:
