@@ -69,7 +69,8 @@ def test_a_peer_that_keeps_misbehaving_is_banned_for_longer_each_time() -> None:
 def test_a_peer_chosen_text_cannot_forge_a_log_line(caplog) -> None:
     complaints = Complaints()
     with caplog.at_level(logging.WARNING):
-        complaints.log(logging.getLogger("t"), "p", "refused %s", "abc\n12:00:00 INFO forged\x1b[2J")
+        forged = "abc\n12:00:00 INFO forged\x1b[2J"
+        complaints.log(logging.getLogger("t"), "p", "refused %s", forged)
     (record,) = caplog.records
     assert "\n" not in record.getMessage() and "\x1b" not in record.getMessage()
     assert "abc\\x0a12:00:00 INFO forged\\x1b[2J" in record.getMessage()
