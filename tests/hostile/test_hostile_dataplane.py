@@ -12,6 +12,7 @@ import trio
 from conftest import wait_until
 
 from gossamer.node import PeerUnreachable, TransferError
+from gossamer.node.dataplane.mailbox import UNSOLICITED_OVERHEAD_BYTES
 from gossamer.node.dataplane.tensors import BufferSpec
 
 
@@ -119,7 +120,8 @@ async def test_one_sender_cannot_take_the_whole_unsolicited_budget(nodes) -> Non
     async with nodes(3, **settings) as (victim, evil, honest):
         await evil.connect(victim.addrs()[0])
         await honest.connect(victim.addrs()[0])
-        quarter = {"x": torch.zeros(1 << 16)}  # 256 KiB
+        # 256 KiB with what each early arrival costs besides its bytes (UNSOLICITED_OVERHEAD)
+        quarter = {"x": torch.zeros((1 << 16) - UNSOLICITED_OVERHEAD_BYTES // 4)}
         for i in range(4):  # nobody receives these: they wait in the victim's memory
             await evil.dataplane.send(victim.peer_id, f"hoard/{i}", quarter, timeout=10)
         with pytest.raises(TransferError, match="no receiver"):  # past its 1 MiB share
@@ -127,5 +129,22 @@ async def test_one_sender_cannot_take_the_whole_unsolicited_budget(nodes) -> Non
         # another sender still has room, although the budget's first MiB is the hoarder's
         await honest.dataplane.send(victim.peer_id, "early", quarter, timeout=10)
         got = await victim.dataplane.recv(honest.peer_id, "early", timeout=5)
-        assert got["x"].numel() == 1 << 16
+        assert got["x"].numel() == quarter["x"].numel()
         assert victim.dataplane.status()["unsolicited_bytes"] == 1 << 20
+
+
+async def test_empty_messages_nobody_asked_for_are_not_free(nodes) -> None:
+    # each early arrival costs its bytes and an overhead: a peer cannot park millions of empty
+    # messages (each a record in memory and, when it expires, a log line)
+    settings = {"dataplane_unsolicited_budget_per_peer_bytes": 64 * UNSOLICITED_OVERHEAD_BYTES}
+    async with nodes(2, dataplane_unsolicited_timeout=0.5, **settings) as (victim, evil):
+        await evil.connect(victim.addrs()[0])
+        for i in range(64):
+            await evil.dataplane.send(
+                victim.peer_id, f"empty/{i}", {"x": torch.zeros(0)}, timeout=5
+            )
+        with pytest.raises(TransferError, match="no receiver"):
+            await evil.dataplane.send(
+                victim.peer_id, "empty/more", {"x": torch.zeros(0)}, timeout=5
+            )
+        assert victim.dataplane.status()["unsolicited_bytes"] == 64 * UNSOLICITED_OVERHEAD_BYTES

@@ -17,6 +17,7 @@ from typing import Any
 
 import trio
 
+from gossamer.node.complaints import Complaints
 from gossamer.node.dataplane.channel import Delivery
 from gossamer.node.dataplane.tensors import BufferSpec, allocate, check_matches, describe
 from gossamer.node.errors import DeadlineExceeded, SpecMismatch, TransferError
@@ -81,12 +82,18 @@ class PendingReceive:
         self._resolve(None, TransferError("receive cancelled"))
 
 
+# What an early arrival costs besides its bytes (its record, its buffers' headers): without it,
+# empty messages would be free, and a peer could park millions of them (and their log lines).
+UNSOLICITED_OVERHEAD_BYTES = 4096
+
+
 class Mailbox:
     def __init__(
         self,
         budget_bytes: int,
         unsolicited_timeout: float = 30.0,
         per_peer_budget_bytes: int | None = None,
+        complaints: Complaints | None = None,
     ) -> None:
         self._posted: dict[tuple[str | None, str], collections.deque[PendingReceive]] = (
             collections.defaultdict(collections.deque)
@@ -104,6 +111,7 @@ class Mailbox:
         self._used_by: collections.Counter[str] = collections.Counter()
         self._posted_event = trio.Event()
         self._unsolicited_timeout = unsolicited_timeout
+        self._complaints = complaints if complaints is not None else Complaints()
 
     @property
     def unsolicited_bytes(self) -> int:
@@ -150,7 +158,9 @@ class Mailbox:
                 received = queue.popleft()
                 self._release(received.peer_id, received.nbytes)
                 freed += 1
-                log.warning(
+                self._complaints.log(
+                    log,
+                    received.peer_id,
                     "dropping message %r from %s: nobody received it in %.0f s",
                     received.tag,
                     received.peer_id[-8:],
@@ -166,13 +176,16 @@ class Mailbox:
             queue.remove(pending)
 
     def _fits(self, peer_id: str, total: int) -> bool:
-        return (
-            self._used + total <= self._budget and self._used_by[peer_id] + total <= self._per_peer
-        )
+        cost = total + UNSOLICITED_OVERHEAD_BYTES
+        return self._used + cost <= self._budget and self._used_by[peer_id] + cost <= self._per_peer
+
+    def _charge(self, peer_id: str, nbytes: int) -> None:
+        self._used += nbytes + UNSOLICITED_OVERHEAD_BYTES
+        self._used_by[peer_id] += nbytes + UNSOLICITED_OVERHEAD_BYTES
 
     def _release(self, peer_id: str, nbytes: int) -> None:
-        self._used -= nbytes
-        self._used_by[peer_id] -= nbytes
+        self._used -= nbytes + UNSOLICITED_OVERHEAD_BYTES
+        self._used_by[peer_id] -= nbytes + UNSOLICITED_OVERHEAD_BYTES
         if self._used_by[peer_id] <= 0:
             del self._used_by[peer_id]
 
@@ -240,7 +253,9 @@ class Mailbox:
                     await self._posted_event.wait()
                     pending = self._find_posted(peer_id, tag)
             if pending is None:
-                log.warning(
+                self._complaints.log(
+                    log,
+                    peer_id,
                     "refusing %d-byte message %r from %s: nobody received it",
                     total,
                     tag,
@@ -281,8 +296,7 @@ class Mailbox:
     ) -> Delivery:
         buffers = {spec.name: allocate(spec) for spec in specs}
         views = [describe(spec.name, buffers[spec.name], writable=True)[1] for spec in specs]
-        self._used += total
-        self._used_by[peer_id] += total
+        self._charge(peer_id, total)
         key = (peer_id, tag)
 
         def finish(seconds: float, path: str) -> None:
@@ -300,7 +314,9 @@ class Mailbox:
             if pending is not None:
                 pending._resolve(None, exc)
             else:
-                log.warning(
+                self._complaints.log(
+                    log,
+                    peer_id,
                     "message %r from %s failed before anyone received it: %s",
                     tag,
                     peer_id[-8:],

@@ -94,6 +94,7 @@ class DataPlane:
             config.dataplane_unsolicited_budget_bytes,
             config.dataplane_unsolicited_timeout,
             per_peer_budget_bytes=config.dataplane_unsolicited_budget_per_peer_bytes,
+            complaints=node.complaints,
         )
         self._channels: defaultdict[str, list[Channel]] = defaultdict(list)
         self._handshaking: Counter[str] = Counter()  # inbound channels being set up, per peer
