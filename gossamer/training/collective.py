@@ -43,6 +43,7 @@ import torch
 import trio
 
 from gossamer.node import GossamerError
+from gossamer.training.aggregate import Aggregation
 from gossamer.training.codecs import Codec, ErrorFeedback, get_codec
 from gossamer.training.collective_exchange import AttemptState, PieceExchange
 from gossamer.training.collective_links import Links
@@ -85,6 +86,7 @@ class AllReduce:
         error_feedback: ErrorFeedback | None = None,
         join_deadline: float | None = None,
         on_attempt: Callable[[int, list[str]], Awaitable[None]] | None = None,
+        aggregation: Aggregation | None = None,
     ) -> None:
         self.node = node
         self.key = key
@@ -94,7 +96,7 @@ class AllReduce:
         self.members = tuple(sorted(set(members)))
         self.codec = get_codec(codec) if isinstance(codec, str) else codec
         self.links = Links(node, key)
-        self.exchange = PieceExchange(self.links, self.codec)
+        self.exchange = PieceExchange(self.links, self.codec, aggregation)
         self.piece_elems = piece_elems
         self.phase_timeout = phase_timeout
         self.error_feedback = error_feedback
@@ -265,8 +267,12 @@ async def all_reduce(
     error_feedback: ErrorFeedback | None = None,
     join_deadline: float | None = None,
     on_attempt: Callable[[int, list[str]], Awaitable[None]] | None = None,
+    aggregation: Aggregation | None = None,
 ) -> AllReduceResult:
     """Tokens-weighted mean of ``flat`` across ``members``; see the module docstring.
+
+    ``aggregation``: how each part's owner believes weights and reduces (default: bounded
+    weights, the plain weighted mean; see :mod:`gossamer.training.aggregate`).
 
     ``members`` is this node's view of who takes part; the members first agree
     on a common list (waiting for slower ones until ``join_deadline``, a
@@ -282,5 +288,6 @@ async def all_reduce(
         error_feedback=error_feedback,
         join_deadline=join_deadline,
         on_attempt=on_attempt,
+        aggregation=aggregation,
     )
     return await collective.run(flat, weight)

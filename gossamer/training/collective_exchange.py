@@ -20,9 +20,10 @@ from typing import Any
 import torch
 import trio
 
+from gossamer.training.aggregate import Aggregation, admitted_weights, aggregate
 from gossamer.training.codecs import Codec, CodecError, EncodedTensor, get_codec
 from gossamer.training.collective_links import Links
-from gossamer.training.collective_plan import reduce_piece, screen
+from gossamer.training.collective_plan import screen
 from gossamer.training.collective_schedule import AllReduceSchedule, Transfer
 
 log = logging.getLogger(__name__)
@@ -76,11 +77,12 @@ class AttemptState:
 class PieceExchange:
     """Sends and receives the pieces of one all-reduce's attempts over ``links``, in ``codec``."""
 
-    def __init__(self, links: Links, codec: Codec) -> None:
+    def __init__(self, links: Links, codec: Codec, aggregation: Aggregation | None = None) -> None:
         self.links = links
         self.key = links.key
         self.me = links.me
         self.codec = codec
+        self.aggregation = aggregation if aggregation is not None else Aggregation()
         # fp32 on the wire: received bytes are used in place, never decoded into copies
         self._identity = self.codec is get_codec("none")
 
@@ -191,7 +193,9 @@ class PieceExchange:
                         exc,
                     )
                     state.refused[peer] = f"undecodable contribution: {exc}"
-            for peer, why in screen(pieces).items():
+            # what each contributor is believed to weigh (a claim of 10^15 tokens is not)
+            admitted = admitted_weights({p: weights[p] for p in pieces}, self.aggregation)
+            for peer, why in screen(pieces, weights=admitted).items():
                 log.warning(
                     "all-reduce %s: refusing %s's contribution to piece %d/%d: %s",
                     self.key,
@@ -209,7 +213,7 @@ class PieceExchange:
             # part: the statuses then drop only us, without anyone waiting.
             contributors = sorted(pieces)
             encoded, total = await trio.to_thread.run_sync(
-                self._reduce_into, {p: (pieces[p], weights[p]) for p in contributors}, out, a, b
+                self._reduce_into, {p: (pieces[p], admitted[p]) for p in contributors}, out, a, b
             )
             state.record(self.me, contributors, total)
             mask = torch.tensor([p in pieces for p in members], dtype=torch.uint8)
@@ -231,7 +235,7 @@ class PieceExchange:
         b: int,
     ) -> tuple[EncodedTensor, float]:
         """Reduce one piece, encode it for the all-gather and keep its decoded bits in ``out``."""
-        reduced, total = reduce_piece(contributions)
+        reduced, total = aggregate(contributions, self.aggregation)
         if self._identity:
             out[a:b] = reduced
             return self.codec.encode(out[a:b]), total

@@ -67,17 +67,27 @@ def reduce_piece(
     return acc, total
 
 
-def screen(pieces: dict[str, torch.Tensor], limit: float = SCALE_LIMIT) -> dict[str, str]:
+def screen(
+    pieces: dict[str, torch.Tensor],
+    limit: float = SCALE_LIMIT,
+    weights: dict[str, float] | None = None,
+) -> dict[str, str]:
     """Contributors to refuse, with the reason: non-finite values, or a norm far off the others'.
 
     With three or more contributors, one whose norm exceeds ``limit`` × the
     median norm of the others is refused; with two, only non-finite values are
-    (there is no majority to say which one is off).
+    (there is no majority to say which one is off).  With ``weights`` (the admitted ones) a
+    norm counts times its weight over the median weight: what the contribution moves the
+    mean by, so that a weight cannot carry a vector the screen would refuse.
     """
     refused: dict[str, str] = {}
     norms: dict[str, float] = {}
+    ordered = sorted(weights[p] for p in pieces) if weights else []
+    median_weight = ordered[(len(ordered) - 1) // 2] if ordered else 1.0
     for peer, tensor in pieces.items():
         norm = float(torch.linalg.vector_norm(tensor)) if tensor.numel() else 0.0
+        if weights is not None:
+            norm *= weights[peer] / max(median_weight, 1e-30)
         if not math.isfinite(norm):
             refused[peer] = "contains NaN or Inf"
         else:

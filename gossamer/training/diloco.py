@@ -302,6 +302,7 @@ class DiLoCoWorker:
             error_feedback=self.error_feedback,
             join_deadline=trio.current_time() + wait,
             on_attempt=None if hook is None else (lambda a, m: hook(r, a, m)),
+            aggregation=self.config.aggregation,
         )
         for peer, why in result.refused.items():
             log.warning("round %d: refused the contribution of %s: %s", r, peer, why)

@@ -9,6 +9,7 @@ from typing import Any
 
 from gossamer.node import typed_fields
 from gossamer.training import rounds
+from gossamer.training.aggregate import Aggregation
 from gossamer.training.codecs import get_codec
 
 
@@ -30,14 +31,27 @@ class DiLoCoConfig:
     parity_timeout: float = 10.0  # wait this long for the others' digests after an outer step
     heartbeat_max_age: float = 60.0  # a member silent for longer is not counted live
     checkpoint_every: int = 1  # rounds between checkpoints (0: never)
+    # how a part's owner reduces contributions (training/aggregate.py)
+    aggregate: str = "mean"  # mean, trimmed_mean, centered_clip
+    weights: str = "bounded"  # bounded: a claimed token count is capped; equal: one each
+    max_round_tokens: int | None = None  # the recipe's bound on one member's round, if known
 
     def __post_init__(self) -> None:
         rounds.RoundPolicy(self.inner_steps, self.min_inner_steps, self.round_seconds)
         get_codec(self.codec)
+        self.aggregation  # noqa: B018 (validates aggregate, weights, max_round_tokens)
         if self.rounds is not None and self.rounds < 1:
             raise ValueError("rounds must be >= 1")
         if self.min_workers < 1:
             raise ValueError("min_workers must be >= 1")
+
+    @property
+    def aggregation(self) -> Aggregation:
+        return Aggregation(
+            rule=self.aggregate,
+            weights=self.weights,
+            max_weight=None if self.max_round_tokens is None else float(self.max_round_tokens),
+        )
 
     @property
     def policy(self) -> rounds.RoundPolicy:

@@ -24,6 +24,7 @@ recipe's model shape is checked.
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +88,10 @@ def parse_run_file(raw: dict[str, Any], where: str) -> RunFile:
             recipe_fields["schedule_steps"] = diloco.rounds * diloco.inner_steps
         recipe = Recipe(**recipe_fields)
         recipe.gpt  # noqa: B018 - validates the model shape
+        if diloco.max_round_tokens is None:
+            # the most tokens one member can honestly count in a round of the built-in model
+            bound = diloco.inner_steps * recipe.batch_size * recipe.context
+            diloco = dataclasses.replace(diloco, max_round_tokens=bound)
     except (TypeError, ValueError) as exc:
         if isinstance(exc, ConfigError):
             raise

@@ -122,7 +122,7 @@ async def test_all_reduce_bit_identical_and_within_codec_error(nodes, codec):
         members = [n.peer_id for n in group]
         gen = torch.Generator().manual_seed(7)
         xs = [torch.randn(70_001, generator=gen) for _ in group]
-        ws = [1.0, 2.0, 5.0]
+        ws = [2.0, 3.0, 3.0]  # unequal, and each within the bound an owner admits (2x the median)
         results = await _run_all(group, members, xs, ws, piece_elems=8192)
         tensors = [r.tensor for r in results.values()]
         assert all(torch.equal(tensors[0], t) for t in tensors)
@@ -289,3 +289,33 @@ async def test_member_dying_mid_collective(nodes, node_config):
             assert result.members == tuple(sorted([a.peer_id, b.peer_id]))
             assert result.attempts >= 2
             assert torch.equal(result.tensor, torch.full((big,), 2.0))
+
+
+@pytest.mark.parametrize("rule", ["mean", "centered_clip"])
+async def test_a_member_claiming_1e15_tokens_does_not_take_over_the_average(nodes, rule):
+    # the takeover the issue reproduced: one of four claims 10^15 tokens with a large vector;
+    # believed, the average was exactly its vector.  (20x the norm: at 50x, its admitted 2x
+    # weight puts it past the owners' screen and the round drops it altogether.)
+    from gossamer.training.aggregate import Aggregation
+
+    async with nodes(4) as group:
+        await _mesh(group)
+        members = [n.peer_id for n in group]
+        gen = torch.Generator().manual_seed(3)
+        base = torch.randn(20_000, generator=gen)
+        xs = [base + 0.1 * torch.randn(20_000, generator=gen) for _ in range(3)]
+        liar = 20 * torch.randn(20_000, generator=gen)
+        results = await _run_all(
+            group, members, [*xs, liar], [800.0, 800.0, 800.0, 1e15],
+            piece_elems=4096, aggregation=Aggregation(rule=rule),
+        )  # fmt: skip
+        tensors = [r.tensor for r in results.values()]
+        assert all(torch.equal(tensors[0], t) for t in tensors)
+        honest_mean = torch.stack(xs).mean(0)
+        off = float((tensors[0] - honest_mean).norm() / honest_mean.norm())
+        taken = float((tensors[0] - liar).norm() / liar.norm())
+        assert taken > 0.5  # not the liar's vector
+        # bounded weight, plain mean: the liar weighs 2 honest shares, no more (2/5 of the
+        # mean); centered clipping holds it to about one honest spread
+        assert off < (0.5 if rule == "centered_clip" else 20.0), off
+        assert all(r.total_weight <= 3 * 800.0 + 2 * 800.0 for r in results.values())
