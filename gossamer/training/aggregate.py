@@ -4,11 +4,11 @@ a rule that a lone liar cannot steer (pure: tensors in, tensor out).
 A contribution's weight is its token count, and the contributor says what it is.  Believed as
 sent, one member claiming 10¹⁵ tokens *is* the average.  :func:`admitted_weights` bounds it:
 
-* ``weights = "bounded"`` (the default): at most ``max_weight`` (the run's recipe: inner steps
-  × tokens per step) when the run states it, and never more than
-  :data:`MEDIAN_WEIGHT_FACTOR` × the round's lower-median claimed weight — a bound that needs
-  no recipe, leaves honest members (same recipe, some closing a round early) untouched, and
-  holds a liar to a small multiple of an honest share;
+* ``weights = "bounded"`` (the default): at most ``max_weight``, the run's recipe's bound on
+  one round (inner steps × tokens per step), when the run states it — a liar then weighs what
+  an honest full round does; without one, at most :data:`MEDIAN_WEIGHT_FACTOR` × the round's
+  lower-median claim, a bound that needs no recipe and holds a liar to two honest shares (it
+  also caps an honest member that did more than twice the median's steps);
 * ``weights = "equal"``: every contribution counts once.
 
 :func:`aggregate` then applies the run's rule (``aggregate`` in ``[diloco]``):
@@ -70,11 +70,13 @@ def admitted_weights(claimed: dict[str, float], aggregation: Aggregation) -> dic
     """The weight each contributor is believed to have (claims must be finite and positive)."""
     if aggregation.weights == "equal":
         return dict.fromkeys(claimed, 1.0)
-    cap = math.inf if aggregation.max_weight is None else aggregation.max_weight
-    if len(claimed) >= 2:
+    if aggregation.max_weight is not None:
+        cap = aggregation.max_weight  # an honest full round, exactly: honest weights stand
+    elif len(claimed) >= 2:
         ordered = sorted(claimed.values())
-        lower_median = ordered[(len(ordered) - 1) // 2]
-        cap = min(cap, MEDIAN_WEIGHT_FACTOR * lower_median)
+        cap = MEDIAN_WEIGHT_FACTOR * ordered[(len(ordered) - 1) // 2]
+    else:
+        cap = math.inf
     return {peer: min(weight, cap) for peer, weight in claimed.items()}
 
 

@@ -27,8 +27,11 @@ def test_an_inflated_weight_is_held_to_a_small_multiple_of_an_honest_share() -> 
     admitted = admitted_weights(claims, Aggregation())
     assert admitted["liar"] == MEDIAN_WEIGHT_FACTOR * 800.0
     assert {p: admitted[p] for p in "abcd"} == {p: claims[p] for p in "abcd"}  # honest untouched
-    # the recipe's bound applies too, and equal weights ignore every claim
+    # the recipe's bound, when the run states it, replaces the median's: honest weights stand
+    recipe = admitted_weights(claims, Aggregation(max_weight=1000.0))
+    assert recipe == {**claims, "liar": 1000.0}
     assert admitted_weights(claims, Aggregation(max_weight=700.0))["a"] == 700.0
+    # equal weights ignore every claim
     assert set(admitted_weights(claims, Aggregation(weights="equal")).values()) == {1.0}
     # two contributors: the lower median is the honest one
     assert admitted_weights({"a": 800.0, "liar": 1e15}, Aggregation())["liar"] == 1600.0
@@ -111,3 +114,21 @@ def test_bad_settings_are_refused() -> None:
     ):
         with pytest.raises(ValueError):
             Aggregation(**bad)
+
+
+def test_a_run_file_bounds_weights_by_its_recipe_and_names_a_rule() -> None:
+    from gossamer.training.run_file import parse_run_file
+
+    run = parse_run_file(
+        {
+            "name": "r",
+            "model": {"context": 64},
+            "data": {"batch_size": 8},
+            "diloco": {"inner_steps": 10, "aggregate": "centered_clip"},
+        },
+        "run.toml",
+    )
+    assert run.diloco.max_round_tokens == 10 * 8 * 64
+    assert run.diloco.aggregation == Aggregation("centered_clip", max_weight=5120.0)
+    with pytest.raises(ValueError, match="aggregate must be one of"):
+        parse_run_file({"name": "r", "diloco": {"aggregate": "median"}}, "run.toml")
