@@ -78,25 +78,50 @@ class Decision(NamedTuple):
 
 def decide(members: Sequence[str], statuses: Mapping[str, Status]) -> Decision:
     """Commit or retry, and the next membership, from the statuses a member collected (its own
-    included).
+    included).  Deterministic: members that collected the same statuses decide the same.
 
-    Out: members that went silent, owners some member lacks a part from, and
-    contributors an owner refused.  Then, among the parts of owners still in,
-    any contributor missing from a part (it was too late for that owner) is
-    out too.  Deterministic: members that collected the same statuses decide
-    the same.
+    A status speaks only for its sender, so no lone member can veto a round:
+
+    * a member that sent no status is out;
+    * an owner whose part two or more members lack is out, and so is one that says its own
+      part failed; a part that only one member lacks puts *that member* out (it cannot
+      complete; the owner served everyone else), never the owner;
+    * a contributor left out of the parts of two or more owners (refused, or too late) is
+      out; one left out by a single owner stays, and only that owner's part goes without it,
+      so one owner cannot drop a member from the round;
+    * a member that reports failure without naming a part it lacks is out.
+
+    The round commits when nobody is out.
     """
     full = set(members)
     out = {p for p in members if p not in statuses}
-    for status in statuses.values():
-        out.update(status.missing_parts)
-        out.update(status.refused)
-    for status in statuses.values():
-        for owner, contributors in status.contributors.items():
-            if owner not in out:
-                out.update(full - set(contributors))
-    commit = not out and all(s.ok for s in statuses.values())
-    return Decision(commit, sorted(full - out))
+    lacking: dict[str, set[str]] = {}
+    for sender, status in statuses.items():
+        for owner in status.missing_parts:
+            lacking.setdefault(owner, set()).add(sender)
+        if not status.ok and not status.missing_parts:
+            out.add(sender)
+    for owner, claimants in sorted(lacking.items()):
+        if owner in out:
+            continue
+        if owner in claimants or len(claimants) >= 2:
+            out.add(owner)
+        else:
+            out.update(claimants)
+    # who an owner left out of its part: its own word only (what others relay of its masks
+    # would let one member speak for every owner)
+    excluded_by: dict[str, set[str]] = {}
+    for owner, status in statuses.items():
+        left_out = set(status.refused)
+        summed = status.contributors.get(owner)
+        if summed is not None:
+            left_out |= full - set(summed)
+        for contributor in left_out:
+            excluded_by.setdefault(contributor, set()).add(owner)
+    for contributor, owners in sorted(excluded_by.items()):
+        if len(owners - out - {contributor}) >= 2:
+            out.add(contributor)
+    return Decision(not out, sorted(full - out))
 
 
 @dataclass

@@ -67,12 +67,34 @@ def test_decide_commits_only_on_unanimous_full_success():
     ok = Status(True, [], full, {})
     assert decide(members, {"a": ok, "b": ok, "c": ok}) == (True, members)
     assert decide(members, {"a": ok, "b": ok}) == (False, ["a", "b"])
+    # an owner whose part two members lack is out
     missing = Status(False, ["c"], {"a": members, "b": members}, {})
-    assert decide(members, {"a": ok, "b": missing, "c": ok}) == (False, ["a", "b"])
+    assert decide(members, {"a": missing, "b": missing, "c": ok}) == (False, ["a", "b"])
+    # an owner that refused a contributor, and an owner that got it too late: that part goes
+    # without it; two owners leaving it out put it out
     refused = Status(True, [], full, {"c": "contains NaN or Inf"})
-    assert decide(members, {"a": refused, "b": ok, "c": ok}) == (False, ["a", "b"])
+    assert decide(members, {"a": refused, "b": ok, "c": ok}) == (True, members)
+    assert decide(members, {"a": refused, "b": refused, "c": ok}) == (False, ["a", "b"])
     late = Status(True, [], {**full, "a": ["a", "c"]}, {})  # b's piece reached a too late
-    assert decide(members, {"a": late, "b": ok, "c": ok}) == (False, ["a", "c"])
+    assert decide(members, {"a": late, "b": ok, "c": ok}) == (True, members)
+
+
+def test_no_lone_member_can_veto_or_drop_another():
+    members = ["a", "b", "c", "d"]
+    full = {o: members for o in members}
+    ok = Status(True, [], full, {})
+    # a liar says every other part is missing and refuses everyone: it is the one out
+    liar = Status(False, ["b", "c", "d"], full, dict.fromkeys("bcd", "bad"))
+    assert decide(members, {"a": liar, "b": ok, "c": ok, "d": ok}) == (False, ["b", "c", "d"])
+    # a bare failure without a reason speaks for its sender only
+    failed = Status(False, [], full, {})
+    assert decide(members, {"a": failed, "b": ok, "c": ok, "d": ok}) == (False, ["b", "c", "d"])
+    # what one member relays about another owner's part is not that owner's word
+    relayed = Status(True, [], {**full, "b": ["b"]}, {})
+    assert decide(members, {"a": relayed, "b": ok, "c": ok, "d": ok}) == (True, members)
+    # an owner that says its own part failed is out (a confession, not an accusation)
+    own = Status(False, ["b"], full, {})
+    assert decide(members, {"a": ok, "b": own, "c": ok, "d": ok}) == (False, ["a", "c", "d"])
 
 
 def test_decide_ignores_partial_parts_of_dropped_owners():
@@ -163,12 +185,16 @@ class _UncheckedFloat32(Codec):
 
 
 @pytest.mark.parametrize("poison", [float("nan"), float("inf")])
-async def test_non_finite_contribution_refused_and_logged(nodes, caplog, poison):
+@pytest.mark.parametrize("where", ["one part", "every part"])
+async def test_non_finite_contribution_refused_and_logged(nodes, caplog, poison, where):
     async with nodes(3) as group:
         await _mesh(group)
         members = [n.peer_id for n in group]
         xs = [torch.ones(5000), torch.ones(5000) * 3, torch.ones(5000)]
-        xs[2][17] = poison
+        # the parts are [0, 1792), [1792, 3584), [3584, 5000)
+        poisoned = [17] if where == "one part" else [17, 2000, 4000]
+        for index in poisoned:
+            xs[2][index] = poison
         results = {}
 
         async def one(node, x, codec):
@@ -181,15 +207,25 @@ async def test_non_finite_contribution_refused_and_logged(nodes, caplog, poison)
                 nursery.start_soon(one, group[0], xs[0], "none")
                 nursery.start_soon(one, group[1], xs[1], "none")
                 nursery.start_soon(_shrug, one(group[2], xs[2], _UncheckedFloat32()))
-        for node in group[:2]:
-            result = results[node.peer_id]
-            assert group[2].peer_id not in result.members
-            assert torch.equal(result.tensor, torch.ones(5000) * 2)
         refusals = [r.getMessage() for r in caplog.records if "refusing" in r.getMessage()]
         assert any(
             group[2].peer_id[-8:] in m and ("finite" in m.lower() or "nan or inf" in m.lower())
             for m in refusals
         ), refusals
+        for node in group[:2]:
+            result = results[node.peer_id]
+            if where == "every part":
+                # every owner but itself refused it: it is out, the mean is the others'
+                assert group[2].peer_id not in result.members
+                assert torch.equal(result.tensor, torch.ones(5000) * 2)
+            else:
+                # one owner refused it: that part goes without it, the rest of it stands
+                # (one owner's word does not drop a member from the round)
+                assert group[2].peer_id in result.members
+                assert torch.isfinite(result.tensor).all()
+                assert result.tensor[17] == 2.0
+                rest = result.tensor[2000:]
+                assert torch.allclose(rest, torch.full_like(rest, 5 / 3))
 
 
 async def _shrug(coroutine):
@@ -319,3 +355,38 @@ async def test_a_member_claiming_1e15_tokens_does_not_take_over_the_average(node
         # mean); centered clipping holds it to about one honest spread
         assert off < (0.5 if rule == "centered_clip" else 20.0), off
         assert all(r.total_weight <= 3 * 800.0 + 2 * 800.0 for r in results.values())
+
+
+async def test_a_lying_status_vetoes_nothing(nodes, monkeypatch):
+    # one of four says, after every attempt, that it lacks every other part and refused every
+    # other member; it was believed, and no round of the honest three could commit
+    import gossamer.training.collective as collective_module
+    from gossamer.training.collective_membership import exchange_statuses
+
+    async with nodes(4) as group:
+        await _mesh(group)
+        members = [n.peer_id for n in group]
+        liar = group[3].peer_id
+        others = sorted(set(members) - {liar})
+
+        async def lying_exchange(links, schedule, mine):
+            if links.me == liar:
+                mine = Status(False, others, mine.contributors, dict.fromkeys(others, "bad"))
+            return await exchange_statuses(links, schedule, mine)
+
+        monkeypatch.setattr(collective_module, "exchange_statuses", lying_exchange)
+        xs = [torch.full((3000,), float(i + 1)) for i in range(4)]
+        results = {}
+
+        async def one(node, x):
+            results[node.peer_id] = await all_reduce(node, "veto", members, x, 1.0)
+
+        async with trio.open_nursery() as nursery:
+            for node, x in zip(group[:3], xs[:3], strict=True):
+                nursery.start_soon(one, node, x)
+            nursery.start_soon(_shrug, one(group[3], xs[3]))
+        for peer in others:
+            assert results[peer].members == tuple(others)  # the liar is out, nobody else
+            assert torch.equal(results[peer].tensor, results[others[0]].tensor)
+            assert torch.allclose(results[peer].tensor, torch.full((3000,), 2.0))
+        assert liar not in results  # it was told the others dropped it

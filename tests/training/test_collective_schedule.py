@@ -345,7 +345,7 @@ def test_counted_views_show_how_each_peer_was_counted():
     assert counted == [{"a", "b", "c"}, {"a", "c"}, {"a", "b"}]
 
 
-# --- deciding after an attempt: today's rule ------------------------------------------------
+# --- deciding after an attempt ------------------------------------------------
 
 
 def test_decide_names_its_decision():
@@ -355,6 +355,6 @@ def test_decide_names_its_decision():
     assert decision == Decision(commit=True, members=["a", "b"])
     assert decision.commit and decision.members == members
     assert decide(members, {"a": ok}) == Decision(False, ["a"])
-    # everyone answered, nobody is out, but a member reported failure: retry with all
+    # everyone answered, but a member reported failure naming no part: it speaks for itself
     failed = Status(False, [], {"a": members, "b": members}, {})
-    assert decide(members, {"a": ok, "b": failed}) == Decision(False, ["a", "b"])
+    assert decide(members, {"a": ok, "b": failed}) == Decision(False, ["a"])
