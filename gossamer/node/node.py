@@ -491,16 +491,19 @@ class Node:
             if self._nursery is not None:
                 self._nursery.start_soon(self.disconnect, peer_id)
 
+    def _connections_from(self, ip: str | None, peers: Iterable[str]) -> int:
+        """The connections of ``peers`` whose remote end is ``ip``."""
+        assert self.host is not None
+        return sum(
+            1
+            for peer in peers
+            for c in self.host.connections(peer)
+            if c.remote is not None and c.remote[0] == ip
+        )
+
     def _begin_handshake(self, ip: str | None) -> bool:
         assert self.host is not None
-        from_ip = 0
-        if ip is not None:
-            from_ip = sum(
-                1
-                for peer in self.host.connected_peers()
-                for c in self.host.connections(peer)
-                if c.remote is not None and c.remote[0] == ip
-            )
+        from_ip = 0 if ip is None else self._connections_from(ip, self.host.connected_peers())
         refusal = self.admission.begin_handshake(
             ip, connections_from_ip=from_ip, now=time.monotonic()
         )
@@ -526,12 +529,7 @@ class Node:
             idle_since[other] = (seen.last_seen or seen.first_seen) if seen else now
         decision = self.admission.on_connected(
             ip,
-            connections_from_ip=sum(
-                1
-                for other in [peer_id, *others]
-                for c in self.host.connections(other)
-                if c.remote is not None and c.remote[0] == ip
-            ),
+            connections_from_ip=self._connections_from(ip, [peer_id, *others]),
             total=self.host.connection_count(),
             peer_id=peer_id,
             idle_since=idle_since,

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gossamer.training.collective_plan import reduce_piece
+from gossamer.training.collective_plan import lower_median, reduce_piece
 
 RULES = ("mean", "trimmed_mean", "centered_clip")
 WEIGHTINGS = ("bounded", "equal")
@@ -73,8 +73,7 @@ def admitted_weights(claimed: dict[str, float], aggregation: Aggregation) -> dic
     if aggregation.max_weight is not None:
         cap = aggregation.max_weight  # an honest full round, exactly: honest weights stand
     elif len(claimed) >= 2:
-        ordered = sorted(claimed.values())
-        cap = MEDIAN_WEIGHT_FACTOR * ordered[(len(ordered) - 1) // 2]
+        cap = MEDIAN_WEIGHT_FACTOR * lower_median(list(claimed.values()))
     else:
         cap = math.inf
     return {peer: min(weight, cap) for peer, weight in claimed.items()}

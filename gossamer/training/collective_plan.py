@@ -82,8 +82,7 @@ def screen(
     """
     refused: dict[str, str] = {}
     norms: dict[str, float] = {}
-    ordered = sorted(weights[p] for p in pieces) if weights else []
-    median_weight = ordered[(len(ordered) - 1) // 2] if ordered else 1.0
+    median_weight = lower_median([weights[p] for p in pieces]) if weights else 1.0
     for peer, tensor in pieces.items():
         norm = float(torch.linalg.vector_norm(tensor)) if tensor.numel() else 0.0
         if weights is not None:
@@ -99,6 +98,14 @@ def screen(
             if norm > limit * max(median, 1e-12) and norm > 1e-6:
                 refused[peer] = f"norm {norm:.3g} is {norm / max(median, 1e-12):.3g}× the median"
     return refused
+
+
+def lower_median(values: list[float]) -> float:
+    """The lower of the two middle values (the middle one for an odd count); 1.0 if empty."""
+    if not values:
+        return 1.0
+    ordered = sorted(values)
+    return ordered[(len(ordered) - 1) // 2]
 
 
 Screen = Callable[[dict[str, torch.Tensor]], dict[str, str]]
