@@ -47,6 +47,8 @@ _EXPORTS = {
     "Run": "gossamer.crdt.run",
     "SyncOptions": "gossamer.crdt.options",
     "RunAccessError": "gossamer.crdt.protocol",
+    "Invite": "gossamer.crdt.invite",
+    "InviteError": "gossamer.crdt.invite",
 }
 
 __all__, __getattr__, __dir__ = lazy_face(__name__, _EXPORTS)

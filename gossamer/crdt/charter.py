@@ -4,7 +4,8 @@ A run id names its creator's key: ``<name>-<16 base32 chars of SHA-256(key)>``,
 so nobody else can publish a charter for it.  The charter lists the hosts
 (peers allowed to write the run's config; the creator is always one), the
 access mode (``open``: anyone may join; ``restricted``: only the hosts and the
-peers in ``allow``) and a version.  The creator amends it by signing a higher
+peers in ``allow``), the peers revoked from the run (``deny``: refused whatever the mode,
+so an open run can still put out a member) and a version.  The creator amends it by signing a higher
 version; peers adopt the highest valid version they see (it travels in the
 sync handshake).
 
@@ -80,6 +81,7 @@ class Charter:
     hosts: tuple[str, ...]
     access: str = "open"
     allow: frozenset[str] = frozenset()
+    deny: frozenset[str] = frozenset()
     version: int = 1
     created: float = 0.0
     signature: bytes = field(default=b"", compare=False)
@@ -99,7 +101,11 @@ class Charter:
 
     def may_join(self, peer_id: str) -> bool:
         """May ``peer_id`` read the run and write its own records?"""
-        return self.access == "open" or peer_id in self.hosts or peer_id in self.allow
+        if peer_id in self.hosts:
+            return True
+        if peer_id in self.deny:
+            return False
+        return self.access == "open" or peer_id in self.allow
 
     # ------------------------------------------------------------- creation
 
@@ -135,6 +141,7 @@ class Charter:
         hosts: list[str] | tuple[str, ...] | None = None,
         access: str | None = None,
         allow: list[str] | tuple[str, ...] | frozenset[str] | None = None,
+        deny: list[str] | tuple[str, ...] | frozenset[str] | None = None,
     ) -> Charter:
         """A new version signed by the creator (only the creator may amend)."""
         if identity.public_key_bytes != self.creator:
@@ -144,24 +151,38 @@ class Charter:
             hosts=self.hosts if hosts is None else tuple(dict.fromkeys([identity.peer_id, *hosts])),
             access=self.access if access is None else access,
             allow=self.allow if allow is None else frozenset(allow),
+            deny=self.deny if deny is None else frozenset(deny),
             version=self.version + 1,
             signature=b"",
         )
         changed._validate()
         return changed._signed(identity)
 
+    def admit(self, identity: Identity, peer_id: str) -> Charter:
+        """The next version with ``peer_id`` allowed in (and no longer revoked)."""
+        _check_peer_id(peer_id, "admit")
+        return self.amend(identity, allow=self.allow | {peer_id}, deny=self.deny - {peer_id})
+
+    def revoke(self, identity: Identity, peer_id: str) -> Charter:
+        """The next version with ``peer_id`` refused (taken off ``allow``, put on ``deny``)."""
+        _check_peer_id(peer_id, "revoke")
+        if peer_id in self.hosts:
+            raise CharterError("a host cannot be revoked; amend the hosts first")
+        return self.amend(identity, allow=self.allow - {peer_id}, deny=self.deny | {peer_id})
+
     def _body(self) -> bytes:
-        return wire.pack(
-            {
-                "name": self.name,
-                "creator": self.creator,
-                "hosts": list(self.hosts),
-                "access": self.access,
-                "allow": sorted(self.allow),
-                "version": self.version,
-                "created": self.created,
-            }
-        )
+        fields: dict[str, object] = {
+            "name": self.name,
+            "creator": self.creator,
+            "hosts": list(self.hosts),
+            "access": self.access,
+            "allow": sorted(self.allow),
+            "version": self.version,
+            "created": self.created,
+        }
+        if self.deny:  # absent when empty, so charters written before it keep their bytes
+            fields["deny"] = sorted(self.deny)
+        return wire.pack(fields)
 
     def _signed(self, identity: Identity) -> Charter:
         return replace(self, signature=identity.sign(DOMAIN + self._body()))
@@ -170,12 +191,14 @@ class Charter:
         run_id_for(self.name, self.creator)
         if self.access not in ACCESS_MODES:
             raise CharterError(f"access must be one of {ACCESS_MODES}, not {self.access!r}")
-        if len(self.hosts) > MAX_LIST or len(self.allow) > MAX_LIST:
-            raise CharterError(f"at most {MAX_LIST} hosts and allowed peers")
+        if max(len(self.hosts), len(self.allow), len(self.deny)) > MAX_LIST:
+            raise CharterError(f"at most {MAX_LIST} hosts, allowed and revoked peers")
         for peer in self.hosts:
             _check_peer_id(peer, "hosts")
         for peer in self.allow:
             _check_peer_id(peer, "allow")
+        for peer in self.deny:
+            _check_peer_id(peer, "deny")
         if self.creator_peer_id not in self.hosts:
             raise CharterError("the creator must be a host")
         if not isinstance(self.version, int) or self.version < 1:
@@ -210,6 +233,7 @@ class Charter:
                 hosts=tuple(fields["hosts"]),
                 access=fields["access"],
                 allow=frozenset(fields["allow"]),
+                deny=frozenset(fields.get("deny", ())),
                 version=fields["version"],
                 created=float(fields["created"]),
                 signature=signature,

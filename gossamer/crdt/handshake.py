@@ -34,6 +34,7 @@ from gossamer.crdt.protocol import (
     check_hello,
     decode_hello,
     error_message,
+    hello_invite,
     hello_message,
     is_error,
 )
@@ -57,7 +58,9 @@ async def dial(run: Run, peer_id: str) -> Link:
     reader = wire.FrameReader(stream)
     try:
         with trio.fail_after(run.options.hello_timeout):
-            await stream.write(hello_message(run.run_id, run.charter, run.replica.state_vector()))
+            await stream.write(
+                hello_message(run.run_id, run.charter, run.replica.state_vector(), run.invite)
+            )
             payload = await reader.read_frame(MAX_HELLO_BYTES, "crdt hello")
     except (trio.TooSlowError, ConnectionError, EOFError, FrameTooLarge) as exc:
         await stream.reset()
@@ -113,7 +116,8 @@ async def accept(service: CrdtService, stream: Stream) -> None:
         await stream.close()
         return
     try:
-        run_id, charter_blob, sv = check_hello(await decode_hello(payload))
+        msg = await decode_hello(payload)
+        run_id, charter_blob, sv = check_hello(msg)
     except ProtocolError as exc:
         service.penalise(peer, PENALTY_FORBIDDEN, f"bad hello: {exc}")
         await _refuse(stream, "protocol", "malformed hello", timeout)
@@ -125,9 +129,16 @@ async def accept(service: CrdtService, stream: Stream) -> None:
     if charter_blob is not None:
         run.consider_charter(charter_blob, peer)
     if not run.charter.may_join(peer):
-        log.info("run %s: refused %s (not admitted)", run_id, peer[-8:])
-        await _refuse(stream, "not_admitted", f"you are not admitted to {run_id}", timeout)
-        return
+        invite = hello_invite(msg)
+        why = f"you are not admitted to {run_id}"
+        if invite is not None:
+            why = service.redeem_invite(run, peer, invite)
+        if not run.charter.may_join(peer):
+            service.node.complaints.log(
+                log, f"run:{peer}", "run %s: refused %s: %s", run_id, peer[-8:], why
+            )
+            await _refuse(stream, "not_admitted", why, timeout)
+            return
     try:
         with trio.fail_after(timeout):
             await stream.write(hello_message(run_id, run.charter, run.replica.state_vector()))
@@ -152,8 +163,11 @@ async def _refuse(stream: Stream, code: str, text: str, timeout: float) -> None:
     await stream.close()
 
 
-async def fetch_charter(node: Node, run_id: str, peers: list[str], timeout: float) -> Charter:
-    """The charter of ``run_id``, probed from the first of ``peers`` that answers."""
+async def fetch_charter(
+    node: Node, run_id: str, peers: list[str], timeout: float, invite: bytes | None = None
+) -> Charter:
+    """The charter of ``run_id``, probed from the first of ``peers`` that answers (showing
+    ``invite``, if given, so that the run's creator admits us first)."""
     if not peers:
         raise PeerUnreachable(f"no peer to ask about run {run_id} (give --bootstrap)")
     last: Exception | None = None
@@ -165,7 +179,7 @@ async def fetch_charter(node: Node, run_id: str, peers: list[str], timeout: floa
             continue
         try:
             with trio.fail_after(timeout):
-                await stream.write(hello_message(run_id, None, None))
+                await stream.write(hello_message(run_id, None, None, invite))
                 payload = await wire.FrameReader(stream).read_frame(MAX_HELLO_BYTES, "hello")
             if payload is None:
                 raise PeerUnreachable(f"{peer[-8:]} closed the stream")

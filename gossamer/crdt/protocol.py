@@ -8,6 +8,7 @@ checked in one place, before any other module sees it.
 Messages (msgpack arrays)::
 
     [0, 1, run_id, charter|nil, state_vector]   HELLO (first frame each way)
+    [0, 1, run_id, charter|nil, sv, invite]     HELLO with an invite token (invite.py)
     [1, key|nil, signature, update]             ENVELOPE (envelope.py)
     [2, nonce, state_vector]                    SV_REQUEST: send me what I lack, then reply
     [3, nonce, state_vector]                    SV_REPLY
@@ -35,6 +36,7 @@ from __future__ import annotations
 from typing import Any
 
 from gossamer.crdt.charter import MAX_CHARTER_BYTES, Charter, CharterError, check_run_id
+from gossamer.crdt.invite import MAX_INVITE_BYTES
 from gossamer.node import GossamerError, ProtocolError, wire
 
 PROTOCOL = "/gossamer/crdt/1.0.0"
@@ -43,8 +45,8 @@ PROTOCOL_VERSION = 1
 HELLO, ENVELOPE, SV_REQUEST, SV_REPLY, CHARTER, PING, ERROR, HAVE = range(8)
 MAX_SV_ENTRIES = 100_000
 # [0, 1, run id, charter, {client: clock}]: ids and clocks are below 2**53 (9 bytes each)
-MAX_HELLO_BYTES = MAX_CHARTER_BYTES + 18 * MAX_SV_ENTRIES + 4096  # about 2.7 MiB
-HELLO_MAX_OBJECTS = 6 + 2 * MAX_SV_ENTRIES  # the list, its five fields, the state vector
+MAX_HELLO_BYTES = MAX_CHARTER_BYTES + 18 * MAX_SV_ENTRIES + 4096 + MAX_INVITE_BYTES  # ~2.7 MiB
+HELLO_MAX_OBJECTS = 7 + 2 * MAX_SV_ENTRIES  # the list, its six fields, the state vector
 HELLO_MAX_DEPTH = 3  # the state vector's entries
 # After the hello: the widest message is an SV_REQUEST/SV_REPLY, the deepest its entries.
 MESSAGE_MAX_OBJECTS = 4 + 2 * MAX_SV_ENTRIES
@@ -129,9 +131,11 @@ def check_hello(msg: Any) -> tuple[str, bytes | None, dict[int, int] | None]:
     A nil state vector asks only for the charter: the listener answers its
     HELLO and closes (how a joiner learns the charter of a run id).
     """
-    if not isinstance(msg, list) or len(msg) != 5 or msg[0] != HELLO:
-        raise ProtocolError("expected HELLO [0, version, run, charter, state vector]")
-    _, version, run_id, charter, sv = msg
+    if not isinstance(msg, list) or len(msg) not in (5, 6) or msg[0] != HELLO:
+        raise ProtocolError("expected HELLO [0, version, run, charter, state vector(, invite)]")
+    _, version, run_id, charter, sv = msg[:5]
+    if len(msg) == 6 and not (isinstance(msg[5], bytes) and len(msg[5]) <= MAX_INVITE_BYTES):
+        raise ProtocolError(f"an invite is at most {MAX_INVITE_BYTES} bytes")
     if version != PROTOCOL_VERSION:
         raise ProtocolError(f"crdt protocol version {version!r} is not {PROTOCOL_VERSION}")
     if not isinstance(run_id, str):
@@ -145,10 +149,21 @@ def check_hello(msg: Any) -> tuple[str, bytes | None, dict[int, int] | None]:
     return run_id, charter, None if sv is None else check_sv(sv)
 
 
-def hello_message(run_id: str, charter: Charter | None, sv: dict[int, int] | None) -> bytes:
-    return wire.frame(
-        wire.pack([HELLO, PROTOCOL_VERSION, run_id, charter.encode() if charter else None, sv])
-    )
+def hello_invite(msg: list[Any]) -> bytes | None:
+    """The invite token a HELLO (already checked by :func:`check_hello`) carries, if any."""
+    return msg[5] if len(msg) == 6 else None
+
+
+def hello_message(
+    run_id: str,
+    charter: Charter | None,
+    sv: dict[int, int] | None,
+    invite: bytes | None = None,
+) -> bytes:
+    fields = [HELLO, PROTOCOL_VERSION, run_id, charter.encode() if charter else None, sv]
+    if invite is not None:
+        fields.append(invite)
+    return wire.frame(wire.pack(fields))
 
 
 def error_message(code: str, text: str) -> bytes:

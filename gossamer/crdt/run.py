@@ -61,6 +61,7 @@ class Run:
         self.store = store
         self.links: dict[str, list[Link]] = {}
         self.bootstrap_peers: set[str] = set(bootstrap or ())
+        self.invite: bytes | None = None  # the invite token our hellos show (join_run)
         self.joined = False
         self.role = "worker"
         self._cancel = trio.CancelScope()

@@ -27,6 +27,7 @@ import trio
 from gossamer.crdt import handshake
 from gossamer.crdt.charter import Charter, CharterError, check_run_id
 from gossamer.crdt.discovery import announce_run, find_run_peers
+from gossamer.crdt.invite import Invite, InviteError, InviteLedger
 from gossamer.crdt.options import SyncOptions
 from gossamer.crdt.protocol import (
     BAN_SCORE,
@@ -66,6 +67,7 @@ class CrdtService:
         self._banned_until: dict[str, float] = {}
         self.peer_filter: Callable[[str], bool] | None = None
         self.root = Path(node.config.data_dir) / "crdt"
+        self._ledgers: dict[str, InviteLedger] = {}
 
     # ------------------------------------------------------------ startup
 
@@ -188,13 +190,22 @@ class CrdtService:
         role: str = "worker",
         timeout: float = 10.0,
         join: bool = True,
+        invite: str | None = None,
     ) -> Run:
         """Join run ``run_id`` through ``bootstrap`` multiaddrs (or the DHT); sync, then join.
 
-        Raises RunAccessError when no peer lets us in, PeerUnreachable when no
-        peer can be reached.
+        ``invite``: a token from ``gossamer run invite`` (see :mod:`.invite`), shown to the
+        peers we link to; the run's creator admits us with it.  Raises RunAccessError when no
+        peer lets us in, PeerUnreachable when no peer can be reached, InviteError for a token
+        that is not one.
         """
         check_run_id(run_id)
+        invite_blob = None
+        if invite is not None:
+            token = Invite.parse(invite)
+            if token.run_id != run_id:
+                raise InviteError(f"the invite is for run {token.run_id}, not {run_id}")
+            invite_blob = token.encode()
         run = self.runs.get(run_id)
         with trio.fail_after(timeout):
             peers = []
@@ -209,11 +220,12 @@ class CrdtService:
                 charter = RunStore(self.root / run_id).load_charter(run_id)
                 if charter is None:
                     charter = await handshake.fetch_charter(
-                        self.node, run_id, peers, self.options.hello_timeout
+                        self.node, run_id, peers, self.options.hello_timeout, invite_blob
                     )
                 run = await self._start_run(charter, peers)
             else:
                 run.bootstrap_peers.update(peers)
+            run.invite = invite_blob
             errors = []
             for peer in peers:
                 try:
@@ -225,6 +237,8 @@ class CrdtService:
                 if isinstance(first, RunAccessError):
                     raise first
                 raise PeerUnreachable(f"no peer of run {run_id} answered: {first}")
+        if not run.charter.may_join(self.node.peer_id):
+            raise RunAccessError(f"this node is not admitted to run {run_id}")
         if join:
             await run.caught_up(timeout)
             self._join_as_member(run, role=role)
@@ -246,6 +260,62 @@ class CrdtService:
             run.joined = True
             run.role = member.role
         return run
+
+    # -------------------------------------------------------- admission
+
+    def _own_run(self, run_id: str) -> Run:
+        run = self._run_from_params({"run": run_id})
+        if run.charter.creator != self.node.identity.public_key_bytes:
+            raise CharterError(
+                f"only the creator of run {run.run_id} ({run.charter.creator_peer_id[-10:]}) "
+                "can change who may join it"
+            )
+        return run
+
+    def admit(self, run_id: str, peer_id: str) -> Charter:
+        """Let ``peer_id`` into our run (a new charter version, sent to every member)."""
+        run = self._own_run(run_id)
+        run.update_charter(run.charter.admit(self.node.identity, peer_id))
+        log.info("run %s: admitted %s", run.run_id, peer_id[-8:])
+        return run.charter
+
+    def revoke(self, run_id: str, peer_id: str) -> Charter:
+        """Put ``peer_id`` out of our run: its links close and every member's services refuse
+        it once they hold the new charter."""
+        run = self._own_run(run_id)
+        run.update_charter(run.charter.revoke(self.node.identity, peer_id))
+        log.info("run %s: revoked %s", run.run_id, peer_id[-8:])
+        return run.charter
+
+    def make_invite(self, run_id: str, *, ttl: float = 24 * 3600.0, uses: int = 1) -> Invite:
+        """A signed invite token for our run (see :mod:`.invite`)."""
+        run = self._own_run(run_id)
+        return Invite.create(self.node.identity, run.run_id, ttl=ttl, uses=uses, now=self.clock())
+
+    def redeem_invite(self, run: Run, peer_id: str, blob: bytes) -> str:
+        """Admit ``peer_id`` to ``run`` with the invite ``blob`` if it is good; the reason
+        otherwise (what the refusal tells the peer)."""
+        if run.charter.creator != self.node.identity.public_key_bytes:
+            return (
+                f"invites to {run.run_id} are redeemed by its creator "
+                f"{run.charter.creator_peer_id}; connect to it"
+            )
+        try:
+            invite = Invite.decode(blob)
+            invite.check(run.charter, self.clock())
+            self._ledger(run).redeem(invite)
+        except InviteError as exc:
+            return f"invite refused: {exc}"
+        run.update_charter(run.charter.admit(self.node.identity, peer_id))
+        log.info("run %s: admitted %s with an invite", run.run_id, peer_id[-8:])
+        return "admitted"
+
+    def _ledger(self, run: Run) -> InviteLedger:
+        ledger = self._ledgers.get(run.run_id)
+        if ledger is None:
+            ledger = InviteLedger(self.root / run.run_id / "invites.json", self.clock)
+            self._ledgers[run.run_id] = ledger
+        return ledger
 
     def _join_as_member(self, run: Run, role: str) -> None:
         run.role = role
@@ -333,7 +403,28 @@ class CrdtService:
                 for run in self.runs.values()
             ]
 
-        for name, handler in (("run.status", status), ("run.list", runs)):
+        async def admit(params: dict[str, Any]) -> Any:
+            charter = self.admit(str(params.get("run")), _peer_param(params))
+            return {"version": charter.version, "allow": sorted(charter.allow)}
+
+        async def revoke(params: dict[str, Any]) -> Any:
+            charter = self.revoke(str(params.get("run")), _peer_param(params))
+            return {"version": charter.version, "deny": sorted(charter.deny)}
+
+        async def invite(params: dict[str, Any]) -> Any:
+            ttl, uses = params.get("ttl", 24 * 3600.0), params.get("uses", 1)
+            if not isinstance(ttl, (int, float)) or not isinstance(uses, int):
+                raise GossamerError("run.invite takes a number 'ttl' and an integer 'uses'")
+            token = self.make_invite(str(params.get("run")), ttl=float(ttl), uses=uses)
+            return {"invite": token.text(), "expires": token.expires, "uses": token.uses}
+
+        for name, handler in (
+            ("run.status", status),
+            ("run.list", runs),
+            ("run.admit", admit),
+            ("run.revoke", revoke),
+            ("run.invite", invite),
+        ):
             if name not in self.node.control_methods:
                 self.node.register_control(name, handler)
 
@@ -349,6 +440,13 @@ class CrdtService:
             known = ", ".join(sorted(self.runs)) or "none"
             raise GossamerError(f"this node does not replicate run {run_id} (it has: {known})")
         return run
+
+
+def _peer_param(params: dict[str, Any]) -> str:
+    peer = params.get("peer")
+    if not isinstance(peer, str):
+        raise GossamerError("give 'peer', a peer id")
+    return peer
 
 
 async def attach(node: Node) -> None:
