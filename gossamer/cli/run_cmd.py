@@ -29,9 +29,10 @@ from gossamer.cli.common import (
 def register(subparsers: Any) -> None:
     run = subparsers.add_parser("run", help="host, join and inspect training runs")
     run_sub = run.add_subparsers(dest="run_command", metavar="SUBCOMMAND", required=True)
-    from gossamer.cli import run_train  # run host / run join (imports torch only when used)
+    from gossamer.cli import run_admin, run_train  # run_train imports torch only when used
 
     run_train.add_parsers(run_sub)
+    run_admin.add_parsers(run_sub)
     add_status_parser(run_sub)
 
 

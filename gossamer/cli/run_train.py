@@ -35,6 +35,18 @@ def add_parsers(run_sub: Any) -> None:
     host.add_argument(
         "--config", dest="run_config", metavar="RUN_TOML", required=True, help="the run file"
     )
+    host.add_argument(
+        "--access",
+        choices=("open", "restricted"),
+        help="open: anyone may join; restricted: only --allow peers and invite holders "
+        "(default: open, or what the run's stored charter says)",
+    )
+    host.add_argument(
+        "--allow",
+        action="append",
+        metavar="PEER_ID",
+        help="a peer admitted to a restricted run (repeatable; see also `run invite`)",
+    )
     _add_worker_args(host)
     host.set_defaults(handler=cmd_host)
 
@@ -46,6 +58,9 @@ def add_parsers(run_sub: Any) -> None:
         default=[],
         metavar="MULTIADDR",
         help="a member's address, ending in /p2p/<id> (repeatable; else the DHT is asked)",
+    )
+    join.add_argument(
+        "--invite", metavar="TOKEN", help="an invite token from the run's creator (`run invite`)"
     )
     _add_worker_args(join)
     join.set_defaults(handler=cmd_join)
@@ -100,7 +115,28 @@ def cmd_host(args: argparse.Namespace) -> int:
         run_file = load_run_file(args.run_config)
     except ConfigError as exc:
         raise CliError(str(exc)) from None
-    return _train(args, host=run_file.name, recipe=run_file.recipe, config=run_file.diloco)
+    from gossamer.crdt import CharterError
+    from gossamer.node import public_key_from_peer_id
+
+    for peer in args.allow or ():
+        try:
+            public_key_from_peer_id(peer)
+        except ValueError:
+            raise CliError(f"--allow {peer!r} is not a peer id") from None
+    if args.allow and args.access == "open":
+        raise CliError("--allow only matters with --access restricted")
+    access = args.access or ("restricted" if args.allow else None)
+    try:
+        return _train(
+            args,
+            host=run_file.name,
+            recipe=run_file.recipe,
+            config=run_file.diloco,
+            access=access,
+            allow=args.allow,
+        )
+    except CharterError as exc:
+        raise CliError(str(exc)) from None
 
 
 def cmd_join(args: argparse.Namespace) -> int:
@@ -112,7 +148,18 @@ def cmd_join(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     if not args.bootstrap and args.no_dht:
         raise CliError("give --bootstrap MULTIADDR (or let the DHT find the run)")
-    return _train(args, run_id=args.run_id, bootstrap=args.bootstrap)
+    from gossamer.crdt import Invite, InviteError, RunAccessError
+
+    if args.invite is not None:
+        try:
+            if Invite.parse(args.invite).run_id != args.run_id:
+                raise CliError(f"that invite is for another run, not {args.run_id}")
+        except InviteError as exc:
+            raise CliError(f"--invite: {exc}") from None
+    try:
+        return _train(args, run_id=args.run_id, bootstrap=args.bootstrap, invite=args.invite)
+    except RunAccessError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _train(args: argparse.Namespace, **how: Any) -> int:
@@ -150,6 +197,7 @@ async def _run(args: argparse.Namespace, view: _Progress, how: dict[str, Any]) -
         on_event=view.event,
         use_dht=not args.no_dht,
         evaluate=True,
+        control=True,  # `run invite|admit|revoke --data-dir` reach this worker
         **how,
     )
 

@@ -42,6 +42,11 @@ def scope_prefix(key: str, scope: Scope) -> str:
     return f"ar/{key}/{scope}/"
 
 
+def keys_prefix(root: str) -> str:
+    """The prefix of every tag whose key is ``<root>/…`` (a run's all-reduces: one guard)."""
+    return f"ar/{root}/"
+
+
 def _check_scope(scope: object) -> None:
     if scope == JOIN:
         return

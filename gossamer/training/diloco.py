@@ -45,6 +45,7 @@ from gossamer.training import rounds
 from gossamer.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from gossamer.training.codecs import ErrorFeedback, get_codec
 from gossamer.training.collective import AllReduceResult, CollectiveError, all_reduce
+from gossamer.training.collective_schedule import keys_prefix
 from gossamer.training.diloco_config import DiLoCoConfig
 from gossamer.training.diloco_results import RoundRecord, TrainResult
 from gossamer.training.diloco_state import State, flat_pseudo_gradient, outer_step, unflatten
@@ -119,8 +120,17 @@ class DiLoCoWorker:
 
     # ------------------------------------------------------------------ the loop
 
+    @property
+    def collective_prefix(self) -> str:
+        """Every data-plane tag of this run's all-reduces starts with it (keys are
+        ``<run id>/<round>``)."""
+        return keys_prefix(self.run.run_id)
+
     async def train(self) -> TrainResult:
         """Train until the run's last round (or ``should_stop``); return what happened."""
+        # the collective's tags take bytes only from peers the charter admits (read live, so a
+        # revoked member is cut off mid-run)
+        self.node.dataplane.guard(self.collective_prefix, lambda p: self.run.charter.may_join(p))
         try:
             state = await self.enter()
             while state is not None and not self._finished(state.round):
@@ -157,6 +167,7 @@ class DiLoCoWorker:
                 await trio.to_thread.run_sync(self._save_checkpoint, state)
             return self._result(state)
         finally:
+            self.node.dataplane.guard(self.collective_prefix, None)
             self._undo_listener()
 
     # ------------------------------------------------------------------ entering the run
@@ -294,7 +305,7 @@ class DiLoCoWorker:
         hook = self.hooks.get("on_attempt")
         result = await all_reduce(
             self.node,
-            f"{self.run.run_id[:16]}/{r}",
+            f"{self.run.run_id}/{r}",
             members,
             delta,
             float(tokens),
@@ -401,9 +412,13 @@ class DiLoCoWorker:
         now = time.time()
         max_age = self.config.heartbeat_max_age
 
+        charter = self.run.charter
+
         def live(peer: str) -> bool:
             if peer == self.me:
                 return True
+            if not charter.may_join(peer):  # revoked, or never admitted to a restricted run
+                return False
             m = members.get(peer)
             return m is not None and m.heartbeat is not None and now - m.heartbeat <= max_age
 

@@ -34,7 +34,9 @@ from typing import Any
 import torch
 import trio
 
+from gossamer.crdt.admin import RunAdmin
 from gossamer.node import GossamerError, NodeConfig, default_data_dir, load_config
+from gossamer.node.control import ControlServer
 from gossamer.training.diloco import DiLoCoWorker
 from gossamer.training.diloco_config import DiLoCoConfig
 from gossamer.training.diloco_results import TrainResult
@@ -63,8 +65,14 @@ async def open_run(
     run_config: Mapping[str, Any] | None = None,
     use_dht: bool = True,
     heartbeat_interval: float = 5.0,
+    access: str | None = None,
+    allow: Sequence[str] | None = None,
+    invite: str | None = None,
 ) -> Any:
-    """Start the node's run-document service and host run ``host`` or join ``run_id``."""
+    """Start the node's run-document service and host run ``host`` or join ``run_id``.
+
+    Hosting: ``access`` ("open" / "restricted") and ``allow`` (peer ids) set the charter.
+    Joining: ``invite`` is a token from the run's creator (:meth:`Worker.invite`)."""
     from gossamer.crdt import SyncOptions, attach_stack
 
     crdt = await attach_stack(
@@ -75,11 +83,15 @@ async def open_run(
     )
     assert crdt is not None
     if host is not None:
-        return await crdt.host_run(host, config=dict(run_config or {}))
+        return await crdt.host_run(
+            host,
+            config=dict(run_config or {}),
+            access=access,
+            allow=None if allow is None else list(allow),
+        )
     if run_id is None:
         raise ValueError("give a run name to host or a run id to join")
-    run = await crdt.join_run(run_id, bootstrap=list(bootstrap), timeout=30.0)
-    return run
+    return await crdt.join_run(run_id, bootstrap=list(bootstrap), timeout=30.0, invite=invite)
 
 
 class Worker:
@@ -141,16 +153,44 @@ class Worker:
     # -------------------------------------------------------------- blocking entry points
 
     def host(
-        self, name: str, *, extra_config: Mapping[str, Any] | None = None
+        self,
+        name: str,
+        *,
+        extra_config: Mapping[str, Any] | None = None,
+        access: str | None = None,
+        allow: Sequence[str] | None = None,
     ) -> TrainResult | None:
         """Start run ``name`` (its id is printed in the log and kept in ``self.run_id``) and
-        train as its first worker. Returns when the run's rounds are done."""
-        return trio.run(lambda: self.ahost(name, extra_config, ready=_print_ready))
+        train as its first worker. Returns when the run's rounds are done. ``access``
+        ("open"/"restricted") and ``allow`` (peer ids) say who may join; see :meth:`invite`."""
+        return trio.run(
+            lambda: self.ahost(name, extra_config, ready=_print_ready, access=access, allow=allow)
+        )
 
-    def join(self, run_id: str, bootstrap: str | Sequence[str] = ()) -> TrainResult | None:
-        """Join run ``run_id`` through ``bootstrap`` multiaddrs (or the DHT) and train."""
+    def join(
+        self, run_id: str, bootstrap: str | Sequence[str] = (), *, invite: str | None = None
+    ) -> TrainResult | None:
+        """Join run ``run_id`` through ``bootstrap`` multiaddrs (or the DHT) and train
+        (``invite``: a token from the run's creator, for a restricted run)."""
         boot = [bootstrap] if isinstance(bootstrap, str) else list(bootstrap)
-        return trio.run(lambda: self.ajoin(run_id, boot, ready=_print_ready))
+        return trio.run(lambda: self.ajoin(run_id, boot, ready=_print_ready, invite=invite))
+
+    # -------------------------------------------------------------- admission (the creator)
+
+    def invite(self, run_id: str, *, ttl: float = 24 * 3600.0, uses: int = 1) -> str:
+        """An invite token for our run ``run_id`` (works from another thread while
+        :meth:`host` trains, or before it starts)."""
+        return str(
+            RunAdmin(self.node_config.data_dir).invite(run_id, ttl=ttl, uses=uses).answer["invite"]
+        )
+
+    def admit(self, run_id: str, peer_id: str) -> None:
+        """Let ``peer_id`` into our run (reaches the members at once while we train)."""
+        RunAdmin(self.node_config.data_dir).admit(run_id, peer_id)
+
+    def revoke(self, run_id: str, peer_id: str) -> None:
+        """Put ``peer_id`` out of our run: every member's services refuse it from then on."""
+        RunAdmin(self.node_config.data_dir).revoke(run_id, peer_id)
 
     # -------------------------------------------------------------- async entry points
 
@@ -160,12 +200,16 @@ class Worker:
         extra_config: Mapping[str, Any] | None = None,
         *,
         ready: Callable[[Any, Any], None] | None = None,
+        access: str | None = None,
+        allow: Sequence[str] | None = None,
     ) -> TrainResult | None:
         run_config = {**dict(extra_config or {})}
         hparams = dict(run_config.get("hparams") or {})
         hparams["diloco"] = self.config.to_dict()
         run_config["hparams"] = hparams
-        return await self._run(host=name, run_config=run_config, ready=ready)
+        return await self._run(
+            host=name, run_config=run_config, ready=ready, access=access, allow=allow
+        )
 
     async def ajoin(
         self,
@@ -173,8 +217,9 @@ class Worker:
         bootstrap: Sequence[str] = (),
         *,
         ready: Callable[[Any, Any], None] | None = None,
+        invite: str | None = None,
     ) -> TrainResult | None:
-        return await self._run(run_id=run_id, bootstrap=bootstrap, ready=ready)
+        return await self._run(run_id=run_id, bootstrap=bootstrap, ready=ready, invite=invite)
 
     async def _run(self, ready: Callable[[Any, Any], None] | None = None, **how: Any) -> Any:
         from gossamer.node import Node
@@ -206,7 +251,13 @@ class Worker:
                 autocast=self.autocast,
             )
         try:
-            async with Node(self.node_config) as node:
+            async with Node(self.node_config) as node, trio.open_nursery() as services:
+                # the control API in our data dir: how invite/admit/revoke reach us mid-run
+                await services.start(
+                    ControlServer(
+                        node.control_methods, self.node_config.data_dir, peer_id=node.peer_id
+                    ).run
+                )
                 run = await open_run(node, use_dht=self.use_dht, **how)
                 self.run_id = run.run_id
                 self.addrs = node.addrs()
@@ -215,7 +266,9 @@ class Worker:
                 if ready is not None:
                     ready(node, run)
                 worker = DiLoCoWorker(node, run, inner, config, on_event=self.on_event)
-                return await worker.train()
+                result = await worker.train()
+                services.cancel_scope.cancel()
+                return result
         finally:
             inner.close()
 

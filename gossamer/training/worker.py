@@ -65,22 +65,46 @@ async def run_worker(
     hooks: Mapping[str, Callable[..., Any]] | None = None,
     use_dht: bool = True,
     evaluate: bool = False,
+    access: str | None = None,
+    allow: Sequence[str] | None = None,
+    invite: str | None = None,
+    control: bool = False,
 ) -> tuple[TrainResult, float | None]:
     """Host (``host`` = run name, with ``recipe`` and ``config``) or join (``run_id``) a run of
-    the built-in recipe and train; returns the result and, with ``evaluate``, the eval loss."""
+    the built-in recipe and train; returns the result and, with ``evaluate``, the eval loss.
+
+    ``access``/``allow`` (hosting) and ``invite`` (joining): see :mod:`gossamer.crdt.invite`.
+    ``control``: serve the node's control API in its data dir while training (the CLI's
+    foreground worker, so that ``gossamer run admit|revoke|invite`` reach it)."""
     from gossamer.node import Node
     from gossamer.training.memory import keep_freed_memory
 
     torch.set_num_threads(1)
     keep_freed_memory()
-    async with Node(node_config) as node:
+    async with Node(node_config) as node, trio.open_nursery() as services:
+        if control:
+            from gossamer.node.control import ControlServer
+
+            server = ControlServer(
+                node.control_methods, node_config.data_dir, peer_id=node.peer_id, port=0
+            )
+            await services.start(server.run)
         if host is not None:
             recipe = recipe or Recipe()
             config = config or DiLoCoConfig()
             run_config = {**recipe.to_config(), "hparams": {"diloco": config.to_dict()}}
-            run = await open_run(node, host=host, run_config=run_config, use_dht=use_dht)
+            run = await open_run(
+                node,
+                host=host,
+                run_config=run_config,
+                use_dht=use_dht,
+                access=access,
+                allow=allow,
+            )
         else:
-            run = await open_run(node, run_id=run_id, bootstrap=bootstrap, use_dht=use_dht)
+            run = await open_run(
+                node, run_id=run_id, bootstrap=bootstrap, use_dht=use_dht, invite=invite
+            )
             recipe, config = await _recipe_and_config(run)
         assert recipe is not None and config is not None
         if shard is None:
@@ -95,6 +119,7 @@ async def run_worker(
         loss = None
         if evaluate and result.state is not None:
             loss = await trio.to_thread.run_sync(recipe.eval_loss, result.state.params)
+        services.cancel_scope.cancel()  # only the control server lives there
         return result, loss
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import trio
 
 from gossamer.cli.main import main
@@ -52,3 +53,63 @@ async def test_run_status_shows_members_round_and_metrics(node_config, capsys):
         assert code != 0 and "does not replicate" in captured.err
         assert "Traceback" not in captured.err
         stop.set()
+
+
+async def test_run_invite_admit_revoke_from_the_cli(node_config, capsys):
+    """``gossamer run invite|admit|revoke`` against the creator's running node, then on disk."""
+    from crdt_helpers import crdt_nodes
+
+    from gossamer.crdt import RunAccessError
+
+    config = node_config("creator")
+    stop = trio.Event()
+    ready = trio.Event()
+    hosted: dict[str, object] = {}
+
+    async def extension(node):
+        service = await CrdtService.start(node)
+        run = await service.host_run("closed", access="restricted")
+        hosted.update(run=run, service=service, addr=node.addrs()[0])
+
+    async def cli(*argv: str) -> tuple[int, str, str]:
+        code = await trio.to_thread.run_sync(main, list(argv))
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    data = ["--data-dir", str(config.data_dir)]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            lambda: daemon.serve(
+                config, stop, extensions=[extension], ready=lambda n, s: ready.set()
+            )
+        )
+        await ready.wait()
+        run = hosted["run"]
+        async with crdt_nodes([node_config(), node_config()]) as (guest_s, outsider_s):
+            with pytest.raises(RunAccessError):
+                await outsider_s.join_run(run.run_id, bootstrap=[hosted["addr"]], timeout=5)
+            code, out, _ = await cli("run", "invite", "closed-", "--ttl", "10m", *data)
+            assert code == 0 and out.startswith("gsi1.")
+            guest = await guest_s.join_run(
+                run.run_id, bootstrap=[hosted["addr"]], invite=out.strip(), timeout=5
+            )
+            guest_id = guest_s.node.peer_id
+            code, out, _ = await cli("run", "revoke", run.run_id, guest_id, *data)
+            assert code == 0 and "revoked" in out and "running node" in out
+            await guest.wait_for(lambda doc: not doc.charter.may_join(guest_id), timeout=5)
+            code, out, _ = await cli("run", "admit", run.run_id, outsider_s.node.peer_id, *data)
+            assert code == 0 and run.charter.may_join(outsider_s.node.peer_id)
+            # mistakes: one line, non-zero
+            code, _, err = await cli("run", "admit", run.run_id, "not-a-peer", *data)
+            assert code != 0 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+            code, _, err = await cli("run", "invite", run.run_id, "--ttl", "soon", *data)
+            assert code != 0
+        stop.set()
+    # no node running: admit amends the stored charter, invite signs offline
+    code, out, _ = await cli("run", "admit", run.run_id, guest_id, *data, "--json")
+    answer = json.loads(out)
+    assert code == 0 and answer["live"] is False and answer["version"] == run.charter.version + 1
+    code, out, _ = await cli("run", "invite", run.run_id, *data)
+    assert code == 0 and out.startswith("gsi1.")
+    code, _, err = await cli("run", "invite", "nope-aaaaaaaaaaaaaaaa", *data)
+    assert code != 0 and "holds no run" in err

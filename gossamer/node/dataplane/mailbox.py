@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,6 +113,7 @@ class Mailbox:
         self._posted_event = trio.Event()
         self._unsolicited_timeout = unsolicited_timeout
         self._complaints = complaints if complaints is not None else Complaints()
+        self._guards: dict[str, Callable[[str], bool]] = {}
 
     @property
     def unsolicited_bytes(self) -> int:
@@ -242,8 +244,32 @@ class Mailbox:
                     return pending
         return None
 
+    def guard(self, tag_prefix: str, allowed: Callable[[str], bool] | None) -> None:
+        if allowed is None:
+            self._guards.pop(tag_prefix, None)
+        else:
+            self._guards[tag_prefix] = allowed
+
+    def _refused_by_guard(self, peer_id: str, tag: str) -> str | None:
+        for prefix, allowed in self._guards.items():
+            if tag.startswith(prefix):
+                try:
+                    ok = allowed(peer_id)
+                except Exception:  # a guard's bug must not take the channel down
+                    log.exception("data plane guard for %r failed", prefix)
+                    ok = False
+                if not ok:
+                    return prefix
+        return None
+
     async def claim(self, peer_id: str, msg_id: int, tag: str, specs: list[BufferSpec]) -> Delivery:
         """Decide where the message ``(peer_id, tag)`` described by ``specs`` lands."""
+        guarded = self._refused_by_guard(peer_id, tag) if self._guards else None
+        if guarded is not None:
+            self._complaints.log(
+                log, peer_id, "refusing %r from %s: not admitted to %r", tag, peer_id[-8:], guarded
+            )
+            return _discarding(f"not admitted to {guarded!r}")
         total = sum(s.nbytes for s in specs)
         pending = self._find_posted(peer_id, tag)
         if pending is None and not self._fits(peer_id, total):

@@ -203,6 +203,13 @@ class DataPlane:
         """Abandon every receive and early arrival whose tag starts with ``tag_prefix``."""
         return self._mailbox.drop(tag_prefix)
 
+    def guard(self, tag_prefix: str, allowed: Callable[[str], bool] | None) -> None:
+        """Accept messages whose tag starts with ``tag_prefix`` only from peers ``allowed``
+        admits (None: remove the guard). A refused sender's transfer fails with the reason
+        and costs us no buffer; one log line per peer and interval. How a run's collective
+        keeps its tags to the members its charter admits."""
+        self._mailbox.guard(tag_prefix, allowed)
+
     async def _expire_unclaimed(self) -> None:
         max_age = 2 * self._node.config.dataplane_unsolicited_timeout
         while True:

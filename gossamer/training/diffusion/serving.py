@@ -40,7 +40,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -213,8 +213,17 @@ def _cond_dim(model: torch.nn.Module) -> int:
 class ExpertServer:
     """The checkpoints a node serves and the one worker thread that runs their forwards."""
 
-    def __init__(self, *, max_batch: int = DEFAULT_MAX_BATCH, num_threads: int | None = 1):
+    def __init__(
+        self,
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        num_threads: int | None = 1,
+        admits: Callable[[str, str], bool] | None = None,
+    ):
         self.max_batch = max_batch
+        # admits(run_id, peer_id): may this peer use the checkpoints of that run? (None: all.)
+        # A run's experts are served as its charter says (serve_checkpoints wires it).
+        self.admits = admits
         self.checkpoints: dict[str, ServedCheckpoint] = {}
         self._limiter = trio.CapacityLimiter(1)
         self._num_threads = num_threads
@@ -271,11 +280,19 @@ class ExpertServer:
     def remove(self, cid: str) -> None:
         self.checkpoints.pop(cid, None)
 
-    def expert(self, cid: Any) -> ServedCheckpoint:
+    def expert(self, cid: Any, peer_id: str) -> ServedCheckpoint:
         entry = self.checkpoints.get(cid) if isinstance(cid, str) else None
         if entry is None or entry.kind != "expert":
             raise Refused(f"this node serves no expert {str(cid)[:16]}", "unknown_cid")
+        self.check_admitted(entry, peer_id)
         return entry
+
+    def may_use(self, entry: ServedCheckpoint, peer_id: str) -> bool:
+        return entry.run_id is None or self.admits is None or self.admits(entry.run_id, peer_id)
+
+    def check_admitted(self, entry: ServedCheckpoint, peer_id: str) -> None:
+        if not self.may_use(entry, peer_id):
+            raise Refused(f"you are not admitted to run {entry.run_id}", "not_admitted")
 
     async def forward(
         self, entry: ServedCheckpoint, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None
@@ -370,7 +387,11 @@ class DdmService(Service):
     @rpc
     async def describe(self, ctx: CallContext) -> dict[str, Any]:
         return {
-            "checkpoints": [c.describe() for c in self.server.checkpoints.values()],
+            "checkpoints": [
+                c.describe()
+                for c in self.server.checkpoints.values()
+                if self.server.may_use(c, ctx.peer_id)
+            ],
             "max_batch": self.server.max_batch,
             "inline_max_bytes": INLINE_MAX_BYTES,
         }
@@ -380,6 +401,11 @@ class DdmService(Service):
         entry = self.server.checkpoints.get(cid)
         if entry is None:
             raise Refused(f"this node serves no checkpoint {cid[:16]}", "unknown_cid")
+        try:
+            self.server.check_admitted(entry, ctx.peer_id)
+        except Refused as exc:
+            self.server.note_refusal(ctx.peer_id, exc)
+            raise
         if offset < 0 or length < 1 or offset > len(entry.data):
             raise Refused("offset/length out of range", "bad_request")
         return entry.data[offset : offset + min(length, FETCH_CHUNK_BYTES)]
@@ -398,7 +424,7 @@ class DdmService(Service):
     ) -> dict[str, Any]:
         """Velocities v(x_t, t) of one batch."""
         try:
-            entry = self.server.expert(cid)
+            entry = self.server.expert(cid, ctx.peer_id)
             b = self._check_header(entry, shape, dtype)
             self._admit(ctx.peer_id, b)
         except Refused as exc:
@@ -438,7 +464,7 @@ class DdmService(Service):
         (t = i·dt, x ← x + dt·v), so the result is the one per-step requests would give.
         """
         try:
-            entry = self.server.expert(cid)
+            entry = self.server.expert(cid, ctx.peer_id)
             b = self._check_header(entry, shape, dtype)
             if not (1 <= steps <= MAX_STEPS and 0 <= start < end <= steps):
                 raise _bad(f"need 0 <= start < end <= steps <= {MAX_STEPS}")

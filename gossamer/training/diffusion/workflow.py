@@ -450,14 +450,22 @@ async def serve_checkpoints(
     from gossamer.training.diffusion import serving
     from gossamer.training.diffusion.announcements import announce, withdraw
 
-    server = serving.serve(node)
+    admits = None
+    if run is not None:
+        served = run
+
+        def admits(entry_run: str, peer_id: str) -> bool:
+            # a run's experts go to the peers its charter admits, read live (revocation)
+            return entry_run != served.run_id or served.charter.may_join(peer_id)
+
+    run_id = run_id or (run.run_id if run is not None else None)
+    server = serving.serve(node, admits=admits)
     entries = []
     for data in checkpoints:
         entries.append(server.add_expert(data, cluster=cluster, run_id=run_id))
     if router is not None:
         entries.append(server.add_blob(router, "router", run_id))
     partition = next((e.meta.get("partition") for e in entries if e.meta.get("partition")), None)
-    run_id = run_id or (run.run_id if run is not None else None)
     await announce(node, entries, run=run, run_id=run_id, partition=partition, ttl=ttl)
 
     async def refresh() -> None:
