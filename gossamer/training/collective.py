@@ -102,6 +102,9 @@ class AllReduce:
         self.error_feedback = error_feedback
         self.join_deadline = join_deadline
         self.on_attempt = on_attempt
+        # owner/verifier disagreements of this all-reduce's attempts: member -> whom it
+        # disagreed with (two different members put it out, see collective_membership.decide)
+        self.dispute_partners: dict[str, set[str]] = {}
 
     @property
     def bytes_sent(self) -> int:
@@ -191,6 +194,18 @@ class AllReduce:
             )
             for t in schedule.contributions_in()
         }
+        # verification: copies of the contributions to the parts we verify, and the
+        # verifiers' digests of the parts we only receive
+        copies = {
+            j: {
+                (t.sender, t.piece): dataplane.post_recv(
+                    t.sender, t.tag, into=self.exchange.rs_buffers(t.numel)
+                )
+                for t in schedule.copies_in(j)
+            }
+            for j in schedule.verified_parts
+        }
+        digests = {t: dataplane.post_recv(t.sender, t.tag) for t in schedule.digests_in()}
         ag_pending = {
             t: dataplane.post_recv(
                 t.sender,
@@ -201,7 +216,7 @@ class AllReduce:
         }
         async with trio.open_nursery() as nursery:
             for part in range(len(members)):
-                if part != schedule.my_part:
+                if part != schedule.my_part or schedule.copies_to_verifier(part):
                     nursery.start_soon(
                         self.exchange.send_contributions,
                         schedule,
@@ -225,14 +240,50 @@ class AllReduce:
                 nursery.start_soon(
                     self.exchange.receive_part, schedule, transfer, pending, out, ag_deadline, state
                 )
+            for part, pending_copies in copies.items():
+                nursery.start_soon(
+                    self.exchange.verify_part,
+                    schedule,
+                    part,
+                    flat,
+                    weight,
+                    pending_copies,
+                    out,
+                    (deadline, ag_deadline),
+                    state,
+                )
+            for transfer, pending in digests.items():
+                nursery.start_soon(
+                    self.exchange.check_digest,
+                    schedule.owner(transfer.part),
+                    transfer,
+                    pending,
+                    out,
+                    ag_deadline,
+                    state,
+                )
         mine = Status(
             ok=not state.missing_parts,
             missing_parts=sorted(state.missing_parts),
             contributors={o: sorted(c) for o, c in state.contributors_by_owner.items()},
             refused=state.refused,
+            disputed=sorted(state.disputed),
+            mismatched=sorted(state.mismatched),
         )
         statuses = await exchange_statuses(self.links, schedule, mine)
-        commit, proposal = decide(members, statuses)
+        commit, proposal, disputes = decide(
+            members, statuses, schedule.verifier_of, self.dispute_partners
+        )
+        for a, b in disputes:
+            self.dispute_partners.setdefault(a, set()).add(b)
+            self.dispute_partners.setdefault(b, set()).add(a)
+        if disputes:
+            log.warning(
+                "all-reduce %s %s: disputed parts %s",
+                self.key,
+                schedule.prefix,
+                [(a[-8:], b[-8:]) for a, b in disputes],
+            )
         if not commit:
             log.info(
                 "all-reduce %s %s: statuses %s",

@@ -12,8 +12,11 @@ vectors. :class:`AttemptState` collects what this member holds, for its status.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import math
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +30,9 @@ from gossamer.training.collective_plan import screen
 from gossamer.training.collective_schedule import AllReduceSchedule, Transfer
 
 log = logging.getLogger(__name__)
+
+# a verifier's verdict on one reduced piece (sent with its digest)
+VERIFIED, UNVERIFIED, DISPUTED = 0, 1, 2
 
 
 def _buffers(encoded: EncodedTensor) -> dict[str, Any]:
@@ -42,6 +48,23 @@ def _empty_buffers(codec: Codec, numel: int) -> dict[str, torch.Tensor]:
 
 def _all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor).all())
+
+
+def _close(mine: torch.Tensor, theirs: torch.Tensor) -> bool:
+    """The owner's piece is the verifier's reduction, up to float rounding (CPUs may order a
+    norm's sum differently; a quantised codec may move an element by one step)."""
+    if not bool(torch.isfinite(theirs).all()):
+        return False
+    scale = float(torch.linalg.vector_norm(mine))
+    return float(torch.linalg.vector_norm(mine - theirs)) <= 1e-3 * scale + 1e-12
+
+
+def _piece_digest(values: torch.Tensor, contributors: list[str], total: float) -> bytes:
+    """What a reduced piece is to its receivers: its decoded values, mask and total."""
+    h = hashlib.sha256(values.contiguous().numpy().tobytes())
+    h.update("\0".join(contributors).encode())
+    h.update(struct.pack("<d", total))
+    return h.digest()
 
 
 def _decode(codec: Codec, numel: int, received: dict[str, Any]) -> torch.Tensor:
@@ -60,6 +83,18 @@ class AttemptState:
     refused: dict[str, str] = field(default_factory=dict)
     contributors_by_owner: dict[str, set[str]] = field(default_factory=dict)
     totals: set[float] = field(default_factory=set)
+    # verification: owners whose part this member (as verifier) found wrong, and owners whose
+    # bytes differ from what their verifier checked
+    disputed: set[str] = field(default_factory=set)
+    mismatched: set[str] = field(default_factory=set)
+    verified: int = 0  # pieces this member checked as a verifier
+    unverifiable: int = 0  # ... and could not (a copy missing)
+    # (owner, piece) -> (contributors, total) of reduced pieces in hand, and their arrival
+    pieces: dict[tuple[str, int], tuple[list[str], float]] = field(default_factory=dict)
+    _arrived: dict[tuple[str, int], trio.Event] = field(default_factory=dict)
+
+    def arrival(self, owner: str, piece: int) -> trio.Event:
+        return self._arrived.setdefault((owner, piece), trio.Event())
 
     def record(self, owner: str, contributors: list[str], total: float) -> None:
         """A piece of ``owner``'s part, summed over ``contributors``, is in hand."""
@@ -111,12 +146,24 @@ class PieceExchange:
         state: AttemptState,
     ) -> None:
         """Send my pieces of ``part`` to its owner in order, stopping at the first that fails."""
-        for transfer in schedule.contributions_to(part):
+        copies = {t.piece: t for t in schedule.copies_to_verifier(part)}
+        transfers = schedule.contributions_to(part) or [
+            t for t in copies.values()
+        ]  # my own part: only the verifier's copies leave
+        for transfer in transfers:
             piece = flat[transfer.start : transfer.end]
             encoded = await trio.to_thread.run_sync(self.codec.encode, piece)
             message = {**_buffers(encoded), "w": torch.tensor([weight], dtype=torch.float64)}
             if not await self.links.send(transfer.receiver, transfer.tag, message, deadline):
                 state.unreachable.add(transfer.receiver)
+                return
+            copy = copies.get(transfer.piece)
+            if (
+                copy is not None
+                and copy is not transfer
+                and not await self.links.send(copy.receiver, copy.tag, message, deadline)
+            ):
+                state.unreachable.add(copy.receiver)
                 return
 
     async def reduce_my_part(
@@ -212,8 +259,10 @@ class PieceExchange:
             # If our own values were refused we still reduce the others' for our
             # part: the statuses then drop only us, without anyone waiting.
             contributors = sorted(pieces)
+            # the weights of the contributors summed, as a verifier recomputes them
+            final = admitted_weights({p: weights[p] for p in contributors}, self.aggregation)
             encoded, total = await trio.to_thread.run_sync(
-                self._reduce_into, {p: (pieces[p], admitted[p]) for p in contributors}, out, a, b
+                self._reduce_into, {p: (pieces[p], final[p]) for p in contributors}, out, a, b
             )
             state.record(self.me, contributors, total)
             mask = torch.tensor([p in pieces for p in members], dtype=torch.uint8)
@@ -282,3 +331,143 @@ class PieceExchange:
             state.missing_parts.add(owner)
             return
         state.record(owner, contributors, total)
+        state.pieces[(owner, transfer.piece)] = (contributors, total)
+        state.arrival(owner, transfer.piece).set()
+
+    # ------------------------------------------------------------ verification
+
+    async def _contribution_copy(self, received: Any, numel: int) -> tuple[torch.Tensor, float]:
+        weight = float(received["w"][0])
+        if not (math.isfinite(weight) and weight > 0):
+            raise CodecError(f"weight {weight!r} is not a positive number")
+        if self._identity:
+            return received["b0"].view(torch.float32), weight
+        return await trio.to_thread.run_sync(_decode, self.codec, numel, received.tensors), weight
+
+    async def verify_part(
+        self,
+        schedule: AllReduceSchedule,
+        part: int,
+        flat: torch.Tensor,
+        weight: float,
+        copies: dict[tuple[str, int], Any],
+        out: torch.Tensor,
+        deadlines: tuple[float, float],
+        state: AttemptState,
+    ) -> None:
+        """As ``part``'s verifier: reduce every piece again from the copies of its
+        contributions, over the contributors the owner says it summed, and compare with what the
+        owner sent; tell the others the verdict (and a digest of the checked bytes), so nobody
+        waits for a verdict that will not come."""
+        deadline, ag_deadline = deadlines
+        owner = schedule.owner(part)
+        disputed = False
+        for k, (a, b) in enumerate(schedule.plan.pieces(part)):
+            verdict, digest = UNVERIFIED, bytes(32)
+            if not disputed:
+                verdict, digest = await self._verify_piece(
+                    schedule, part, k, (a, b), flat, weight, copies, out, deadline, ag_deadline,
+                    state,
+                )  # fmt: skip
+                disputed = verdict == DISPUTED
+            message = {
+                "h": torch.frombuffer(bytearray(digest), dtype=torch.uint8),
+                "v": torch.tensor([verdict], dtype=torch.uint8),
+            }
+            async with trio.open_nursery() as nursery:
+                for t in schedule.digests_out(part, k):
+                    nursery.start_soon(self.links.send, t.receiver, t.tag, message, ag_deadline)
+        if disputed:
+            state.disputed.add(owner)
+
+    async def _verify_piece(
+        self,
+        schedule: AllReduceSchedule,
+        part: int,
+        k: int,
+        span: tuple[int, int],
+        flat: torch.Tensor,
+        weight: float,
+        copies: dict[tuple[str, int], Any],
+        out: torch.Tensor,
+        deadline: float,
+        ag_deadline: float,
+        state: AttemptState,
+    ) -> tuple[int, bytes]:
+        a, b = span
+        owner = schedule.owner(part)
+        held: dict[str, tuple[torch.Tensor, float]] = {}
+        own = flat[a:b] if self._identity else await trio.to_thread.run_sync(
+            lambda: self.codec.decode(self.codec.encode(flat[a:b])).reshape(-1)
+        )  # fmt: skip
+        held[self.me] = (own, weight)
+        for peer in schedule.others:
+            received = await self.links.wait_from(peer, copies[(peer, k)], deadline)
+            if received is None:
+                continue
+            with contextlib.suppress(CodecError, KeyError, ValueError):
+                held[peer] = await self._contribution_copy(received, b - a)
+        with trio.move_on_at(ag_deadline):
+            await state.arrival(owner, k).wait()
+        if (owner, k) not in state.pieces:
+            return UNVERIFIED, bytes(32)  # the owner's piece never came: the statuses say so
+        contributors, total = state.pieces[(owner, k)]
+        if owner not in held:
+            # the owner kept its own contribution from us: only it can be at fault
+            return DISPUTED, bytes(32)
+        if any(p not in held for p in contributors):
+            state.unverifiable += 1  # a third member's copy is missing: cannot check
+            return UNVERIFIED, bytes(32)
+        admitted = admitted_weights({p: held[p][1] for p in contributors}, self.aggregation)
+        mine = await trio.to_thread.run_sync(
+            self._recompute, {p: (held[p][0], admitted[p]) for p in contributors}
+        )
+        theirs = out[a:b]
+        if not await trio.to_thread.run_sync(_close, mine, theirs):
+            log.warning(
+                "all-reduce %s: %s's part %d piece %d differs from our reduction: disputed",
+                self.key,
+                owner[-8:],
+                part,
+                k,
+            )
+            return DISPUTED, bytes(32)
+        state.verified += 1
+        return VERIFIED, await trio.to_thread.run_sync(_piece_digest, theirs, contributors, total)
+
+    def _recompute(self, contributions: dict[str, tuple[torch.Tensor, float]]) -> torch.Tensor:
+        reduced, _ = aggregate(contributions, self.aggregation)
+        if self._identity:
+            return reduced
+        return self.codec.decode(self.codec.encode(reduced)).reshape(-1)
+
+    async def check_digest(
+        self,
+        owner: str,
+        transfer: Transfer,
+        pending: Any,
+        out: torch.Tensor,
+        deadline: float,
+        state: AttemptState,
+    ) -> None:
+        """Compare what ``owner`` sent us with its verifier's digest (when one comes)."""
+        received = await self.links.wait_from(transfer.sender, pending, deadline)
+        if received is None:
+            return  # no word from the verifier: the piece stands unverified
+        with trio.move_on_at(deadline):
+            await state.arrival(owner, transfer.piece).wait()
+        held = state.pieces.get((owner, transfer.piece))
+        if held is None:
+            return
+        try:
+            theirs = bytes(received["h"].numpy().tobytes())
+            verdict = int(received["v"][0])
+        except (KeyError, AttributeError, ValueError, IndexError):
+            return
+        if verdict != VERIFIED:
+            return  # unverified (the verifier's own dispute, if any, is in its status)
+        mine = await trio.to_thread.run_sync(
+            _piece_digest, out[transfer.start : transfer.end], held[0], held[1]
+        )
+        if mine != theirs:
+            state.mismatched.add(owner)

@@ -39,10 +39,19 @@ class Status:
     # owner -> contributors summed in every piece of that owner's part this member holds
     contributors: dict[str, list[str]] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)  # contributor -> why (as an owner)
+    disputed: list[str] = field(default_factory=list)  # owners whose part I verified: wrong
+    mismatched: list[str] = field(default_factory=list)  # owners whose bytes ≠ their verifier's
 
     def pack(self) -> bytes:
         return wire.pack(
-            {"ok": self.ok, "m": self.missing_parts, "c": self.contributors, "r": self.refused}
+            {
+                "ok": self.ok,
+                "m": self.missing_parts,
+                "c": self.contributors,
+                "r": self.refused,
+                "d": self.disputed,
+                "x": self.mismatched,
+            }
         )
 
     @classmethod
@@ -58,7 +67,17 @@ class Status:
             raise ValueError("malformed status refusals")
         if not all(isinstance(v, list) for v in contributors.values()):
             raise ValueError("malformed contributor lists")
-        names = [*missing, *contributors, *refused, *(p for v in contributors.values() for p in v)]
+        disputed, mismatched = raw.get("d", []), raw.get("x", [])
+        if not isinstance(disputed, list) or not isinstance(mismatched, list):
+            raise ValueError("malformed status verdicts")
+        names = [
+            *missing,
+            *contributors,
+            *refused,
+            *disputed,
+            *mismatched,
+            *(p for v in contributors.values() for p in v),
+        ]
         if not all(isinstance(p, str) and p in known for p in names):
             raise ValueError("status names peers outside the attempt")
         return cls(
@@ -66,6 +85,8 @@ class Status:
             missing,
             {k: list(v) for k, v in contributors.items()},
             {k: str(v)[:200] for k, v in refused.items()},
+            sorted(set(disputed)),
+            sorted(set(mismatched)),
         )
 
 
@@ -74,9 +95,15 @@ class Decision(NamedTuple):
 
     commit: bool
     members: list[str]  # the membership of the next attempt (sorted); all of them on commit
+    disputes: tuple[tuple[str, str], ...] = ()  # (owner, verifier) pairs that disagreed
 
 
-def decide(members: Sequence[str], statuses: Mapping[str, Status]) -> Decision:
+def decide(
+    members: Sequence[str],
+    statuses: Mapping[str, Status],
+    verifier_of: Mapping[str, str] | None = None,
+    partners: Mapping[str, AbstractSet[str]] | None = None,
+) -> Decision:
     """Commit or retry, and the next membership, from the statuses a member collected (its own
     included).  Deterministic: members that collected the same statuses decide the same.
 
@@ -89,9 +116,16 @@ def decide(members: Sequence[str], statuses: Mapping[str, Status]) -> Decision:
     * a contributor left out of the parts of two or more owners (refused, or too late) is
       out; one left out by a single owner stays, and only that owner's part goes without it,
       so one owner cannot drop a member from the round;
-    * a member that reports failure without naming a part it lacks is out.
+    * a member that reports failure without naming a part it lacks is out;
+    * verification (``verifier_of``: owner -> its part's verifier this attempt): a verifier
+      that found an owner's part wrong, or two or more members whose bytes differ from the
+      verifier's digest, make the pair (owner, verifier) a *dispute*; the attempt cannot commit
+      and is retried with the same members, the parts re-paired. One member's word cannot
+      tell the liar of a pair, but a liar disagrees with every partner: a member in disputes
+      with two different members (``partners``: this all-reduce's earlier disputes) is out.
+      One member alone claiming a mismatch is out (it cannot complete, as for a missing part).
 
-    The round commits when nobody is out.
+    The round commits when nobody is out and nothing is disputed.
     """
     full = set(members)
     out = {p for p in members if p not in statuses}
@@ -121,7 +155,29 @@ def decide(members: Sequence[str], statuses: Mapping[str, Status]) -> Decision:
     for contributor, owners in sorted(excluded_by.items()):
         if len(owners - out - {contributor}) >= 2:
             out.add(contributor)
-    return Decision(not out, sorted(full - out))
+    disputes: set[tuple[str, str]] = set()
+    verifier_of = verifier_of or {}
+    mismatch_claims: dict[str, set[str]] = {}
+    for sender, status in statuses.items():
+        for owner in status.disputed:
+            if verifier_of.get(owner) == sender and owner != sender:
+                disputes.add((owner, sender))
+        for owner in status.mismatched:
+            mismatch_claims.setdefault(owner, set()).add(sender)
+    for owner, claimants in sorted(mismatch_claims.items()):
+        verifier = verifier_of.get(owner)
+        if verifier is None or owner in out:
+            continue
+        if len(claimants - {owner, verifier}) >= 2:
+            disputes.add((owner, verifier))
+        else:
+            out.update(claimants - {owner, verifier})
+    seen: dict[str, set[str]] = {p: set(v) for p, v in (partners or {}).items()}
+    for a, b in disputes:
+        seen.setdefault(a, set()).add(b)
+        seen.setdefault(b, set()).add(a)
+    out.update(p for p in full if len(seen.get(p, set())) >= 2)
+    return Decision(not out and not disputes, sorted(full - out), tuple(sorted(disputes)))
 
 
 @dataclass

@@ -5,6 +5,8 @@ tags are written or read)::
 
     ar/<key>/<scope>/rs/<part>/<piece>   a contribution: piece <piece> of part <part>, to its owner
     ar/<key>/<scope>/ag/<part>/<piece>   a reduced piece of part <part>, from its owner to everyone
+    ar/<key>/<scope>/vs/<part>/<piece>   the same contribution, to the part's verifier
+    ar/<key>/<scope>/vh/<part>/<piece>   the verifier's digest of the owner's reduced piece
     ar/<key>/<scope>/st                  a member's status after the attempt
     ar/<key>/<scope>/mv/<round>          a member's membership view in an agreement round
 
@@ -30,10 +32,10 @@ from gossamer.training.collective_plan import DEFAULT_PIECE_ELEMS, Plan
 JOIN: Final = "join"  # the scope of the agreement on members before the first attempt
 
 Scope = int | Literal["join"]
-Kind = Literal["rs", "ag", "st", "mv"]
+Kind = Literal["rs", "ag", "vs", "vh", "st", "mv"]
 
 # how many numbers follow each kind of tag
-_ARITY: Final[dict[str, int]] = {"rs": 2, "ag": 2, "st": 0, "mv": 1}
+_ARITY: Final[dict[str, int]] = {"rs": 2, "ag": 2, "vs": 2, "vh": 2, "st": 0, "mv": 1}
 
 
 def scope_prefix(key: str, scope: Scope) -> str:
@@ -88,6 +90,14 @@ class Tag:
     @classmethod
     def reduced(cls, key: str, attempt: int, part: int, piece: int) -> Tag:
         return cls(key, attempt, "ag", (part, piece))
+
+    @classmethod
+    def verifier_copy(cls, key: str, attempt: int, part: int, piece: int) -> Tag:
+        return cls(key, attempt, "vs", (part, piece))
+
+    @classmethod
+    def verifier_digest(cls, key: str, attempt: int, part: int, piece: int) -> Tag:
+        return cls(key, attempt, "vh", (part, piece))
 
     @classmethod
     def status(cls, key: str, attempt: int) -> Tag:
@@ -198,6 +208,78 @@ class AllReduceSchedule:
 
     def owner(self, part: int) -> str:
         return self.members[part]
+
+    # ------------------------------------------------------------ verification
+    # Each part has a verifier (from three members on): it receives a copy of every
+    # contribution to the part, reduces it itself and checks the owner's result; it tells the
+    # others a digest of the bytes it checked. The verifier of part j is the member
+    # 1 + attempt mod (n-1) places after its owner, so a retry pairs every owner with
+    # another verifier (a lying owner, or verifier, disagrees with two members in two attempts;
+    # an honest one with only the liar).
+
+    def verifier(self, part: int) -> str | None:
+        n = len(self.members)
+        if n < 3:
+            return None  # two members: nobody else to ask
+        return self.members[(part + 1 + self.attempt % (n - 1)) % n]
+
+    @property
+    def verifier_of(self) -> dict[str, str]:
+        """owner -> the verifier of its part (empty below three members)."""
+        out = {}
+        for j, owner in enumerate(self.members):
+            v = self.verifier(j)
+            if v is not None:
+                out[owner] = v
+        return out
+
+    @property
+    def verified_parts(self) -> list[int]:
+        """The parts this member verifies."""
+        return [j for j in range(len(self.members)) if self.verifier(j) == self.me]
+
+    def _copy(self, sender: str, part: int, piece: int) -> Transfer:
+        start, end = self.plan.pieces(part)[piece]
+        tag = str(Tag.verifier_copy(self.key, self.attempt, part, piece))
+        verifier = self.verifier(part)
+        assert verifier is not None
+        return Transfer(sender, verifier, tag, part, piece, start, end)
+
+    def copies_to_verifier(self, part: int) -> list[Transfer]:
+        """My contributions to ``part`` again, for its verifier (my own part's too)."""
+        verifier = self.verifier(part)
+        if verifier is None or verifier == self.me:
+            return []
+        return [self._copy(self.me, part, k) for k in range(len(self.plan.pieces(part)))]
+
+    def copies_in(self, part: int) -> list[Transfer]:
+        """Receives of the contributions to a part I verify: every other member's."""
+        return [
+            self._copy(peer, part, k)
+            for k in range(len(self.plan.pieces(part)))
+            for peer in self.others
+        ]
+
+    def _digest(self, receiver: str, part: int, piece: int) -> Transfer:
+        start, end = self.plan.pieces(part)[piece]
+        tag = str(Tag.verifier_digest(self.key, self.attempt, part, piece))
+        verifier = self.verifier(part)
+        assert verifier is not None
+        return Transfer(verifier, receiver, tag, part, piece, start, end)
+
+    def digests_out(self, part: int, piece: int) -> list[Transfer]:
+        """My digest of a verified piece, to everyone but its owner."""
+        owner = self.owner(part)
+        return [self._digest(p, part, piece) for p in self.others if p != owner]
+
+    def digests_in(self) -> list[Transfer]:
+        """Receives of the verifiers' digests, for the parts I neither own nor verify."""
+        return [
+            self._digest(self.me, j, k)
+            for j in range(len(self.members))
+            if j != self.my_part and self.verifier(j) not in (None, self.me)
+            for k in range(len(self.plan.pieces(j)))
+        ]
 
     def _contribution(self, sender: str, part: int, piece: int) -> Transfer:
         start, end = self.plan.pieces(part)[piece]

@@ -65,18 +65,18 @@ def test_decide_commits_only_on_unanimous_full_success():
     members = ["a", "b", "c"]
     full = {o: members for o in members}
     ok = Status(True, [], full, {})
-    assert decide(members, {"a": ok, "b": ok, "c": ok}) == (True, members)
-    assert decide(members, {"a": ok, "b": ok}) == (False, ["a", "b"])
+    assert decide(members, {"a": ok, "b": ok, "c": ok})[:2] == (True, members)
+    assert decide(members, {"a": ok, "b": ok})[:2] == (False, ["a", "b"])
     # an owner whose part two members lack is out
     missing = Status(False, ["c"], {"a": members, "b": members}, {})
-    assert decide(members, {"a": missing, "b": missing, "c": ok}) == (False, ["a", "b"])
+    assert decide(members, {"a": missing, "b": missing, "c": ok})[:2] == (False, ["a", "b"])
     # an owner that refused a contributor, and an owner that got it too late: that part goes
     # without it; two owners leaving it out put it out
     refused = Status(True, [], full, {"c": "contains NaN or Inf"})
-    assert decide(members, {"a": refused, "b": ok, "c": ok}) == (True, members)
-    assert decide(members, {"a": refused, "b": refused, "c": ok}) == (False, ["a", "b"])
+    assert decide(members, {"a": refused, "b": ok, "c": ok})[:2] == (True, members)
+    assert decide(members, {"a": refused, "b": refused, "c": ok})[:2] == (False, ["a", "b"])
     late = Status(True, [], {**full, "a": ["a", "c"]}, {})  # b's piece reached a too late
-    assert decide(members, {"a": late, "b": ok, "c": ok}) == (True, members)
+    assert decide(members, {"a": late, "b": ok, "c": ok})[:2] == (True, members)
 
 
 def test_no_lone_member_can_veto_or_drop_another():
@@ -85,16 +85,16 @@ def test_no_lone_member_can_veto_or_drop_another():
     ok = Status(True, [], full, {})
     # a liar says every other part is missing and refuses everyone: it is the one out
     liar = Status(False, ["b", "c", "d"], full, dict.fromkeys("bcd", "bad"))
-    assert decide(members, {"a": liar, "b": ok, "c": ok, "d": ok}) == (False, ["b", "c", "d"])
+    assert decide(members, {"a": liar, "b": ok, "c": ok, "d": ok})[:2] == (False, ["b", "c", "d"])
     # a bare failure without a reason speaks for its sender only
     failed = Status(False, [], full, {})
-    assert decide(members, {"a": failed, "b": ok, "c": ok, "d": ok}) == (False, ["b", "c", "d"])
+    assert decide(members, {"a": failed, "b": ok, "c": ok, "d": ok})[:2] == (False, ["b", "c", "d"])
     # what one member relays about another owner's part is not that owner's word
     relayed = Status(True, [], {**full, "b": ["b"]}, {})
-    assert decide(members, {"a": relayed, "b": ok, "c": ok, "d": ok}) == (True, members)
+    assert decide(members, {"a": relayed, "b": ok, "c": ok, "d": ok})[:2] == (True, members)
     # an owner that says its own part failed is out (a confession, not an accusation)
     own = Status(False, ["b"], full, {})
-    assert decide(members, {"a": ok, "b": own, "c": ok, "d": ok}) == (False, ["a", "c", "d"])
+    assert decide(members, {"a": ok, "b": own, "c": ok, "d": ok})[:2] == (False, ["a", "c", "d"])
 
 
 def test_decide_ignores_partial_parts_of_dropped_owners():
@@ -102,7 +102,7 @@ def test_decide_ignores_partial_parts_of_dropped_owners():
     # c died while reducing its part: a got a piece of it summed without b
     a = Status(False, ["c"], {"a": ["a", "b"], "b": ["a", "b"], "c": ["a", "c"]}, {})
     b = Status(False, ["c"], {"a": ["a", "b"], "b": ["a", "b"]}, {})
-    assert decide(members, {"a": a, "b": b}) == (False, ["a", "b"])
+    assert decide(members, {"a": a, "b": b})[:2] == (False, ["a", "b"])
 
 
 def test_status_roundtrip_and_validation():
@@ -390,3 +390,69 @@ async def test_a_lying_status_vetoes_nothing(nodes, monkeypatch):
             assert torch.equal(results[peer].tensor, results[others[0]].tensor)
             assert torch.allclose(results[peer].tensor, torch.full((3000,), 2.0))
         assert liar not in results  # it was told the others dropped it
+
+
+@pytest.mark.parametrize("codec", ["none", "int8"])
+async def test_a_lying_part_owner_is_caught_by_its_verifier_and_left_out(nodes, monkeypatch, codec):
+    # the owner of a part sends -10x what it reduced: receivers only checked that values
+    # decode, and parity could not see it (everyone got the same bytes)
+    from gossamer.training import collective_exchange
+
+    async with nodes(4) as group:
+        await _mesh(group)
+        members = [n.peer_id for n in group]
+        liar = group[3].peer_id
+        others = sorted(set(members) - {liar})
+        honest_reduce = collective_exchange.PieceExchange._reduce_into
+
+        def lying_reduce(self, contributions, out, a, b):
+            encoded, total = honest_reduce(self, contributions, out, a, b)
+            if self.me != liar:
+                return encoded, total
+            out[a:b] *= -10.0
+            return self.codec.encode(out[a:b].clone()), total
+
+        monkeypatch.setattr(collective_exchange.PieceExchange, "_reduce_into", lying_reduce)
+        xs = [torch.full((3000,), float(i + 1)) for i in range(4)]
+        results = {}
+
+        async def one(node, x):
+            results[node.peer_id] = await all_reduce(
+                node, "owner", members, x, 1.0, codec=codec, piece_elems=1024
+            )
+
+        async with trio.open_nursery() as nursery:
+            for node, x in zip(group[:3], xs[:3], strict=True):
+                nursery.start_soon(one, node, x)
+            nursery.start_soon(_shrug, one(group[3], xs[3]))
+        for peer in others:
+            assert results[peer].members == tuple(others)  # the liar is out, nobody else
+            assert torch.equal(results[peer].tensor, results[others[0]].tensor)
+            assert torch.allclose(results[peer].tensor, torch.full((3000,), 2.0), atol=0.05)
+            assert results[peer].attempts >= 2
+
+
+def test_decide_disputes_pair_owner_and_verifier_until_one_has_two_partners():
+    members = ["a", "b", "c", "d"]
+    ok = Status(True)
+    verifier_of = {"a": "b", "b": "c", "c": "d", "d": "a"}
+    # b, a's verifier, says a's part is wrong: no commit, nobody out yet
+    statuses = {"a": ok, "b": Status(True, disputed=["a"]), "c": ok, "d": ok}
+    decision = decide(members, statuses, verifier_of)
+    assert decision == (False, members, (("a", "b"),))
+    # a disputed again, by another verifier: a disagrees with two members and goes
+    statuses = {"a": ok, "b": ok, "c": ok, "d": Status(True, disputed=["a"])}
+    again = decide(members, statuses, {"a": "d"}, {"a": {"b"}, "b": {"a"}})
+    assert again.members == ["b", "c", "d"] and not again.commit
+    # a dispute only counts from the part's verifier; one member's mismatch puts it out alone
+    statuses = {"a": ok, "b": ok, "c": Status(True, disputed=["a"]), "d": ok}
+    assert decide(members, statuses, verifier_of)[:2] == (True, members)
+    statuses = {"a": ok, "b": ok, "c": Status(True, mismatched=["a"]), "d": ok}
+    assert decide(members, statuses, verifier_of)[:2] == (False, ["a", "b", "d"])
+    statuses = {
+        "a": ok,
+        "b": ok,
+        "c": Status(True, mismatched=["a"]),
+        "d": Status(True, mismatched=["a"]),
+    }
+    assert decide(members, statuses, verifier_of) == (False, members, (("a", "b"),))
