@@ -47,7 +47,13 @@ from gossamer.training.aggregate import Aggregation
 from gossamer.training.codecs import Codec, ErrorFeedback, get_codec
 from gossamer.training.collective_exchange import AttemptState, PieceExchange
 from gossamer.training.collective_links import Links
-from gossamer.training.collective_membership import Status, agree, decide, exchange_statuses
+from gossamer.training.collective_membership import (
+    MAX_PROOFS,
+    Status,
+    agree,
+    decide,
+    exchange_statuses,
+)
 from gossamer.training.collective_plan import DEFAULT_PIECE_ELEMS, Plan
 from gossamer.training.collective_schedule import JOIN, AllReduceSchedule, scope_prefix
 
@@ -269,6 +275,7 @@ class AllReduce:
             refused=state.refused,
             disputed=sorted(state.disputed),
             mismatched=sorted(state.mismatched),
+            proofs=state.proofs[:MAX_PROOFS],
         )
         statuses = await exchange_statuses(self.links, schedule, mine)
         commit, proposal, disputes = decide(

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import trio
 
+from gossamer.training import collective_evidence as evidence
 from gossamer.training.aggregate import Aggregation, admitted_weights, aggregate
 from gossamer.training.codecs import Codec, CodecError, EncodedTensor, get_codec
 from gossamer.training.collective_links import Links
@@ -89,8 +90,13 @@ class AttemptState:
     mismatched: set[str] = field(default_factory=set)
     verified: int = 0  # pieces this member checked as a verifier
     unverifiable: int = 0  # ... and could not (a copy missing)
+    proofs: list[evidence.Proof] = field(default_factory=list)  # contributors caught two-faced
     # (owner, piece) -> (contributors, total) of reduced pieces in hand, and their arrival
     pieces: dict[tuple[str, int], tuple[list[str], float]] = field(default_factory=dict)
+    # (owner, piece) -> the owner's evidence: contributor -> (digest, signature, weight)
+    evidence: dict[tuple[str, int], dict[str, tuple[bytes, bytes, float]]] = field(
+        default_factory=dict
+    )
     _arrived: dict[tuple[str, int], trio.Event] = field(default_factory=dict)
 
     def arrival(self, owner: str, piece: int) -> trio.Event:
@@ -124,7 +130,43 @@ class PieceExchange:
     def rs_buffers(self, numel: int) -> dict[str, torch.Tensor]:
         buffers = _empty_buffers(self.codec, numel)
         buffers["w"] = torch.empty(1, dtype=torch.float64)
+        buffers["s"] = torch.empty(evidence.SIGNATURE_BYTES, dtype=torch.uint8)
         return buffers
+
+    def _encoded_buffers(self, received: Any, numel: int) -> list[torch.Tensor]:
+        return [received[f"b{i}"] for i in range(len(self.codec.buffer_sizes(numel)))]
+
+    def _signed(
+        self, schedule: AllReduceSchedule, part: int, piece: int, weight: float, buffers: list
+    ) -> tuple[bytes, bytes]:
+        """(digest, our signature) of a piece we contribute (see collective_evidence)."""
+        digest = evidence.digest_of(buffers)
+        signature = evidence.sign(
+            self.links.node.identity, self.key, schedule.attempt, part, piece, weight, digest
+        )
+        return digest, signature
+
+    def _check_signed(
+        self,
+        schedule: AllReduceSchedule,
+        peer: str,
+        part: int,
+        piece: int,
+        received: Any,
+        numel: int,
+    ) -> tuple[bytes, bytes, float]:
+        """(digest, signature, weight) of a received contribution; CodecError if the
+        signature is not the sender's."""
+        weight = float(received["w"][0])
+        if not (math.isfinite(weight) and weight > 0):
+            raise CodecError(f"weight {weight!r} is not a positive number")
+        digest = evidence.digest_of(self._encoded_buffers(received, numel))
+        signature = bytes(received["s"].numpy().tobytes())
+        if not evidence.verify(
+            peer, self.key, schedule.attempt, part, piece, weight, digest, signature
+        ):
+            raise CodecError("the contribution's signature does not verify")
+        return digest, signature, weight
 
     def ag_buffers(self, numel: int, members: int, target: torch.Tensor) -> dict[str, torch.Tensor]:
         if self._identity:
@@ -134,6 +176,8 @@ class PieceExchange:
             buffers = _empty_buffers(self.codec, numel)
         buffers["w"] = torch.empty(1, dtype=torch.float64)
         buffers["c"] = torch.empty(members, dtype=torch.uint8)
+        buffers["e"] = torch.empty(members * evidence.ENTRY_BYTES, dtype=torch.uint8)
+        buffers["ew"] = torch.empty(members, dtype=torch.float64)
         return buffers
 
     async def send_contributions(
@@ -153,7 +197,14 @@ class PieceExchange:
         for transfer in transfers:
             piece = flat[transfer.start : transfer.end]
             encoded = await trio.to_thread.run_sync(self.codec.encode, piece)
-            message = {**_buffers(encoded), "w": torch.tensor([weight], dtype=torch.float64)}
+            _, signature = await trio.to_thread.run_sync(
+                self._signed, schedule, part, transfer.piece, weight, list(encoded.buffers)
+            )
+            message = {
+                **_buffers(encoded),
+                "w": torch.tensor([weight], dtype=torch.float64),
+                "s": torch.frombuffer(bytearray(signature), dtype=torch.uint8),
+            }
             if not await self.links.send(transfer.receiver, transfer.tag, message, deadline):
                 state.unreachable.add(transfer.receiver)
                 return
@@ -207,29 +258,26 @@ class PieceExchange:
         members = schedule.members
         j = schedule.my_part
         for k, (a, b) in enumerate(schedule.my_pieces):
-            own = (
-                flat[a:b]
-                if self._identity
-                else await trio.to_thread.run_sync(
-                    lambda a=a, b=b: self.codec.decode(self.codec.encode(flat[a:b])).reshape(-1)
-                )
+            own, own_evidence = await trio.to_thread.run_sync(
+                self._own_piece, schedule, j, k, flat[a:b], weight
             )
             pieces: dict[str, torch.Tensor] = {self.me: own}
             weights: dict[str, float] = {self.me: weight}
+            signed: dict[str, tuple[bytes, bytes, float]] = {self.me: own_evidence}
             for peer in schedule.others:
                 received = await self.links.wait_from(peer, rs_pending[(peer, k)], deadline)
                 if received is None:
                     continue
                 try:
-                    piece_weight = float(received["w"][0])
-                    if not (math.isfinite(piece_weight) and piece_weight > 0):
-                        raise CodecError(f"weight {piece_weight!r} is not a positive number")
+                    signed[peer] = await trio.to_thread.run_sync(
+                        self._check_signed, schedule, peer, j, k, received, b - a
+                    )
+                    weights[peer] = signed[peer][2]
                     pieces[peer] = (
                         received["b0"].view(torch.float32)
                         if self._identity
                         else _decode(self.codec, b - a, received.tensors)
                     )
-                    weights[peer] = piece_weight
                 except (CodecError, KeyError, ValueError) as exc:
                     log.warning(
                         "all-reduce %s: refusing %s's contribution to piece %d/%d: %s",
@@ -266,15 +314,34 @@ class PieceExchange:
             )
             state.record(self.me, contributors, total)
             mask = torch.tensor([p in pieces for p in members], dtype=torch.uint8)
+            entries, entry_weights = evidence.pack_evidence(
+                members, {p: signed[p] for p in contributors}
+            )
             message = {
                 **_buffers(encoded),
                 "w": torch.tensor([total], dtype=torch.float64),
                 "c": mask,
+                "e": entries,
+                "ew": entry_weights,
             }
             for transfer in schedule.reduced_out(k):
                 senders.start_soon(
                     self.links.send, transfer.receiver, transfer.tag, message, ag_deadline
                 )
+
+    def _own_piece(
+        self,
+        schedule: AllReduceSchedule,
+        part: int,
+        piece: int,
+        values: torch.Tensor,
+        weight: float,
+    ) -> tuple[torch.Tensor, tuple[bytes, bytes, float]]:
+        """Our contribution to ``part`` as receivers decode it, and its signed digest."""
+        encoded = self.codec.encode(values)
+        digest, signature = self._signed(schedule, part, piece, weight, list(encoded.buffers))
+        decoded = values if self._identity else self.codec.decode(encoded).reshape(-1)
+        return decoded, (digest, signature, weight)
 
     def _reduce_into(
         self,
@@ -330,6 +397,12 @@ class PieceExchange:
             )
             state.missing_parts.add(owner)
             return
+        try:
+            state.evidence[(owner, transfer.piece)] = evidence.unpack_evidence(
+                schedule.members, received["e"], received["ew"]
+            )
+        except (KeyError, ValueError):
+            state.evidence[(owner, transfer.piece)] = {}  # a verifier will dispute it
         state.record(owner, contributors, total)
         state.pieces[(owner, transfer.piece)] = (contributors, total)
         state.arrival(owner, transfer.piece).set()
@@ -397,15 +470,19 @@ class PieceExchange:
         a, b = span
         owner = schedule.owner(part)
         held: dict[str, tuple[torch.Tensor, float]] = {}
-        own = flat[a:b] if self._identity else await trio.to_thread.run_sync(
-            lambda: self.codec.decode(self.codec.encode(flat[a:b])).reshape(-1)
-        )  # fmt: skip
-        held[self.me] = (own, weight)
+        signed: dict[str, tuple[bytes, bytes, float]] = {}
+        held_own, signed[self.me] = await trio.to_thread.run_sync(
+            self._own_piece, schedule, part, k, flat[a:b], weight
+        )
+        held[self.me] = (held_own, weight)
         for peer in schedule.others:
             received = await self.links.wait_from(peer, copies[(peer, k)], deadline)
             if received is None:
                 continue
             with contextlib.suppress(CodecError, KeyError, ValueError):
+                signed[peer] = await trio.to_thread.run_sync(
+                    self._check_signed, schedule, peer, part, k, received, b - a
+                )
                 held[peer] = await self._contribution_copy(received, b - a)
         with trio.move_on_at(ag_deadline):
             await state.arrival(owner, k).wait()
@@ -415,6 +492,29 @@ class PieceExchange:
         if owner not in held:
             # the owner kept its own contribution from us: only it can be at fault
             return DISPUTED, bytes(32)
+        shown = state.evidence.get((owner, k), {})
+        for p in contributors:
+            entry = shown.get(p)
+            if entry is None or not evidence.verify(
+                p, self.key, schedule.attempt, part, k, entry[2], entry[0], entry[1]
+            ):
+                return DISPUTED, bytes(32)  # the owner summed what nobody signed
+            ours = signed.get(p)
+            if ours is not None and (ours[2], ours[0]) != (entry[2], entry[0]):
+                # p signed one piece for the owner and another for us: a proof, not a word
+                log.warning(
+                    "all-reduce %s: %s signed two different contributions to part %d piece %d",
+                    self.key,
+                    p[-8:],
+                    part,
+                    k,
+                )
+                state.proofs.append(
+                    evidence.Proof(
+                        p, part, k, (entry[2], entry[0], entry[1]), (ours[2], ours[0], ours[1])
+                    )
+                )
+                return UNVERIFIED, bytes(32)
         if any(p not in held for p in contributors):
             state.unverifiable += 1  # a third member's copy is missing: cannot check
             return UNVERIFIED, bytes(32)

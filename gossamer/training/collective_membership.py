@@ -19,12 +19,14 @@ import msgpack
 import trio
 
 from gossamer.node import GossamerError, wire
+from gossamer.training.collective_evidence import Proof
 from gossamer.training.collective_links import Links, wait
 from gossamer.training.collective_schedule import AllReduceSchedule, Scope, Tag
 
 log = logging.getLogger(__name__)
 
 AGREEMENT_ROUNDS = 2
+MAX_PROOFS = 64
 
 # what each peer said in one agreement round: its view, or None if it sent none we could read
 Views = Mapping[str, AbstractSet[str] | None]
@@ -41,6 +43,8 @@ class Status:
     refused: dict[str, str] = field(default_factory=dict)  # contributor -> why (as an owner)
     disputed: list[str] = field(default_factory=list)  # owners whose part I verified: wrong
     mismatched: list[str] = field(default_factory=list)  # owners whose bytes ≠ their verifier's
+    # proofs that a contributor signed two different pieces (collective_evidence)
+    proofs: list[Proof] = field(default_factory=list)
 
     def pack(self) -> bytes:
         return wire.pack(
@@ -51,6 +55,7 @@ class Status:
                 "r": self.refused,
                 "d": self.disputed,
                 "x": self.mismatched,
+                "q": [proof.pack() for proof in self.proofs],
             }
         )
 
@@ -70,12 +75,17 @@ class Status:
         disputed, mismatched = raw.get("d", []), raw.get("x", [])
         if not isinstance(disputed, list) or not isinstance(mismatched, list):
             raise ValueError("malformed status verdicts")
+        raw_proofs = raw.get("q", [])
+        if not isinstance(raw_proofs, list) or len(raw_proofs) > MAX_PROOFS:
+            raise ValueError(f"a status carries at most {MAX_PROOFS} proofs")
+        proofs = [Proof.unpack(p) for p in raw_proofs]
         names = [
             *missing,
             *contributors,
             *refused,
             *disputed,
             *mismatched,
+            *(proof.peer for proof in proofs),
             *(p for v in contributors.values() for p in v),
         ]
         if not all(isinstance(p, str) and p in known for p in names):
@@ -87,6 +97,7 @@ class Status:
             {k: str(v)[:200] for k, v in refused.items()},
             sorted(set(disputed)),
             sorted(set(mismatched)),
+            proofs,
         )
 
 
@@ -117,6 +128,7 @@ def decide(
       out; one left out by a single owner stays, and only that owner's part goes without it,
       so one owner cannot drop a member from the round;
     * a member that reports failure without naming a part it lacks is out;
+    * a contributor a valid :class:`~.collective_evidence.Proof` shows two-faced is out;
     * verification (``verifier_of``: owner -> its part's verifier this attempt): a verifier
       that found an owner's part wrong, or two or more members whose bytes differ from the
       verifier's digest, make the pair (owner, verifier) a *dispute*; the attempt cannot commit
@@ -172,6 +184,9 @@ def decide(
             disputes.add((owner, verifier))
         else:
             out.update(claimants - {owner, verifier})
+    for status in statuses.values():
+        # checked against the signatures by exchange_statuses: whoever relays it, it stands
+        out.update(proof.peer for proof in status.proofs if proof.peer in full)
     seen: dict[str, set[str]] = {p: set(v) for p, v in (partners or {}).items()}
     for a, b in disputes:
         seen.setdefault(a, set()).add(b)
@@ -249,6 +264,10 @@ async def exchange_statuses(
             statuses[peer] = Status.unpack(bytes(received["s"]), schedule.members)
         except (ValueError, GossamerError, msgpack.ExtraData) as exc:
             log.warning("all-reduce %s: bad status from %s: %s", links.key, peer[-8:], exc)
+    for status in statuses.values():
+        # a proof that does not hold is dropped (it accuses nobody); one that holds is
+        # believed from anyone: the signatures speak, not the sender
+        status.proofs = [p for p in status.proofs if p.holds(links.key, schedule.attempt)]
     return statuses
 
 

@@ -456,3 +456,67 @@ def test_decide_disputes_pair_owner_and_verifier_until_one_has_two_partners():
         "d": Status(True, mismatched=["a"]),
     }
     assert decide(members, statuses, verifier_of) == (False, members, (("a", "b"),))
+
+
+async def test_a_two_faced_contributor_is_proven_and_dropped_alone(nodes, monkeypatch):
+    # a member sends one piece to a part's owner and another (both signed) to its verifier:
+    # unsigned, the two honest members would disagree, attempt after attempt, with new partners
+    from gossamer.training import collective_exchange
+
+    async with nodes(4) as group:
+        await _mesh(group)
+        members = [n.peer_id for n in group]
+        liar = group[3].peer_id
+        others = sorted(set(members) - {liar})
+        honest_send = collective_exchange.PieceExchange.send_contributions
+
+        async def two_faced(self, schedule, part, flat, weight, deadline, state):
+            if self.me != liar:
+                return await honest_send(self, schedule, part, flat, weight, deadline, state)
+            to_owner = {t.piece: t for t in schedule.contributions_to(part)}
+            for copy in schedule.copies_to_verifier(part):
+                for transfer, values in ((to_owner.get(copy.piece), flat), (copy, flat + 1.0)):
+                    if transfer is None:
+                        continue
+                    encoded = self.codec.encode(values[transfer.start : transfer.end].clone())
+                    _, sig = self._signed(schedule, part, transfer.piece, weight, encoded.buffers)
+                    message = {
+                        **collective_exchange._buffers(encoded),
+                        "w": torch.tensor([weight], dtype=torch.float64),
+                        "s": torch.frombuffer(bytearray(sig), dtype=torch.uint8),
+                    }
+                    await self.links.send(transfer.receiver, transfer.tag, message, deadline)
+
+        monkeypatch.setattr(collective_exchange.PieceExchange, "send_contributions", two_faced)
+        xs = [torch.full((3000,), float(i + 1)) for i in range(4)]
+        results = {}
+
+        async def one(node, x):
+            results[node.peer_id] = await all_reduce(node, "faces", members, x, 1.0)
+
+        async with trio.open_nursery() as nursery:
+            for node, x in zip(group[:3], xs[:3], strict=True):
+                nursery.start_soon(one, node, x)
+            nursery.start_soon(_shrug, one(group[3], xs[3]))
+        for peer in others:
+            assert results[peer].members == tuple(others)  # the liar is out, nobody else
+            assert torch.allclose(results[peer].tensor, torch.full((3000,), 2.0))
+
+
+def test_a_forged_proof_accuses_nobody():
+    from gossamer.node import Identity
+    from gossamer.training import collective_evidence as evidence
+
+    alice, mallory = Identity.generate(), Identity.generate()
+    d1, d2 = b"\x01" * 32, b"\x02" * 32
+    s1 = evidence.sign(alice, "k", 0, 1, 2, 5.0, d1)
+    s2 = evidence.sign(alice, "k", 0, 1, 2, 5.0, d2)
+    proof = evidence.Proof(alice.peer_id, 1, 2, (5.0, d1, s1), (5.0, d2, s2))
+    assert proof.holds("k", 0)
+    assert not proof.holds("k", 1)  # another attempt's context
+    forged = evidence.sign(mallory, "k", 0, 1, 2, 5.0, d2)
+    assert not evidence.Proof(alice.peer_id, 1, 2, (5.0, d1, s1), (5.0, d2, forged)).holds("k", 0)
+    assert not evidence.Proof(alice.peer_id, 1, 2, (5.0, d1, s1), (5.0, d1, s1)).holds("k", 0)
+    assert evidence.Proof.unpack(proof.pack()) == proof
+    with pytest.raises(ValueError):
+        evidence.Proof.unpack(["x", 1, 2])
