@@ -93,8 +93,10 @@ class AllReduce:
         join_deadline: float | None = None,
         on_attempt: Callable[[int, list[str]], Awaitable[None]] | None = None,
         aggregation: Aggregation | None = None,
+        verify: bool = True,
     ) -> None:
         self.node = node
+        self.verify = verify
         self.key = key
         self.me = node.peer_id
         if self.me not in members:
@@ -183,7 +185,7 @@ class AllReduce:
         self, attempt: int, members: list[str], flat: torch.Tensor, weight: float
     ) -> tuple[bool, list[str], torch.Tensor, float, dict[str, str]]:
         plan = Plan(tuple(members), flat.numel(), self.piece_elems)
-        schedule = AllReduceSchedule(self.key, attempt, plan, self.me)
+        schedule = AllReduceSchedule(self.key, attempt, plan, self.me, self.verify)
         timeout = self._timeout(flat.numel(), len(members))
         # Contributions are due by ``deadline``; reduced parts by ``ag_deadline``, a
         # whole timeout later, so an owner that waited out a dead member's
@@ -326,11 +328,14 @@ async def all_reduce(
     join_deadline: float | None = None,
     on_attempt: Callable[[int, list[str]], Awaitable[None]] | None = None,
     aggregation: Aggregation | None = None,
+    verify: bool = True,
 ) -> AllReduceResult:
     """Tokens-weighted mean of ``flat`` across ``members``; see the module docstring.
 
     ``aggregation``: how each part's owner believes weights and reduces (default: bounded
-    weights, the plain weighted mean; see :mod:`gossamer.training.aggregate`).
+    weights, the plain weighted mean; see :mod:`gossamer.training.aggregate`). ``verify``:
+    every part also reduced by a verifier (from three members on; twice the reduce-scatter
+    bytes), so that a lying owner is caught.
 
     ``members`` is this node's view of who takes part; the members first agree
     on a common list (waiting for slower ones until ``join_deadline``, a
@@ -347,5 +352,6 @@ async def all_reduce(
         join_deadline=join_deadline,
         on_attempt=on_attempt,
         aggregation=aggregation,
+        verify=verify,
     )
     return await collective.run(flat, weight)

@@ -51,6 +51,7 @@ from gossamer.training.diloco_results import RoundRecord, TrainResult
 from gossamer.training.diloco_state import State, flat_pseudo_gradient, outer_step, unflatten
 from gossamer.training.inner import InnerLoop
 from gossamer.training.outer import OuterState, init_outer_state
+from gossamer.training.standing import Standing
 from gossamer.training.statesync import (
     StateService,
     StateSyncError,
@@ -107,6 +108,7 @@ class DiLoCoWorker:
         self.hooks = dict(hooks or {})
         self.server = StateService.attach(node)
         self.layout = layout_of(inner.parameters())
+        self.standing = Standing()
         self.records: list[RoundRecord] = []
         self.entered_by: list[str] = []
         self.bytes_sent = 0
@@ -179,7 +181,7 @@ class DiLoCoWorker:
             if self.should_stop():
                 return None
             entries, live = self._view()
-            position = rounds.run_position(entries, live)
+            position = self._position(entries, live)
             plan = rounds.plan_entry(
                 position,
                 entries.get(self.me),
@@ -297,7 +299,13 @@ class DiLoCoWorker:
         self, r: int, digest: str, delta: torch.Tensor, tokens: int
     ) -> AllReduceResult:
         entries, live = self._view()
-        members = rounds.round_members(entries, r, self.me, live)
+        # peers that kept missing rounds (never contributing, or put out for lying) wait out
+        # their back-off instead of costing this round its join deadline (training/standing.py)
+        members = [
+            p
+            for p in rounds.round_members(entries, r, self.me, live)
+            if p == self.me or not self.standing.skipped(p, r)
+        ]
         self._learn_addrs(members)
         wait = self.config.join_timeout
         if wait is None:
@@ -314,7 +322,9 @@ class DiLoCoWorker:
             join_deadline=trio.current_time() + wait,
             on_attempt=None if hook is None else (lambda a, m: hook(r, a, m)),
             aggregation=self.config.aggregation,
+            verify=self.config.verify_owners,
         )
+        self.standing.record(r, members, result.members)
         for peer, why in result.refused.items():
             log.warning("round %d: refused the contribution of %s: %s", r, peer, why)
             self.on_event({"event": "refused", "round": r, "peer": peer, "reason": why})
@@ -334,7 +344,10 @@ class DiLoCoWorker:
                 break
             await self._wait_doc(max(0.0, deadline - trio.current_time()))
         entries, live = self._view()
-        verdict = rounds.parity(self.me, state.digest, rounds.parity_digests(entries, r, live))
+        digests = rounds.parity_digests(entries, r, self._counted(live))
+        if len(digests.keys() - {self.me}) == 0:
+            digests = rounds.parity_digests(entries, r, live)
+        verdict = rounds.parity(self.me, state.digest, digests)
         if verdict.ok:
             return state, verdict
         log.warning(
@@ -370,7 +383,7 @@ class DiLoCoWorker:
 
     def _behind(self, r: int) -> bool:
         entries, live = self._view()
-        position = rounds.run_position(entries, live)
+        position = self._position(entries, live)
         if position.round is None or position.round <= r:
             return False
         log.warning("round %d: the run is at round %d already; re-entering", r, position.round)
@@ -423,6 +436,31 @@ class DiLoCoWorker:
             return m is not None and m.heartbeat is not None and now - m.heartbeat <= max_age
 
         return entries, live
+
+    def _counted(self, live: Callable[[str], bool]) -> Callable[[str], bool]:
+        """Live peers with a say in majorities: us, the charter's hosts and allowed peers, and
+        the veterans of rounds we committed (never a peer id someone just made up)."""
+        charter = self.run.charter
+
+        def counted(peer: str) -> bool:
+            if not live(peer):
+                return False
+            return (
+                peer == self.me
+                or charter.is_host(peer)
+                or peer in charter.allow
+                or self.standing.is_veteran(peer)
+            )
+
+        return counted
+
+    def _position(self, entries: Any, live: Callable[[str], bool]) -> rounds.RunPosition:
+        """The run's position by the counted peers; by every live one when none of those holds
+        state (a newcomer whose host has left knows no veteran yet)."""
+        position = rounds.run_position(entries, self._counted(live))
+        if position.round is None:
+            position = rounds.run_position(entries, live)
+        return position
 
     async def _wait_doc(self, timeout: float) -> None:
         """Until the run document changes (or ``timeout`` passes)."""

@@ -35,6 +35,7 @@ class DiLoCoConfig:
     aggregate: str = "mean"  # mean, trimmed_mean, centered_clip
     weights: str = "bounded"  # bounded: a claimed token count is capped; equal: one each
     max_round_tokens: int | None = None  # the recipe's bound on one member's round, if known
+    verify_owners: bool = True  # a second member re-reduces every part (2x reduce-scatter bytes)
 
     def __post_init__(self) -> None:
         rounds.RoundPolicy(self.inner_steps, self.min_inner_steps, self.round_seconds)
