@@ -252,3 +252,29 @@ async def test_unsolicited_message_over_budget_is_refused(nodes):
         with pytest.raises(TransferError, match="no receiver"):
             await a.dataplane.send(b.peer_id, "flood", {"x": torch.randn(1 << 19)}, timeout=10)
         assert b.dataplane.status()["unsolicited_bytes"] == 0
+
+
+async def test_guarded_tags_take_bytes_only_from_allowed_peers(nodes, caplog):
+    async with nodes(3) as (a, b, c):
+        await a.connect(c.addrs()[0])
+        await b.connect(c.addrs()[0])
+        allowed = {a.peer_id}
+        c.dataplane.guard("ar/run-x/", lambda peer: peer in allowed)
+        got = c.dataplane.post_recv(a.peer_id, "ar/run-x/0/rs/0/0")
+        await a.dataplane.send(c.peer_id, "ar/run-x/0/rs/0/0", {"x": torch.ones(4)}, timeout=10)
+        assert torch.equal((await got.wait(5))["x"], torch.ones(4))
+        for _ in range(5):  # refused before a byte is buffered; one log line
+            with pytest.raises(TransferError, match="not admitted"):
+                await b.dataplane.send(c.peer_id, "ar/run-x/0/rs/1/0", {"x": torch.ones(1 << 16)})
+        assert c.dataplane.status()["unsolicited_bytes"] == 0
+        lines = [r for r in caplog.records if "not admitted" in r.getMessage()]
+        assert len(lines) == 1
+        # other tags are not guarded; removing the guard lets b in
+        await b.dataplane.send(c.peer_id, "other", {"x": torch.ones(1)}, timeout=10)
+        allowed.discard(a.peer_id)  # read live: revoked mid-run
+        with pytest.raises(TransferError, match="not admitted"):
+            await a.dataplane.send(c.peer_id, "ar/run-x/1/rs/0/0", {"x": torch.ones(4)})
+        c.dataplane.guard("ar/run-x/", None)
+        got = c.dataplane.post_recv(b.peer_id, "ar/run-x/2/rs/0/0")
+        await b.dataplane.send(c.peer_id, "ar/run-x/2/rs/0/0", {"x": torch.ones(2)}, timeout=10)
+        assert torch.equal((await got.wait(5))["x"], torch.ones(2))

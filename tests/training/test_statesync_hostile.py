@@ -239,3 +239,14 @@ def test_budget_remembers_a_bounded_number_of_peers():
     assert budget.spent("c", 100, now=0.0) == 100
     with pytest.raises(ValueError):
         ServeBudget(window=0)
+
+
+async def test_a_revoked_member_is_refused_state_at_once(node_config, monkeypatch):
+    monkeypatch.setattr(statesync, "CHUNK_ELEMS", CHUNK)
+    async with _run(node_config) as (holder, host, server, snapshot, _, (member,)):
+        _name_in_run(host, snapshot)
+        manifest = {"digest": snapshot.digest}
+        assert await member.call(holder.peer_id, "statesync", "manifest", manifest, timeout=10)
+        holder.service(CrdtService).revoke(host.run_id, member.peer_id)
+        assert host.doc.member(member.peer_id) is not None  # its record stays; its access not
+        assert await _refused(member, holder, "manifest", manifest) == "not_member"
