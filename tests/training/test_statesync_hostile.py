@@ -243,7 +243,7 @@ def test_budget_remembers_a_bounded_number_of_peers():
 
 async def test_a_revoked_member_is_refused_state_at_once(node_config, monkeypatch):
     monkeypatch.setattr(statesync, "CHUNK_ELEMS", CHUNK)
-    async with _run(node_config) as (holder, host, server, snapshot, _, (member,)):
+    async with _run(node_config) as (holder, host, _server, snapshot, _, (member,)):
         _name_in_run(host, snapshot)
         manifest = {"digest": snapshot.digest}
         assert await member.call(holder.peer_id, "statesync", "manifest", manifest, timeout=10)
