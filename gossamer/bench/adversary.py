@@ -6,7 +6,8 @@ inner steps on the bundled data. Member 4 is hostile, one way per run:
 
 * ``scaled`` — sends its pseudo-gradient ×50; ``sign_flip`` — sends −Δ; ``noise`` — sends
   Gaussian noise with the norm of its honest Δ; ``stale`` — replays its round-0 Δ every round;
-* ``inflated_weight`` — claims 10¹⁵ tokens for a sign-flipped Δ (the takeover of the issue);
+* ``inflated_weight`` — claims 10¹⁵ tokens for a sign-flipped Δ (the takeover of the issue,
+  with a vector of honest norm so that only the weight gives it away);
 * ``lying_owner`` — as a part's owner, sends −10× the reduced values it computed;
 * ``veto`` — its status claims every part missing (the lone veto);
 * ``sybil`` — 10 more nodes join the run, write round entries and heartbeats, never contribute.
@@ -61,6 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=",".join(ATTACKS),
         help="comma-separated subset of " + ",".join(ATTACKS),
     )
+    parser.add_argument("--clip-iterations", type=int, default=None, help="centered_clip")
     parser.add_argument("--model", default="small", choices=("small", "tiny"))
     parser.add_argument("--codec", default="int8")
 
@@ -84,7 +86,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         recipe = Recipe(schedule_steps=steps, shards=MEMBERS)
     clean_mean = trio.run(_one_run, recipe, args, "mean", None)
     clean = trio.run(_one_run, recipe, args, args.rule, None)
-    rows = {"clean": clean, "clean_mean": clean_mean}
+    unverified = trio.run(_one_run, recipe, args, args.rule, None, False)
+    rows = {"clean": clean, "clean_mean": clean_mean, "clean_unverified": unverified}
     for attack in attacks:
         row = trio.run(_one_run, recipe, args, args.rule, attack)
         row["loss_ratio"] = round(row["eval_loss"] / clean["eval_loss"], 4)
@@ -103,6 +106,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rows": rows,
         "worst_loss_ratio": round(worst, 4),
         "clean_robust_over_mean": round(robust_cost, 4),
+        # what verified owners cost in bytes (a second copy of every contribution)
+        "verify_bytes_ratio": round(
+            clean["bytes_per_member_round"] / max(1, unverified["bytes_per_member_round"]), 3
+        ),
         "goal": GOAL,
         "goal_met": worst <= GOAL["loss_ratio_max"]
         and robust_cost <= GOAL["clean_robust_over_mean_max"]
@@ -142,7 +149,7 @@ def _hostile_worker_class() -> Any:
             elif self.attack == "stale":
                 delta = self._first.clone()
             elif self.attack == "inflated_weight":
-                delta, tokens = -delta * 50.0, 10**15
+                delta, tokens = -delta, 10**15  # a weight the screen's norm test cannot see
             return await super().all_reduce(r, digest, delta.contiguous(), tokens)
 
     return HostileWorker
@@ -206,7 +213,9 @@ async def _sybil(run: Any, stop: Any) -> None:
 # --------------------------------------------------------------------------- one run
 
 
-async def _one_run(recipe: Any, args: argparse.Namespace, rule: str, attack: str | None) -> dict:
+async def _one_run(
+    recipe: Any, args: argparse.Namespace, rule: str, attack: str | None, verify: bool = True
+) -> dict:
     import trio
 
     from gossamer.crdt import CrdtService, SyncOptions, open_stack
@@ -223,6 +232,8 @@ async def _one_run(recipe: Any, args: argparse.Namespace, rule: str, attack: str
         join_timeout=20.0,
         aggregate=rule,
         max_round_tokens=args.H * recipe.batch_size * recipe.context,
+        verify_owners=verify,
+        **({} if args.clip_iterations is None else {"clip_iterations": args.clip_iterations}),
     )
     options = SyncOptions(heartbeat_interval=2.0)
     start = time.perf_counter()
@@ -250,7 +261,8 @@ async def _one_run(recipe: Any, args: argparse.Namespace, rule: str, attack: str
             hostile_class = _hostile_worker_class()
             workers: list[Any] = []
             for i in range(MEMBERS):
-                cls = hostile_class if (attack and i == MEMBERS - 1) else DiLoCoWorker
+                hostile_member = attack not in (None, "sybil") and i == MEMBERS - 1
+                cls = hostile_class if hostile_member else DiLoCoWorker
                 worker = cls(
                     nodes[i], runs[i], inners[i], config, checkpoint_dir=Path(tmp) / f"c{i}"
                 )
@@ -265,7 +277,7 @@ async def _one_run(recipe: Any, args: argparse.Namespace, rule: str, attack: str
                 try:
                     results[i] = await workers[i].train()
                 except Exception as exc:  # counted: an honest member must never crash
-                    if i != MEMBERS - 1 or not attack:
+                    if workers[i].__class__ is not hostile_class:
                         crashes.append(f"member {i}: {type(exc).__name__}: {exc}")
 
             with _collective_lies(attack, hostile_id):
@@ -277,13 +289,24 @@ async def _one_run(recipe: Any, args: argparse.Namespace, rule: str, attack: str
                             members.start_soon(one, i)
                     stop.set()
     seconds = time.perf_counter() - start
-    honest = [results[i] for i in range(MEMBERS - 1) if i in results]
+    last = MEMBERS if attack in (None, "sybil") else MEMBERS - 1
+    honest = [results[i] for i in range(last) if i in results]
     committed = min((len(r.records) for r in honest), default=0)
-    detected = any(
-        hostile_id in rec.refused or hostile_id not in rec.members
-        for r in honest
-        for rec in r.records
-    )
+    if attack == "sybil":
+        fakes = {node.peer_id for node in nodes[MEMBERS:]}
+        # never in an average, never a veteran, skipped by the end
+        detected = not any(fakes & set(rec.members) for r in honest for rec in r.records) and all(
+            w.standing.skipped(f, args.rounds - 1) or w.standing.misses.get(f, 0) > 0
+            for w in workers
+            for f in fakes
+        )
+    else:
+        detected = any(
+            hostile_id in rec.refused or hostile_id not in rec.members
+            for r in honest
+            for rec in r.records
+        )
+    sent = [r.bytes_sent_collective for r in honest]
     eval_loss = float("nan")
     if 0 in results and results[0].state is not None:
         eval_loss = await trio.to_thread.run_sync(recipe.eval_loss, results[0].state.params)
@@ -292,6 +315,7 @@ async def _one_run(recipe: Any, args: argparse.Namespace, rule: str, attack: str
         "rounds_committed": committed,
         "rounds_vetoed": max(0, args.rounds - committed),
         "attempts": max((rec.attempts for r in honest for rec in r.records), default=0),
+        "bytes_per_member_round": round(sum(sent) / max(1, len(sent)) / max(1, args.rounds)),
         "detected": detected if attack else None,
         "crashes": len(crashes),
         "crash_messages": crashes[:3],

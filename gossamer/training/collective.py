@@ -75,6 +75,8 @@ class AllReduceResult:
     bytes_sent: int
     seconds: float
     refused: dict[str, str] = field(default_factory=dict)
+    # (owner, contributor) pairs where only that owner left the contributor out
+    lone_exclusions: tuple[tuple[str, str], ...] = ()
 
 
 class AllReduce:
@@ -113,6 +115,7 @@ class AllReduce:
         # owner/verifier disagreements of this all-reduce's attempts: member -> whom it
         # disagreed with (two different members put it out, see collective_membership.decide)
         self.dispute_partners: dict[str, set[str]] = {}
+        self.lone_exclusions: tuple[tuple[str, str], ...] = ()
 
     @property
     def bytes_sent(self) -> int:
@@ -161,6 +164,7 @@ class AllReduce:
                     self.bytes_sent,
                     time.perf_counter() - start,
                     refused_all,
+                    self.lone_exclusions,
                 )
             if self.me not in next_members:
                 raise CollectiveError(f"all-reduce {self.key}: the others dropped this member")
@@ -280,9 +284,10 @@ class AllReduce:
             proofs=state.proofs[:MAX_PROOFS],
         )
         statuses = await exchange_statuses(self.links, schedule, mine)
-        commit, proposal, disputes = decide(
+        commit, proposal, disputes, lone = decide(
             members, statuses, schedule.verifier_of, self.dispute_partners
         )
+        self.lone_exclusions = lone
         for a, b in disputes:
             self.dispute_partners.setdefault(a, set()).add(b)
             self.dispute_partners.setdefault(b, set()).add(a)

@@ -290,7 +290,14 @@ class PieceExchange:
                     state.refused[peer] = f"undecodable contribution: {exc}"
             # what each contributor is believed to weigh (a claim of 10^15 tokens is not)
             admitted = admitted_weights({p: weights[p] for p in pieces}, self.aggregation)
-            for peer, why in screen(pieces, weights=admitted).items():
+            refusals = screen(pieces, weights=admitted)
+            bound = self.aggregation.max_weight
+            if bound is not None:
+                # the recipe's bound on one round is exact: an honest member never claims more
+                for peer in pieces:
+                    if weights[peer] > bound * (1 + 1e-9):
+                        refusals[peer] = f"claims {weights[peer]:.4g} tokens; a round has {bound:g}"
+            for peer, why in refusals.items():
                 log.warning(
                     "all-reduce %s: refusing %s's contribution to piece %d/%d: %s",
                     self.key,

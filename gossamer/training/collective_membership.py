@@ -107,6 +107,8 @@ class Decision(NamedTuple):
     commit: bool
     members: list[str]  # the membership of the next attempt (sorted); all of them on commit
     disputes: tuple[tuple[str, str], ...] = ()  # (owner, verifier) pairs that disagreed
+    # (owner, contributor): a contributor only that owner left out (it stays; see Standing)
+    lone_exclusions: tuple[tuple[str, str], ...] = ()
 
 
 def decide(
@@ -192,7 +194,16 @@ def decide(
         seen.setdefault(a, set()).add(b)
         seen.setdefault(b, set()).add(a)
     out.update(p for p in full if len(seen.get(p, set())) >= 2)
-    return Decision(not out and not disputes, sorted(full - out), tuple(sorted(disputes)))
+    lone = tuple(
+        sorted(
+            (owner, contributor)
+            for contributor, owners in excluded_by.items()
+            if contributor not in out
+            for owner in owners - out - {contributor}
+            if len(owners - out - {contributor}) == 1
+        )
+    )
+    return Decision(not out and not disputes, sorted(full - out), tuple(sorted(disputes)), lone)
 
 
 @dataclass

@@ -17,7 +17,10 @@ import torch
 
 BLOCK = 256  # the blockwise codecs' block: parts and pieces start on a block boundary
 DEFAULT_PIECE_ELEMS = 2 << 20  # 8 MiB of fp32 per piece
-SCALE_LIMIT = 100.0  # a contribution this many times the median norm of the others is refused
+# a contribution this many times the median norm of the others is refused: honest pseudo-
+# gradients of one round differ in norm by well under 2x (same H, same lr; a member that took
+# fewer steps is smaller, never larger); a scaled or weight-inflated one is far past it
+SCALE_LIMIT = 10.0
 
 
 @dataclass(frozen=True)

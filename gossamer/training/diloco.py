@@ -325,6 +325,7 @@ class DiLoCoWorker:
             verify=self.config.verify_owners,
         )
         self.standing.record(r, members, result.members)
+        self.standing.record_lone_exclusions(r, [owner for owner, _ in result.lone_exclusions])
         for peer, why in result.refused.items():
             log.warning("round %d: refused the contribution of %s: %s", r, peer, why)
             self.on_event({"event": "refused", "round": r, "peer": peer, "reason": why})

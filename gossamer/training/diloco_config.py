@@ -36,6 +36,7 @@ class DiLoCoConfig:
     weights: str = "bounded"  # bounded: a claimed token count is capped; equal: one each
     max_round_tokens: int | None = None  # the recipe's bound on one member's round, if known
     verify_owners: bool = True  # a second member re-reduces every part (2x reduce-scatter bytes)
+    clip_iterations: int = 3  # centered_clip: moves from the median start
 
     def __post_init__(self) -> None:
         rounds.RoundPolicy(self.inner_steps, self.min_inner_steps, self.round_seconds)
@@ -52,6 +53,7 @@ class DiLoCoConfig:
             rule=self.aggregate,
             weights=self.weights,
             max_weight=None if self.max_round_tokens is None else float(self.max_round_tokens),
+            clip_iterations=self.clip_iterations,
         )
 
     @property

@@ -13,6 +13,11 @@ counting whatever a stranger cares to create. :class:`Standing` keeps, per membe
   badly, signed two pieces, accused alone). After ``grace`` misses in a row it is skipped for
   ``2^(misses - grace)`` rounds (at most ``max_skip``): it stops costing every round its join
   deadline and a retry, and a peer that comes back and contributes is counted again at once.
+* **lone accusations** — an owner that leaves out of its part a contributor no other owner
+  left out is believed for its own part (one owner cannot drop a member), but an honest owner
+  does that only when a piece happens to arrive late. One that does it in ``accusation_limit``
+  of the last ``accusation_window`` rounds is treated as missing them: it backs off like a
+  peer that keeps missing rounds.
 
 Deterministic for members that saw the same rounds, so their candidate lists agree.
 """
@@ -30,6 +35,24 @@ class Standing:
     veterans: set[str] = field(default_factory=set)
     misses: dict[str, int] = field(default_factory=dict)
     skip_until: dict[str, int] = field(default_factory=dict)  # peer -> first round it counts
+    accusation_window: int = 8
+    accusation_limit: int = 3
+    accused_in: dict[str, list[int]] = field(default_factory=dict)  # owner -> rounds
+
+    def record_lone_exclusions(self, round_: int, owners: Collection[str]) -> None:
+        """In round ``round_`` each of ``owners`` left out a contributor no one else did."""
+        for owner in set(owners):
+            recent = [
+                r for r in self.accused_in.get(owner, []) if r > round_ - self.accusation_window
+            ]
+            recent.append(round_)
+            self.accused_in[owner] = recent
+            if len(recent) >= self.accusation_limit:
+                self.accused_in[owner] = []
+                self.record(round_, [owner], [])  # as if it had missed this round
+                missed = self.misses[owner]
+                skip = min(self.max_skip, 2 ** max(1, missed - self.grace))
+                self.skip_until[owner] = round_ + 1 + skip
 
     def record(self, round_: int, candidates: Collection[str], committed: Collection[str]) -> None:
         """Round ``round_``'s all-reduce was proposed to ``candidates`` and committed with

@@ -51,9 +51,11 @@ def test_the_takeover_of_the_issue_no_longer_works() -> None:
         # the liar moves the result by less than one honest member's spread would
         assert float((out - honest_mean).norm()) < float(honest_mean.norm()) * 0.5, rule
     # the screen, given the claimed weights, refuses the liar outright (norm 50x, weight 1e12x:
-    # its pull on the mean is far past the screen's limit); unweighted it saw only the 50x
+    # its pull on the mean is far past the screen's limit); unweighted, the old limit (100x)
+    # saw only the 50x and let it through
     assert "liar" in screen(pieces, weights=claims)
-    assert "liar" not in screen(pieces)
+    assert "liar" not in screen(pieces, limit=100.0)
+    assert "liar" in screen(pieces)  # the limit is 10x now
 
 
 @pytest.mark.parametrize("rule", ["trimmed_mean", "centered_clip"])

@@ -26,3 +26,17 @@ def test_one_missed_round_is_forgiven_and_contributing_clears_the_record():
     standing.record(4, ["a", "b", "c"], ["a", "b", "c"])
     assert standing.misses.get("c") is None and not standing.skipped("c", 5)
     assert standing.is_veteran("c")
+
+
+def test_an_owner_that_keeps_accusing_alone_is_backed_off_and_chance_is_forgiven():
+    standing = Standing()
+    members = ["a", "b", "c", "d"]
+    for r in range(3):
+        standing.record(r, members, members)
+        standing.record_lone_exclusions(r, ["d"])  # d left someone out, alone, three rounds
+    assert standing.skipped("d", 3) and standing.skipped("d", 4)
+    assert standing.is_veteran("d")  # it did contribute: its word just stops costing rounds
+    late = Standing()
+    for r in range(0, 40, 4):  # once every 4 rounds: what a late piece does by chance
+        late.record_lone_exclusions(r, ["b"])
+    assert not any(late.skipped("b", r) for r in range(41))
