@@ -179,10 +179,10 @@ def _collective_lies(attack: str | None, hostile: str) -> Iterator[None]:
     elif attack == "veto":
         honest_exchange = collective_module.exchange_statuses
 
-        async def lying_statuses(links: Any, schedule: Any, mine: Any) -> Any:
+        async def lying_statuses(links: Any, schedule: Any, mine: Any, *args: Any) -> Any:
             if links.me == hostile:
                 mine = Status(False, [p for p in schedule.members if p != hostile], {}, {})
-            return await honest_exchange(links, schedule, mine)
+            return await honest_exchange(links, schedule, mine, *args)
 
         saved.append((collective_module, "exchange_statuses", honest_exchange))
         collective_module.exchange_statuses = lying_statuses  # type: ignore[assignment]

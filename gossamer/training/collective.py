@@ -283,7 +283,7 @@ class AllReduce:
             mismatched=sorted(state.mismatched),
             proofs=state.proofs[:MAX_PROOFS],
         )
-        statuses = await exchange_statuses(self.links, schedule, mine)
+        statuses = await exchange_statuses(self.links, schedule, mine, ag_deadline)
         commit, proposal, disputes, lone = decide(
             members, statuses, schedule.verifier_of, self.dispute_partners
         )

@@ -256,13 +256,20 @@ class MembershipAgreement:
 
 
 async def exchange_statuses(
-    links: Links, schedule: AllReduceSchedule, mine: Status
+    links: Links, schedule: AllReduceSchedule, mine: Status, not_before: float | None = None
 ) -> dict[str, Status]:
-    """Send our status to every other member and collect theirs (ours included), by one deadline."""
+    """Send our status to every other member and collect theirs (ours included), by one deadline.
+
+    ``not_before``: the attempt's own last deadline (its all-gather's). A member that is done
+    early waits for the others' statuses until then at least: a verifier, or an owner that
+    waited out a late piece, may still be working within the attempt's deadlines, and it is
+    no more silent than they allow."""
     statuses = {links.me: mine}
     payload = {"s": mine.pack()}
     timeout = 2.0 + links.node.config.dial_timeout / 2
     deadline = trio.current_time() + timeout
+    if not_before is not None:
+        deadline = max(deadline, not_before + timeout)
     tag = schedule.status_tag
     pending = {p: links.node.dataplane.post_recv(p, tag) for p in schedule.others}
     unreachable = await links.send_all(list(pending), tag, payload, deadline)

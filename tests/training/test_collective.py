@@ -369,10 +369,10 @@ async def test_a_lying_status_vetoes_nothing(nodes, monkeypatch):
         liar = group[3].peer_id
         others = sorted(set(members) - {liar})
 
-        async def lying_exchange(links, schedule, mine):
+        async def lying_exchange(links, schedule, mine, *args):
             if links.me == liar:
                 mine = Status(False, others, mine.contributors, dict.fromkeys(others, "bad"))
-            return await exchange_statuses(links, schedule, mine)
+            return await exchange_statuses(links, schedule, mine, *args)
 
         monkeypatch.setattr(collective_module, "exchange_statuses", lying_exchange)
         xs = [torch.full((3000,), float(i + 1)) for i in range(4)]
