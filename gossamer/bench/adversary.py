@@ -193,8 +193,9 @@ def _collective_lies(attack: str | None, hostile: str) -> Iterator[None]:
             setattr(owner, name, value)
 
 
-async def _sybil(run: Any, stop: Any) -> None:
-    """A fake member: announces every next round and heartbeats, never contributes."""
+async def sybil(run: Any, stop: Any, interval: float = 1.0) -> None:
+    """A fake member of ``run`` until ``stop``: announces itself for the round the others are
+    in and heartbeats, never contributes (also what the tests' sybils do)."""
     import trio
 
     while not stop.is_set():
@@ -206,7 +207,7 @@ async def _sybil(run: Any, stop: Any) -> None:
             if mine is None or mine.step < step:
                 run.doc.enter_round(step, "joined")  # "wait for me in this round"
             run.doc.heartbeat()
-        with trio.move_on_after(1.0):
+        with trio.move_on_after(interval):
             await stop.wait()
 
 
@@ -283,7 +284,7 @@ async def _one_run(
             with _collective_lies(attack, hostile_id):
                 async with trio.open_nursery() as nursery:
                     for run in runs[MEMBERS:]:
-                        nursery.start_soon(_sybil, run, stop)
+                        nursery.start_soon(sybil, run, stop)
                     async with trio.open_nursery() as members:
                         for i in range(MEMBERS):
                             members.start_soon(one, i)

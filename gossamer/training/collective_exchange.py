@@ -273,11 +273,7 @@ class PieceExchange:
                         self._check_signed, schedule, peer, j, k, received, b - a
                     )
                     weights[peer] = signed[peer][2]
-                    pieces[peer] = (
-                        received["b0"].view(torch.float32)
-                        if self._identity
-                        else _decode(self.codec, b - a, received.tensors)
-                    )
+                    pieces[peer] = self._decoded(received, b - a)
                 except (CodecError, KeyError, ValueError) as exc:
                     log.warning(
                         "all-reduce %s: refusing %s's contribution to piece %d/%d: %s",
@@ -416,13 +412,11 @@ class PieceExchange:
 
     # ------------------------------------------------------------ verification
 
-    async def _contribution_copy(self, received: Any, numel: int) -> tuple[torch.Tensor, float]:
-        weight = float(received["w"][0])
-        if not (math.isfinite(weight) and weight > 0):
-            raise CodecError(f"weight {weight!r} is not a positive number")
+    def _decoded(self, received: Any, numel: int) -> torch.Tensor:
+        """A received contribution's values (in place for fp32 on the wire)."""
         if self._identity:
-            return received["b0"].view(torch.float32), weight
-        return await trio.to_thread.run_sync(_decode, self.codec, numel, received.tensors), weight
+            return received["b0"].view(torch.float32)
+        return _decode(self.codec, numel, received.tensors)
 
     async def verify_part(
         self,
@@ -490,7 +484,8 @@ class PieceExchange:
                 signed[peer] = await trio.to_thread.run_sync(
                     self._check_signed, schedule, peer, part, k, received, b - a
                 )
-                held[peer] = await self._contribution_copy(received, b - a)
+                values = await trio.to_thread.run_sync(self._decoded, received, b - a)
+                held[peer] = (values, signed[peer][2])
         with trio.move_on_at(ag_deadline):
             await state.arrival(owner, k).wait()
         if (owner, k) not in state.pieces:

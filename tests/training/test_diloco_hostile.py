@@ -9,26 +9,12 @@ import torch
 import trio
 from diloco_helpers import FAST, TINY, swarm, train_all
 
+from gossamer.bench.adversary import sybil
 from gossamer.crdt import CrdtService
 from gossamer.node import Node
 from gossamer.training import DiLoCoConfig, DiLoCoWorker
 
 torch.set_num_threads(1)
-
-
-async def _sybil(run, stop: trio.Event) -> None:
-    """Announces every next round and heartbeats; never contributes."""
-    while not stop.is_set():
-        with contextlib.suppress(Exception):
-            me = run.node.peer_id
-            entries = run.doc.round_entries()
-            step = max((e.step for p, e in entries.items() if p != me), default=0)
-            mine = entries.get(me)
-            if mine is None or mine.step < step:
-                run.doc.enter_round(step, "joined")  # "wait for me in this round"
-            run.doc.heartbeat()
-        with trio.move_on_after(0.3):
-            await stop.wait()
 
 
 async def test_fake_joiners_stop_costing_rounds_and_never_count_in_majorities(node_config):
@@ -49,7 +35,7 @@ async def test_fake_joiners_stop_costing_rounds_and_never_count_in_majorities(no
         stop = trio.Event()
         async with trio.open_nursery() as nursery:
             for run in sybil_runs:
-                nursery.start_soon(_sybil, run, stop)
+                nursery.start_soon(sybil, run, stop, 0.3)
             results = await train_all(workers)
             stop.set()
     real = {node.peer_id for node, _ in members}
