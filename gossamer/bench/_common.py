@@ -90,3 +90,35 @@ def temp_node_config(**overrides: Any) -> NodeConfig:
         log_level="warning",
     )
     return config.replace(**overrides)
+
+
+async def loopback_run(
+    stack: contextlib.AsyncExitStack,
+    root: Path,
+    n: int,
+    name: str,
+    run_config: dict[str, Any],
+    options: Any,
+    log_level: str = "warning",
+) -> tuple[list[Any], list[Any]]:
+    """``n`` loopback nodes with run documents under ``root`` (closed with ``stack``); node 0
+    hosts run ``name`` with ``run_config`` and the others join it. Returns (nodes, runs)."""
+    from gossamer.crdt import CrdtService, open_stack
+
+    nodes = []
+    for i in range(n):
+        config = NodeConfig(
+            data_dir=root / f"w{i}",
+            listen=["/ip4/127.0.0.1/tcp/0"],
+            dataplane_listen="127.0.0.1:0",
+            log_level=log_level,
+        )
+        nodes.append(
+            await stack.enter_async_context(open_stack(config, dht=False, options=options))
+        )
+    services = [node.service(CrdtService) for node in nodes]
+    runs = [await services[0].host_run(name, config=run_config)]
+    boot = [nodes[0].addrs()[0]]
+    for service in services[1:]:
+        runs.append(await service.join_run(runs[0].run_id, bootstrap=boot))
+    return nodes, runs

@@ -219,8 +219,8 @@ async def _one_run(
 ) -> dict:
     import trio
 
-    from gossamer.crdt import CrdtService, SyncOptions, open_stack
-    from gossamer.node import NodeConfig
+    from gossamer.bench._common import loopback_run
+    from gossamer.crdt import SyncOptions
     from gossamer.training import DiLoCoConfig, DiLoCoWorker
 
     for name in ("gossamer", "libp2p"):  # the attacks are meant to make them complain
@@ -241,22 +241,10 @@ async def _one_run(
     sybils = SYBILS if attack == "sybil" else 0
     with tempfile.TemporaryDirectory(prefix="gossamer-bench-adversary-") as tmp:
         async with contextlib.AsyncExitStack() as stack:
-            nodes = []
-            for i in range(MEMBERS + sybils):
-                node_config = NodeConfig(
-                    data_dir=Path(tmp) / f"w{i}",
-                    listen=["/ip4/127.0.0.1/tcp/0"],
-                    dataplane_listen="127.0.0.1:0",
-                    log_level="error",
-                )
-                opening = open_stack(node_config, dht=False, options=options)
-                nodes.append(await stack.enter_async_context(opening))
-            services = [node.service(CrdtService) for node in nodes]
             run_config = {**recipe.to_config(), "hparams": {"diloco": config.to_dict()}}
-            runs = [await services[0].host_run("adversary", config=run_config)]
-            boot = [nodes[0].addrs()[0]]
-            for service in services[1:]:
-                runs.append(await service.join_run(runs[0].run_id, bootstrap=boot))
+            nodes, runs = await loopback_run(
+                stack, Path(tmp), MEMBERS + sybils, "adversary", run_config, options, "error"
+            )
             hostile_id = nodes[MEMBERS - 1].peer_id
             inners = [await trio.to_thread.run_sync(recipe.inner_loop, i) for i in range(MEMBERS)]
             hostile_class = _hostile_worker_class()

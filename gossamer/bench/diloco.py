@@ -143,8 +143,8 @@ async def _diloco(
 ) -> dict[str, Any]:
     import trio
 
-    from gossamer.crdt import CrdtService, SyncOptions, open_stack
-    from gossamer.node import NodeConfig
+    from gossamer.bench._common import loopback_run
+    from gossamer.crdt import SyncOptions
     from gossamer.training import DiLoCoConfig, DiLoCoWorker
 
     rounds = -(-steps // h)
@@ -164,21 +164,8 @@ async def _diloco(
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gossamer-bench-diloco-") as tmp:
         async with contextlib.AsyncExitStack() as stack:
-            nodes = []
-            for i in range(n):
-                node_config = NodeConfig(
-                    data_dir=Path(tmp) / f"w{i}",
-                    listen=["/ip4/127.0.0.1/tcp/0"],
-                    dataplane_listen="127.0.0.1:0",
-                    log_level="warning",
-                )
-                opening = open_stack(node_config, dht=False, options=options)
-                nodes.append(await stack.enter_async_context(opening))
-            services = [node.service(CrdtService) for node in nodes]
             run_config = {**recipe.to_config(), "hparams": {"diloco": config.to_dict()}}
-            runs = [await services[0].host_run("bench", config=run_config)]
-            for service in services[1:]:
-                runs.append(await service.join_run(runs[0].run_id, bootstrap=[nodes[0].addrs()[0]]))
+            nodes, runs = await loopback_run(stack, Path(tmp), n, "bench", run_config, options)
             inners = [await trio.to_thread.run_sync(recipe.inner_loop, i) for i in range(n)]
             workers = [
                 DiLoCoWorker(
