@@ -304,6 +304,9 @@ async def _one_run(
         "rounds_committed": committed,
         "rounds_vetoed": max(0, args.rounds - committed),
         "attempts": max((rec.attempts for r in honest for rec in r.records), default=0),
+        # the fewest members an honest member's committed average held (an honest member left
+        # out of a round costs loss too)
+        "min_members": min((len(rec.members) for r in honest for rec in r.records), default=0),
         "bytes_per_member_round": round(sum(sent) / max(1, len(sent)) / max(1, args.rounds)),
         "detected": detected if attack else None,
         "crashes": len(crashes),

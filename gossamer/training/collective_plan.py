@@ -74,6 +74,7 @@ def screen(
     pieces: dict[str, torch.Tensor],
     limit: float = SCALE_LIMIT,
     weights: dict[str, float] | None = None,
+    direction: bool = False,
 ) -> dict[str, str]:
     """Contributors to refuse, with the reason: non-finite values, or a norm far off the others'.
 
@@ -82,6 +83,12 @@ def screen(
     (there is no majority to say which one is off).  With ``weights`` (the admitted ones) a
     norm counts times its weight over the median weight: what the contribution moves the
     mean by, so that a weight cannot carry a vector the screen would refuse.
+
+    ``direction`` (the robust rules): with three or more contributors, one that points away
+    from the round's coordinate-wise median (cosine ≤ 0) is refused too. Honest members
+    descend the same loss from the same start, so their pseudo-gradients agree in direction;
+    a sign-flipped one (or any that would push the model uphill) does not. This is FLTrust's
+    ReLU-cosine with the round's own robust centre as the reference.
     """
     refused: dict[str, str] = {}
     norms: dict[str, float] = {}
@@ -100,7 +107,29 @@ def screen(
             median = others[len(others) // 2]
             if norm > limit * max(median, 1e-12) and norm > 1e-6:
                 refused[peer] = f"norm {norm:.3g} is {norm / max(median, 1e-12):.3g}× the median"
+    if direction:
+        refused.update(_pointing_away({p: t for p, t in pieces.items() if p not in refused}))
     return refused
+
+
+def _pointing_away(pieces: dict[str, torch.Tensor]) -> dict[str, str]:
+    if len(pieces) < 3:
+        return {}
+    peers = sorted(pieces)
+    stacked = torch.stack([pieces[p] for p in peers]).to(torch.float64)
+    center = stacked.median(dim=0).values
+    center_norm = float(torch.linalg.vector_norm(center))
+    if center_norm == 0.0:
+        return {}
+    out = {}
+    for i, peer in enumerate(peers):
+        norm = float(torch.linalg.vector_norm(stacked[i]))
+        if norm == 0.0:
+            continue
+        cosine = float(stacked[i] @ center) / (norm * center_norm)
+        if cosine <= 0.0:
+            out[peer] = f"points away from the round's median (cosine {cosine:.2f})"
+    return out
 
 
 def lower_median(values: list[float]) -> float:

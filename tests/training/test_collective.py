@@ -61,6 +61,17 @@ def test_screen_refuses_nan_and_outliers():
     assert screen({"a": torch.ones(3), "b": torch.ones(3) * 1e9}) == {}
 
 
+def test_the_direction_screen_refuses_a_sign_flip_and_keeps_honest_spread():
+    gen = torch.Generator().manual_seed(5)
+    common = torch.randn(4096, generator=gen)
+    honest = {p: common + 1.5 * torch.randn(4096, generator=gen) for p in "abcd"}
+    assert screen(honest, direction=True) == {}  # cosines ~0.3 with the median: all kept
+    flipped = {**honest, "e": -honest["a"]}
+    why = screen(flipped, direction=True)
+    assert set(why) == {"e"} and "points away" in why["e"]
+    assert screen(flipped) == {}  # the plain screen sees an honest norm
+
+
 def test_decide_commits_only_on_unanimous_full_success():
     members = ["a", "b", "c"]
     full = {o: members for o in members}
