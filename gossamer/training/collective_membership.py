@@ -308,12 +308,20 @@ async def agree(
     attempt's status exchange then fails and the next attempt agrees again.
     """
     agreement = MembershipAgreement(links.me, list(proposal))
+    short = 2.0 + links.node.config.dial_timeout / 2
+    # A member's first round may end as late as its own join deadline (it waits that long for
+    # a candidate that never answers), and members start their all-reduces up to a join window
+    # apart: a later round waits as long as that window, or the member that started last,
+    # still in its first round, would be dropped by the others and kept by itself.
+    window = short if deadline is None else max(short, deadline - trio.current_time())
     while not agreement.done:
         round_ = agreement.round
         tag = str(Tag.view(links.key, scope, round_))
         payload = {"m": wire.pack(agreement.proposal)}
-        if deadline is None or round_ > 0:
-            deadline = trio.current_time() + 2.0 + links.node.config.dial_timeout / 2
+        if deadline is None:
+            deadline = trio.current_time() + short
+        elif round_ > 0:
+            deadline = trio.current_time() + window
         pending = {p: links.node.dataplane.post_recv(p, tag) for p in agreement.peers}
         unreachable = await links.send_all(list(pending), tag, payload, deadline)
         views: dict[str, set[str] | None] = {}
