@@ -219,7 +219,7 @@ async def _one_run(
 ) -> dict:
     import trio
 
-    from gossamer.bench._common import loopback_run
+    from gossamer.bench._common import loopback_run, peer_process
     from gossamer.crdt import SyncOptions
     from gossamer.training import DiLoCoConfig, DiLoCoWorker
 
@@ -238,13 +238,23 @@ async def _one_run(
     )
     options = SyncOptions(heartbeat_interval=2.0)
     start = time.perf_counter()
-    sybils = SYBILS if attack == "sybil" else 0
     with tempfile.TemporaryDirectory(prefix="gossamer-bench-adversary-") as tmp:
         async with contextlib.AsyncExitStack() as stack:
             run_config = {**recipe.to_config(), "hparams": {"diloco": config.to_dict()}}
             nodes, runs = await loopback_run(
-                stack, Path(tmp), MEMBERS + sybils, "adversary", run_config, options, "error"
+                stack, Path(tmp), MEMBERS, "adversary", run_config, options, "error"
             )
+            fakes: set[str] = set()
+            if attack == "sybil":
+                # in a process of their own, as strangers' machines would be
+                sybils = peer_process(
+                    "--run", runs[0].run_id, "--bootstrap", nodes[0].addrs()[0],
+                    "--count", str(SYBILS), module="gossamer.bench._sybils",
+                )  # fmt: skip
+                # entered off the event loop: the sybils' joins need our nodes to answer
+                ready = await trio.to_thread.run_sync(sybils.__enter__)
+                stack.push(sybils.__exit__)
+                fakes = set(ready["peers"])
             hostile_id = nodes[MEMBERS - 1].peer_id
             inners = [await trio.to_thread.run_sync(recipe.inner_loop, i) for i in range(MEMBERS)]
             hostile_class = _hostile_worker_class()
@@ -260,7 +270,6 @@ async def _one_run(
                 workers.append(worker)
             results: dict[int, Any] = {}
             crashes: list[str] = []
-            stop = trio.Event()
 
             async def one(i: int) -> None:
                 try:
@@ -270,19 +279,14 @@ async def _one_run(
                         crashes.append(f"member {i}: {type(exc).__name__}: {exc}")
 
             with _collective_lies(attack, hostile_id):
-                async with trio.open_nursery() as nursery:
-                    for run in runs[MEMBERS:]:
-                        nursery.start_soon(sybil, run, stop)
-                    async with trio.open_nursery() as members:
-                        for i in range(MEMBERS):
-                            members.start_soon(one, i)
-                    stop.set()
+                async with trio.open_nursery() as members:
+                    for i in range(MEMBERS):
+                        members.start_soon(one, i)
     seconds = time.perf_counter() - start
     last = MEMBERS if attack in (None, "sybil") else MEMBERS - 1
     honest = [results[i] for i in range(last) if i in results]
     committed = min((len(r.records) for r in honest), default=0)
     if attack == "sybil":
-        fakes = {node.peer_id for node in nodes[MEMBERS:]}
         # never in an average, never a veteran, skipped by the end
         detected = not any(fakes & set(rec.members) for r in honest for rec in r.records) and all(
             w.standing.skipped(f, args.rounds - 1) or w.standing.misses.get(f, 0) > 0
