@@ -214,6 +214,28 @@ async def sybil(run: Any, stop: Any, interval: float = 1.0) -> None:
 # --------------------------------------------------------------------------- one run
 
 
+async def _open_channels(nodes: list[Any]) -> None:
+    """Open the data-plane channel of every pair before round 0. Five nodes opening twenty
+    channels at once on this loop while they also send the first round's pieces took longer
+    than the first attempt's deadline in some runs (every send timed out together), which is
+    a cost of this one-process harness, not of an attack; the rows compare attacks."""
+    import torch
+    import trio
+
+    async def pair(a: Any, b: Any) -> None:
+        tag = f"warm/{a.peer_id[-8:]}"
+        got = b.dataplane.post_recv(a.peer_id, tag)
+        await a.connect(b.addrs()[0])
+        await a.dataplane.send(b.peer_id, tag, {"x": torch.zeros(1)}, timeout=60)
+        await got.wait(60)
+
+    async with trio.open_nursery() as nursery:
+        for a in nodes:
+            for b in nodes:
+                if a is not b:
+                    nursery.start_soon(pair, a, b)
+
+
 async def _one_run(
     recipe: Any, args: argparse.Namespace, rule: str, attack: str | None, verify: bool = True
 ) -> dict:
@@ -255,6 +277,7 @@ async def _one_run(
                 ready = await trio.to_thread.run_sync(sybils.__enter__)
                 stack.push(sybils.__exit__)
                 fakes = set(ready["peers"])
+            await _open_channels(nodes)
             hostile_id = nodes[MEMBERS - 1].peer_id
             inners = [await trio.to_thread.run_sync(recipe.inner_loop, i) for i in range(MEMBERS)]
             hostile_class = _hostile_worker_class()

@@ -48,7 +48,7 @@ class Aggregation:
     weights: str = "bounded"
     max_weight: float | None = None  # the recipe's bound on one round's tokens, when known
     trim: float = 0.2  # trimmed_mean: the fraction dropped at each end
-    clip_iterations: int = 3  # centered_clip
+    clip_iterations: int = 1  # centered_clip (CClip: one move from a good start suffices)
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:

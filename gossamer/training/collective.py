@@ -182,8 +182,12 @@ class AllReduce:
     def _timeout(self, numel: int, members: int) -> float:
         if self.phase_timeout is not None:
             return self.phase_timeout
-        # generous: 5 s plus the vector at 20 MB/s per member; measured rates are 10-100× that
-        return 5.0 + numel * 4 * members / 20e6
+        # generous: 10 s (a first attempt opens every channel) plus the vector at 20 MB/s per
+        # member, once more half of it when parts are verified (a second copy of every
+        # contribution); measured rates are 10-100× that. Five members and their verifiers in
+        # one process on two cores timed out at 5 s in their first attempt.
+        volume = 1.5 if self.verify and members >= 3 else 1.0
+        return 10.0 + volume * numel * 4 * members / 20e6
 
     async def _attempt(
         self, attempt: int, members: list[str], flat: torch.Tensor, weight: float
@@ -229,13 +233,15 @@ class AllReduce:
         async with trio.open_nursery() as nursery:
             for part in range(len(members)):
                 if part != schedule.my_part or schedule.copies_to_verifier(part):
+                    # our own part's copy (for its verifier) may take the whole attempt: its
+                    # verifier waits that long for it before it calls us a liar
                     nursery.start_soon(
                         self.exchange.send_contributions,
                         schedule,
                         part,
                         flat,
                         weight,
-                        deadline,
+                        deadline if part != schedule.my_part else ag_deadline,
                         state,
                     )
             nursery.start_soon(

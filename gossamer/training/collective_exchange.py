@@ -478,7 +478,10 @@ class PieceExchange:
         )
         held[self.me] = (held_own, weight)
         for peer in schedule.others:
-            received = await self.links.wait_from(peer, copies[(peer, k)], deadline)
+            # the owner's own copy may come as late as its part: it sends both at once, and
+            # late is not lying; only an owner that never sends its copy is suspect
+            until = ag_deadline if peer == owner else deadline
+            received = await self.links.wait_from(peer, copies[(peer, k)], until)
             if received is None:
                 continue
             with contextlib.suppress(CodecError, KeyError, ValueError):
@@ -493,7 +496,14 @@ class PieceExchange:
             return UNVERIFIED, bytes(32)  # the owner's piece never came: the statuses say so
         contributors, total = state.pieces[(owner, k)]
         if owner not in held:
-            # the owner kept its own contribution from us: only it can be at fault
+            # the owner kept its own contribution from us all the attempt: only it is at fault
+            log.warning(
+                "all-reduce %s: %s sent us no copy of its own piece %d/%d: disputed",
+                self.key,
+                owner[-8:],
+                part,
+                k,
+            )
             return DISPUTED, bytes(32)
         shown = state.evidence.get((owner, k), {})
         for p in contributors:
@@ -501,7 +511,15 @@ class PieceExchange:
             if entry is None or not evidence.verify(
                 p, self.key, schedule.attempt, part, k, entry[2], entry[0], entry[1]
             ):
-                return DISPUTED, bytes(32)  # the owner summed what nobody signed
+                log.warning(
+                    "all-reduce %s: %s summed a piece %s did not sign (part %d piece %d)",
+                    self.key,
+                    owner[-8:],
+                    p[-8:],
+                    part,
+                    k,
+                )
+                return DISPUTED, bytes(32)
             ours = signed.get(p)
             if ours is not None and (ours[2], ours[0]) != (entry[2], entry[0]):
                 # p signed one piece for the owner and another for us: a proof, not a word
@@ -573,4 +591,11 @@ class PieceExchange:
             _piece_digest, out[transfer.start : transfer.end], held[0], held[1]
         )
         if mine != theirs:
+            log.warning(
+                "all-reduce %s: %s's part %d piece %d is not what its verifier checked",
+                self.key,
+                owner[-8:],
+                transfer.part,
+                transfer.piece,
+            )
             state.mismatched.add(owner)

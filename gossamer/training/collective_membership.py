@@ -136,7 +136,8 @@ def decide(
       verifier's digest, make the pair (owner, verifier) a *dispute*; the attempt cannot commit
       and is retried with the same members, the parts re-paired. One member's word cannot
       tell the liar of a pair, but a liar disagrees with every partner: a member in disputes
-      with two different members (``partners``: this all-reduce's earlier disputes) is out.
+      with two different members, in two attempts or more (``partners``: this all-reduce's
+      earlier disputes), is out.
       One member alone claiming a mismatch is out (it cannot complete, as for a missing part).
 
     The round commits when nobody is out and nothing is disputed.
@@ -189,11 +190,14 @@ def decide(
     for status in statuses.values():
         # checked against the signatures by exchange_statuses: whoever relays it, it stands
         out.update(proof.peer for proof in status.proofs if proof.peer in full)
-    seen: dict[str, set[str]] = {p: set(v) for p, v in (partners or {}).items()}
+    earlier = partners or {}
+    seen: dict[str, set[str]] = {p: set(v) for p, v in earlier.items()}
     for a, b in disputes:
         seen.setdefault(a, set()).add(b)
         seen.setdefault(b, set()).add(a)
-    out.update(p for p in full if len(seen.get(p, set())) >= 2)
+    # out: in disputes with two different members, over two attempts at least (one attempt's
+    # disputes can all be one slow moment; a liar disagrees again once re-paired)
+    out.update(p for p in full if earlier.get(p) and len(seen.get(p, set())) >= 2)
     lone = tuple(
         sorted(
             (owner, contributor)

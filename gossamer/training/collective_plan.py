@@ -21,6 +21,9 @@ DEFAULT_PIECE_ELEMS = 2 << 20  # 8 MiB of fp32 per piece
 # gradients of one round differ in norm by well under 2x (same H, same lr; a member that took
 # fewer steps is smaller, never larger); a scaled or weight-inflated one is far past it
 SCALE_LIMIT = 10.0
+# the direction screen applies where the round's contributions share a direction: their median
+# cosine with the round's median is at least this
+AGREEMENT_MIN = 0.2
 
 
 @dataclass(frozen=True)
@@ -84,11 +87,12 @@ def screen(
     norm counts times its weight over the median weight: what the contribution moves the
     mean by, so that a weight cannot carry a vector the screen would refuse.
 
-    ``direction`` (the robust rules): with three or more contributors, one that points away
-    from the round's coordinate-wise median (cosine ≤ 0) is refused too. Honest members
-    descend the same loss from the same start, so their pseudo-gradients agree in direction;
-    a sign-flipped one (or any that would push the model uphill) does not. This is FLTrust's
-    ReLU-cosine with the round's own robust centre as the reference.
+    ``direction`` (the robust rules): with three or more contributors that share a direction
+    in this piece (median cosine with the round's coordinate-wise median ≥ AGREEMENT_MIN), one
+    pointing the other way (cosine below −½ of that median) is refused too. Honest members
+    descend the same loss from the same start, so their pseudo-gradients agree in direction
+    where the signal is not drowned in noise; a sign-flipped one does not. In the spirit of
+    FLTrust's cosine trust score, with the round's own robust centre as the reference.
     """
     refused: dict[str, str] = {}
     norms: dict[str, float] = {}
@@ -121,15 +125,20 @@ def _pointing_away(pieces: dict[str, torch.Tensor]) -> dict[str, str]:
     center_norm = float(torch.linalg.vector_norm(center))
     if center_norm == 0.0:
         return {}
-    out = {}
+    cosines = {}
     for i, peer in enumerate(peers):
         norm = float(torch.linalg.vector_norm(stacked[i]))
-        if norm == 0.0:
-            continue
-        cosine = float(stacked[i] @ center) / (norm * center_norm)
-        if cosine <= 0.0:
-            out[peer] = f"points away from the round's median (cosine {cosine:.2f})"
-    return out
+        if norm > 0.0:
+            cosines[peer] = float(stacked[i] @ center) / (norm * center_norm)
+    agreement = sorted(cosines.values())[len(cosines) // 2] if cosines else 0.0
+    if agreement < AGREEMENT_MIN:
+        # no common direction in this piece (noise-dominated parameters): nothing to enforce
+        return {}
+    return {
+        peer: f"points away from the round's median (cosine {c:.2f}, the others ~{agreement:.2f})"
+        for peer, c in cosines.items()
+        if c < -0.5 * agreement
+    }
 
 
 def lower_median(values: list[float]) -> float:

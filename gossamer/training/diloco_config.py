@@ -32,11 +32,11 @@ class DiLoCoConfig:
     heartbeat_max_age: float = 60.0  # a member silent for longer is not counted live
     checkpoint_every: int = 1  # rounds between checkpoints (0: never)
     # how a part's owner reduces contributions (training/aggregate.py)
-    aggregate: str = "mean"  # mean, trimmed_mean, centered_clip
+    aggregate: str = "centered_clip"  # mean, trimmed_mean, centered_clip (bench adversary)
     weights: str = "bounded"  # bounded: a claimed token count is capped; equal: one each
     max_round_tokens: int | None = None  # the recipe's bound on one member's round, if known
     verify_owners: bool = True  # a second member re-reduces every part (2x reduce-scatter bytes)
-    clip_iterations: int = 3  # centered_clip: moves from the median start
+    clip_iterations: int = 1  # centered_clip: moves from the median start (1: CClip's advice)
 
     def __post_init__(self) -> None:
         rounds.RoundPolicy(self.inner_steps, self.min_inner_steps, self.round_seconds)

@@ -450,6 +450,11 @@ def test_decide_disputes_pair_owner_and_verifier_until_one_has_two_partners():
     statuses = {"a": ok, "b": ok, "c": ok, "d": Status(True, disputed=["a"])}
     again = decide(members, statuses, {"a": "d"}, {"a": {"b"}, "b": {"a"}})
     assert again.members == ["b", "c", "d"] and not again.commit
+    # two disputes in one attempt (a slow moment, say) put nobody out yet
+    statuses = {"a": ok, "b": Status(True, disputed=["a"]), "c": ok, "d": ok}
+    statuses["a"] = Status(True, disputed=["d"])
+    once = decide(members, statuses, verifier_of)
+    assert once.members == members and len(once.disputes) == 2
     # a dispute only counts from the part's verifier; one member's mismatch puts it out alone
     statuses = {"a": ok, "b": ok, "c": Status(True, disputed=["a"]), "d": ok}
     assert decide(members, statuses, verifier_of)[:2] == (True, members)
