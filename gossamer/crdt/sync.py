@@ -300,6 +300,9 @@ class CrdtService:
                 f"invites to {run.run_id} are redeemed by its creator "
                 f"{run.charter.creator_peer_id}; connect to it"
             )
+        if peer_id in run.charter.deny:
+            # an invite does not undo a revocation: only `run admit` does
+            return f"you were revoked from {run.run_id}; an invite does not undo that"
         try:
             invite = Invite.decode(blob)
             invite.check(run.charter, self.clock())

@@ -79,6 +79,9 @@ async def test_revoked_member_is_refused_mid_run_and_admit_lets_it_back(node_con
             await member_s.join_run(host.run_id, bootstrap=[addr(host_s)], timeout=5)
         with pytest.raises(CharterError, match="only the creator"):
             member_s.admit(host.run_id, member_id)
+        token = host_s.make_invite(host.run_id, ttl=60, uses=0).text()
+        with pytest.raises(RunAccessError, match="revoked"):  # an invite does not undo it
+            await member_s.join_run(host.run_id, bootstrap=[addr(host_s)], invite=token, timeout=5)
         host_s.admit(host.run_id, member_id)
         await member_s.join_run(host.run_id, bootstrap=[addr(host_s)], timeout=5)
         await wait_until(lambda: member_id in host.linked_peers(), 5, what="linked again")

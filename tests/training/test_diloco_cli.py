@@ -106,3 +106,26 @@ async def test_run_host_refuses_a_bad_run_file(tmp_path):
     )
     assert done.returncode == 2
     assert b"inner_steps" in done.stderr and b"Traceback" not in done.stderr
+
+
+async def test_admission_mistakes_are_one_line(tmp_path):
+    run_file = tmp_path / "run.toml"
+    run_file.write_text(RUN_TOML)
+
+    async def cli(*argv: str):
+        return await trio.run_process(
+            [sys.executable, "-m", "gossamer.cli.main", *argv],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+
+    for argv, words in (
+        (("run", "host", "--config", str(run_file), "--allow", "nobody"), b"not a peer id"),
+        (("run", "join", "demo-aaaaaaaaaaaaaaaa", "--invite", "gsi1.!!"), b"--invite"),
+        (("run", "join", "demo-aaaaaaaaaaaaaaaa", "--invite", "hello"), b"gsi1."),
+    ):
+        done = await cli(*argv, "--data-dir", str(tmp_path / "w"))
+        assert done.returncode != 0, argv
+        lines = done.stderr.decode().strip().splitlines()
+        assert len(lines) == 1 and words in done.stderr and b"Traceback" not in done.stderr
