@@ -182,12 +182,12 @@ class AllReduce:
     def _timeout(self, numel: int, members: int) -> float:
         if self.phase_timeout is not None:
             return self.phase_timeout
-        # generous: 10 s (a first attempt opens every channel) plus the vector at 20 MB/s per
-        # member, once more half of it when parts are verified (a second copy of every
-        # contribution); measured rates are 10-100× that. Five members and their verifiers in
-        # one process on two cores timed out at 5 s in their first attempt.
+        # generous: a dial timeout (a first attempt opens every channel) plus the vector at
+        # 20 MB/s per member, once more half of it when parts are verified (a second copy of
+        # every contribution); measured rates are 10-100× that. Five members and their verifiers
+        # in one process on two cores timed out at 5 s in their first attempt.
         volume = 1.5 if self.verify and members >= 3 else 1.0
-        return 10.0 + volume * numel * 4 * members / 20e6
+        return self.node.config.dial_timeout + volume * numel * 4 * members / 20e6
 
     async def _attempt(
         self, attempt: int, members: list[str], flat: torch.Tensor, weight: float

@@ -88,8 +88,6 @@ class AttemptState:
     # bytes differ from what their verifier checked
     disputed: set[str] = field(default_factory=set)
     mismatched: set[str] = field(default_factory=set)
-    verified: int = 0  # pieces this member checked as a verifier
-    unverifiable: int = 0  # ... and could not (a copy missing)
     proofs: list[evidence.Proof] = field(default_factory=list)  # contributors caught two-faced
     # (owner, piece) -> (contributors, total) of reduced pieces in hand, and their arrival
     pieces: dict[tuple[str, int], tuple[list[str], float]] = field(default_factory=dict)
@@ -537,7 +535,7 @@ class PieceExchange:
                 )
                 return UNVERIFIED, bytes(32)
         if any(p not in held for p in contributors):
-            state.unverifiable += 1  # a third member's copy is missing: cannot check
+            # a third member's copy is missing: cannot check
             return UNVERIFIED, bytes(32)
         admitted = admitted_weights({p: held[p][1] for p in contributors}, self.aggregation)
         mine = await trio.to_thread.run_sync(
@@ -553,7 +551,6 @@ class PieceExchange:
                 k,
             )
             return DISPUTED, bytes(32)
-        state.verified += 1
         return VERIFIED, await trio.to_thread.run_sync(_piece_digest, theirs, contributors, total)
 
     def _recompute(self, contributions: dict[str, tuple[torch.Tensor, float]]) -> torch.Tensor:

@@ -270,7 +270,7 @@ async def exchange_statuses(
     no more silent than they allow."""
     statuses = {links.me: mine}
     payload = {"s": mine.pack()}
-    timeout = 2.0 + links.node.config.dial_timeout / 2
+    timeout = _message_timeout(links)
     deadline = trio.current_time() + timeout
     if not_before is not None:
         deadline = max(deadline, not_before + timeout)
@@ -312,7 +312,7 @@ async def agree(
     attempt's status exchange then fails and the next attempt agrees again.
     """
     agreement = MembershipAgreement(links.me, list(proposal))
-    short = 2.0 + links.node.config.dial_timeout / 2
+    short = _message_timeout(links)
     # A member's first round may end as late as its own join deadline (it waits that long for
     # a candidate that never answers), and members start their all-reduces up to a join window
     # apart: a later round waits as long as that window, or the member that started last,
@@ -344,6 +344,12 @@ async def agree(
             [p[-8:] for p in unreachable],
         )
     return agreement.proposal
+
+
+def _message_timeout(links: Links) -> float:
+    """How long a small message of the collective (a view, a status) may take: long enough
+    to dial a peer we lost the connection to."""
+    return 2.0 + links.node.config.dial_timeout / 2
 
 
 def _peer_list(data: Any) -> set[str] | None:
