@@ -416,6 +416,38 @@ def wrap_inbound_connections(host: Any, admit: Callable[..., Awaitable[None]]) -
     swarm.upgrade_inbound_raw_conn = upgrade_then_hold
 
 
+def shape_tcp_connections(host: Any, wrap: Callable[[Any], Any]) -> None:
+    """Put every TCP socket of the host's outbound connections through ``wrap`` (the link
+    shaper, node/shaper.py); inbound ones go through :func:`wrap_raw_socket`.
+
+    Not a defect, a missing hook: py-libp2p 0.8.1 builds its ``TrioTCPStream`` around the
+    ``trio.SocketStream`` inside ``TCP._dial_resolved`` (and the listener's handler), with no
+    way to wrap the socket.  The dial is wrapped per TCP transport instance and the stream
+    inside the returned raw connection swapped before any byte of the handshake is written.
+    """
+    from libp2p.transport.tcp.tcp import TCP
+
+    for transport in host.get_network().transport_manager.get_transports():
+        if not isinstance(transport, TCP):
+            continue
+        dial = transport._dial_resolved
+
+        async def shaped_dial(maddr: Any, source: Any = None, _dial: Any = dial) -> Any:
+            raw = await _dial(maddr, source)
+            wrap_raw_socket(raw.stream, wrap)
+            return raw
+
+        transport._dial_resolved = shaped_dial
+
+
+def wrap_raw_socket(read_write_closer: Any, wrap: Callable[[Any], Any]) -> None:
+    """Swap the socket inside py-libp2p's ``TrioTCPStream`` for ``wrap(socket)`` (see above)."""
+    from libp2p.io.trio import TrioTCPStream
+
+    if isinstance(read_write_closer, TrioTCPStream):
+        read_write_closer.stream = wrap(read_write_closer.stream)
+
+
 _IN_INBOUND_HANDLER: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "gossamer_in_inbound_handler", default=False
 )

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gossamer.node.errors import ConfigError
+from gossamer.node.shaper import LinkShape
 from gossamer.node.tables import field_types, typed_fields
 
 ENV_PREFIX = "GOSSAMER_"
@@ -115,6 +116,10 @@ class NodeConfig:
 
     log_level: str = "info"
 
+    # the node's access link, emulated in user space ([node.shape] or GOSSAMER_SHAPE; see
+    # node/shaper.py); empty: not shaped.  Not a plain key: a table of its own.
+    shape: LinkShape = field(default_factory=LinkShape)
+
     # the config file's other tables ([dht], ...), for the layers above to read; not a key
     tables: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -125,14 +130,28 @@ class NodeConfig:
         return dataclasses.replace(self, **changes)
 
 
-_FIELD_TYPES = {k: v for k, v in field_types(NodeConfig).items() if k != "tables"}
+_NOT_KEYS = ("tables", "shape")
+_FIELD_TYPES = {k: v for k, v in field_types(NodeConfig).items() if k not in _NOT_KEYS}
 
 
 def _apply(config: NodeConfig, values: Mapping[str, Any], source: str, from_text: bool) -> None:
+    values = dict(values)
+    if "shape" in values:
+        config.shape = _shape(values.pop("shape"), source, from_text)
     for name, value in typed_fields(
-        NodeConfig, values, source, from_text=from_text, skip=("tables",)
+        NodeConfig, values, source, from_text=from_text, skip=_NOT_KEYS
     ).items():
         setattr(config, name, value)
+
+
+def _shape(value: Any, source: str, from_text: bool) -> LinkShape:
+    if isinstance(value, LinkShape):
+        return value
+    if isinstance(value, str) and from_text:
+        return LinkShape.parse(value, f"shape in {source}")
+    if isinstance(value, Mapping):
+        return LinkShape.from_table(value, f"[node.shape] in {source}")
+    raise ConfigError(f"config key 'shape' expects a table (in {source}), got {value!r}")
 
 
 def load_config(
@@ -161,6 +180,8 @@ def load_config(
             raise ConfigError(f"[node] in {path} must be a table")
         # other tables ([run], [dht], ...) belong to other layers
         config.tables = {k: v for k, v in data.items() if isinstance(v, dict)}
+        if "shape" in config.tables:
+            raise ConfigError(f"{path}: the link shape belongs under [node.shape]")
         top_level = {k: v for k, v in data.items() if not isinstance(v, dict)}
         _apply(config, top_level, str(path), from_text=False)
         _apply(config, node_table, f"{path} [node]", from_text=False)
@@ -168,7 +189,7 @@ def load_config(
     from_env = {
         key[len(ENV_PREFIX) :].lower(): value
         for key, value in env.items()
-        if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX) :].lower() in _FIELD_TYPES
+        if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX) :].lower() in (*_FIELD_TYPES, "shape")
     }
     _apply(config, from_env, "the environment", from_text=True)
     if overrides:

@@ -266,15 +266,20 @@ class Host:
         config: NodeConfig,
         listen_addrs: Sequence[multiaddr.Multiaddr],
         addrs_filter: Callable[[list[str]], list[str]] | None = None,
+        shape_socket: Callable[[trio.SocketStream], Any] | None = None,
     ) -> None:
         """``addrs_filter`` (text multiaddrs in, text multiaddrs out) decides what
         the host advertises (identify, :meth:`advertised_addrs`); a configured
-        ``announce`` list wins."""
+        ``announce`` list wins.  ``shape_socket`` wraps every TCP socket of every
+        connection, dialed, accepted or hole-punched (the node's link shaper)."""
         compat.route_libp2p_logging(
             logging.DEBUG if config.log_level == "debug" else logging.WARNING
         )
         self._listen = list(listen_addrs)
         self._host = compat.build_host(identity, config, self._listen, addrs_filter)
+        self._shape_socket = shape_socket
+        if shape_socket is not None:
+            compat.shape_tcp_connections(self._host, shape_socket)
         self._handshaking: set[Any] = set()  # inbound (ip, port) whose handshake runs
         self._admission: tuple[Callable[[str | None], bool], Callable[[str | None], None]] = (
             lambda ip: True,
@@ -323,6 +328,8 @@ class Host:
             with contextlib.suppress(Exception):  # the peer may be gone already
                 await stream.close()
             return
+        if self._shape_socket is not None:
+            compat.wrap_raw_socket(stream, self._shape_socket)
         key = remote or ("", id(stream))
         self._handshaking.add(key)
         try:
@@ -532,7 +539,8 @@ class Host:
         swarm = self._host.get_network()
         target = _peer(peer_id)
         remote = stream.socket.getpeername()
-        raw = RawConnection(TrioTCPStream(stream), not as_responder)
+        shaped = stream if self._shape_socket is None else self._shape_socket(stream)
+        raw = RawConnection(TrioTCPStream(shaped), not as_responder)
         try:
             if not as_responder:
                 return Connection(await swarm.upgrade_outbound_raw_conn(raw, target))

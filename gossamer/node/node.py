@@ -27,6 +27,7 @@ from gossamer.node.host import Connection, Host, Stream
 from gossamer.node.identity import Identity, load_or_create
 from gossamer.node.peers import PeerTable
 from gossamer.node.rpc import CallContext, RpcClient, RpcServer, Service, rpc
+from gossamer.node.shaper import Shaper
 
 if TYPE_CHECKING:
     import multiaddr
@@ -76,6 +77,8 @@ class Node:
         self.rpc = RpcClient(self)
         self.host: Host | None = None
         self.started_at: float | None = None
+        # the emulated access link every TCP connection of this node crosses (node/shaper.py)
+        self.shaper = Shaper(self.config.shape)
         self._dial_limiter = trio.Semaphore(self.config.max_concurrent_dials)
         self._exit_stack: AsyncExitStack | None = None
         self._nursery: trio.Nursery | None = None
@@ -127,11 +130,15 @@ class Node:
 
     async def __aenter__(self) -> Node:
         listen = [addresses.parse_multiaddr(a, what="listen address") for a in self.config.listen]
-        host = self.host = Host(self.identity, self.config, listen, self._advertised_addrs)
+        shape = self.shaper.wrap if self.shaper.active else None
+        host = self.host = Host(self.identity, self.config, listen, self._advertised_addrs, shape)
         stack = AsyncExitStack()
         await stack.__aenter__()
         try:
             self._nursery = await stack.enter_async_context(trio.open_nursery())
+            self.shaper.start(self._nursery)
+            if self.shaper.active:
+                log.info("link shaped: %s", self.shaper.shape.describe())
             await stack.enter_async_context(host.run())
             if not host.listen_addrs():
                 # py-libp2p logs a failed bind and carries on listening on nothing.

@@ -276,7 +276,9 @@ class DataPlane:
         transport: SocketTransport | None = None
         try:
             with trio.fail_after(HELLO_TIMEOUT_S):
-                transport = SocketTransport(await trio.open_tcp_stream(*target))
+                transport = SocketTransport(
+                    await trio.open_tcp_stream(*target), shaper=self._node.shaper
+                )
                 hello = sealing.Sealer(keys["hello_i2r"]).seal(
                     sealing.HELLO, wire.pack({"c": channel_id})
                 )
@@ -443,7 +445,7 @@ class DataPlane:
         return ["", self.listen_port]
 
     async def _serve_direct(self, socket_stream: trio.SocketStream) -> None:
-        transport = SocketTransport(socket_stream)
+        transport = SocketTransport(socket_stream, shaper=self._node.shaper)
         try:
             remote = socket_stream.socket.getpeername()
         except OSError:

@@ -18,6 +18,7 @@ from gossamer.node.errors import ChannelClosed
 
 if TYPE_CHECKING:
     from gossamer.node.host import Stream
+    from gossamer.node.shaper import Shaper
 
 STALL_TIMEOUT_S = 30.0  # a peer that reads nothing for this long is gone
 
@@ -43,8 +44,19 @@ class SocketTransport(Transport):
     path = "direct"
     threaded = True
 
-    def __init__(self, stream: trio.SocketStream, stall_timeout: float = STALL_TIMEOUT_S) -> None:
-        self._stream = stream
+    def __init__(
+        self,
+        stream: trio.SocketStream,
+        stall_timeout: float = STALL_TIMEOUT_S,
+        shaper: Shaper | None = None,
+    ) -> None:
+        # A shaped link paces and delays bytes on the event loop, so a shaped socket offers
+        # no blocking variants: worker threads would write past the shaper.
+        self._shaped = shaper is not None and shaper.active
+        self.threaded = not self._shaped
+        self._stream: trio.abc.HalfCloseableStream = (
+            shaper.wrap(stream) if shaper is not None and self._shaped else stream
+        )
         self._socket = stream.socket
         # A second handle on the same connection for worker threads.  Its
         # timeout makes Python wait with poll() on the non-blocking descriptor
@@ -76,6 +88,9 @@ class SocketTransport(Transport):
             raise ChannelClosed(f"direct data connection broke: {exc!r}") from None
 
     async def receive_into(self, view: memoryview) -> None:
+        if self._shaped:
+            await self._receive_shaped(view)
+            return
         got = 0
         while got < len(view):
             try:
@@ -85,6 +100,18 @@ class SocketTransport(Transport):
             if n == 0:
                 raise EOFError(f"direct data connection ended after {got} of {len(view)} bytes")
             got += n
+
+    async def _receive_shaped(self, view: memoryview) -> None:
+        got = 0
+        while got < len(view):
+            try:
+                data = await self._stream.receive_some(len(view) - got)
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise EOFError(f"direct data connection broke: {exc!r}") from None
+            if not data:
+                raise EOFError(f"direct data connection ended after {got} of {len(view)} bytes")
+            view[got : got + len(data)] = data
+            got += len(data)
 
     async def aclose(self) -> None:
         self._raw.close()
