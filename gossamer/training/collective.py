@@ -42,7 +42,7 @@ from typing import Any
 import torch
 import trio
 
-from gossamer.node import GossamerError
+from gossamer.node import DeadlinePolicy, GossamerError
 from gossamer.training.aggregate import Aggregation
 from gossamer.training.codecs import Codec, ErrorFeedback, get_codec
 from gossamer.training.collective_exchange import AttemptState, PieceExchange
@@ -55,11 +55,14 @@ from gossamer.training.collective_membership import (
     exchange_statuses,
 )
 from gossamer.training.collective_plan import DEFAULT_PIECE_ELEMS, Plan
-from gossamer.training.collective_schedule import JOIN, AllReduceSchedule, scope_prefix
+from gossamer.training.collective_schedule import JOIN, PROBE, AllReduceSchedule, scope_prefix
 
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 4
+# One bulk transfer to each member whose link we have not measured (a fresh member, round 0):
+# large enough that its time is mostly bytes on links up to a few hundred Mbit/s.
+PROBE_BYTES = 1 << 20
 
 
 class CollectiveError(GossamerError):
@@ -96,8 +99,11 @@ class AllReduce:
         on_attempt: Callable[[int, list[str]], Awaitable[None]] | None = None,
         aggregation: Aggregation | None = None,
         verify: bool = True,
+        deadlines: DeadlinePolicy | None = None,
     ) -> None:
         self.node = node
+        # a first attempt opens channels: never less than a dial
+        self.deadlines = deadlines or DeadlinePolicy(floor=node.config.dial_timeout)
         self.verify = verify
         self.key = key
         self.me = node.peer_id
@@ -135,6 +141,38 @@ class AllReduce:
         # Candidates come from each member's own view of the run; agree first.
         members = await agree(self.links, JOIN, self.members, self.join_deadline)
         self.node.dataplane.drop(scope_prefix(self.key, JOIN))
+        try:
+            await self._probe(members)
+            return await self._attempts(members, flat, weight, start)
+        finally:
+            self.node.dataplane.drop(scope_prefix(self.key, PROBE))
+
+    async def _probe(self, members: list[str]) -> None:
+        """Measure the links to members no transfer has measured yet (their deadline would
+        otherwise be the ceiling): one bulk send each, all at once like a reduce-scatter's.
+        The receiver only acknowledges it (an unclaimed arrival, dropped afterwards)."""
+        links = self.node.dataplane.links
+        unmeasured = [
+            p
+            for p in members
+            if p != self.me and (links.get(p) is None or links.get(p).seconds_per_byte is None)
+        ]
+        if not unmeasured:
+            return
+        payload = {"x": torch.zeros(PROBE_BYTES, dtype=torch.uint8)}
+        deadline = trio.current_time() + self.deadlines.floor
+        tag = scope_prefix(self.key, PROBE) + self.me[-16:]
+        failed = await self.links.send_all(unmeasured, tag, payload, deadline)
+        if failed:
+            log.info(
+                "all-reduce %s: could not measure the link to %s",
+                self.key,
+                ", ".join(p[-8:] for p in sorted(failed)),
+            )
+
+    async def _attempts(
+        self, members: list[str], flat: torch.Tensor, weight: float, start: float
+    ) -> AllReduceResult:
         refused_all: dict[str, str] = {}
         for attempt in range(MAX_ATTEMPTS):
             if members == [self.me]:
@@ -179,22 +217,27 @@ class AllReduce:
             members = next_members
         raise CollectiveError(f"all-reduce {self.key} did not commit in {MAX_ATTEMPTS} attempts")
 
-    def _timeout(self, numel: int, members: int) -> float:
+    def _timeout(self, flat: torch.Tensor, members: list[str]) -> float:
+        """One phase's deadline: what the measured links to the members need for the bytes we
+        send each of them in a phase (our contribution to its part, a second copy for its
+        verifier when parts are verified), times the policy's safety, within its bounds."""
         if self.phase_timeout is not None:
             return self.phase_timeout
-        # generous: a dial timeout (a first attempt opens every channel) plus the vector at
-        # 20 MB/s per member, once more half of it when parts are verified (a second copy of
-        # every contribution); measured rates are 10-100× that. Five members and their verifiers
-        # in one process on two cores timed out at 5 s in their first attempt.
-        volume = 1.5 if self.verify and members >= 3 else 1.0
-        return self.node.config.dial_timeout + volume * numel * 4 * members / 20e6
+        volume = 2.0 if self.verify and len(members) >= 3 else 1.0
+        sample = flat[: min(flat.numel(), 1 << 16)]
+        per_elem = self.codec.encode(sample).nbytes / max(1, sample.numel())
+        per_peer = int(volume * per_elem * flat.numel() / len(members))
+        links = self.node.dataplane.links
+        return self.deadlines.worst(
+            [links.seconds_for(p, per_peer) for p in members if p != self.me]
+        )
 
     async def _attempt(
         self, attempt: int, members: list[str], flat: torch.Tensor, weight: float
     ) -> tuple[bool, list[str], torch.Tensor, float, dict[str, str]]:
         plan = Plan(tuple(members), flat.numel(), self.piece_elems)
         schedule = AllReduceSchedule(self.key, attempt, plan, self.me, self.verify)
-        timeout = self._timeout(flat.numel(), len(members))
+        timeout = self._timeout(flat, members)
         # Contributions are due by ``deadline``; reduced parts by ``ag_deadline``, a
         # whole timeout later, so an owner that waited out a dead member's
         # contribution still has time to send its part.
@@ -340,6 +383,7 @@ async def all_reduce(
     on_attempt: Callable[[int, list[str]], Awaitable[None]] | None = None,
     aggregation: Aggregation | None = None,
     verify: bool = True,
+    deadlines: DeadlinePolicy | None = None,
 ) -> AllReduceResult:
     """Tokens-weighted mean of ``flat`` across ``members``; see the module docstring.
 
@@ -364,5 +408,6 @@ async def all_reduce(
         on_attempt=on_attempt,
         aggregation=aggregation,
         verify=verify,
+        deadlines=deadlines,
     )
     return await collective.run(flat, weight)

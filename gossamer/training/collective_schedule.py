@@ -30,8 +30,9 @@ from typing import Final, Literal, cast
 from gossamer.training.collective_plan import DEFAULT_PIECE_ELEMS, Plan
 
 JOIN: Final = "join"  # the scope of the agreement on members before the first attempt
+PROBE: Final = "probe"  # transfers that measure a link no all-reduce has measured yet
 
-Scope = int | Literal["join"]
+Scope = int | Literal["join", "probe"]
 Kind = Literal["rs", "ag", "vs", "vh", "st", "mv"]
 
 # how many numbers follow each kind of tag
@@ -50,10 +51,12 @@ def keys_prefix(root: str) -> str:
 
 
 def _check_scope(scope: object) -> None:
-    if scope == JOIN:
+    if scope in (JOIN, PROBE):
         return
     if isinstance(scope, bool) or not isinstance(scope, int) or scope < 0:
-        raise ValueError(f"scope must be an attempt number or {JOIN!r}, not {scope!r}")
+        raise ValueError(
+            f"scope must be an attempt number, {JOIN!r} or {PROBE!r}, not {scope!r}"
+        )
 
 
 def _number(text: str) -> int:

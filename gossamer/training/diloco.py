@@ -33,7 +33,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -222,7 +222,8 @@ class DiLoCoWorker:
                 digest,
                 holders,
                 expected_layout=self.layout,
-                timeout=self._fetch_timeout(),
+                timeout=self._fetch_timeout(holders),
+                deadlines=self.config.deadlines,
             )
         except StateSyncError as exc:
             log.warning("state sync of %s failed: %s", digest[:12], exc)
@@ -323,6 +324,7 @@ class DiLoCoWorker:
             on_attempt=None if hook is None else (lambda a, m: hook(r, a, m)),
             aggregation=self.config.aggregation,
             verify=self.config.verify_owners,
+            deadlines=self.config.deadlines,
         )
         self.standing.record(r, members, result.members)
         self.standing.record_lone_exclusions(r, [owner for owner, _ in result.lone_exclusions])
@@ -366,7 +368,8 @@ class DiLoCoWorker:
                 verdict.digest,
                 verdict.holders,
                 expected_layout=self.layout,
-                timeout=self._fetch_timeout(),
+                timeout=self._fetch_timeout(verdict.holders),
+                deadlines=self.config.deadlines,
             )
         except StateSyncError as exc:
             log.warning("parity re-fetch failed (%s); re-entering the run", exc)
@@ -476,9 +479,13 @@ class DiLoCoWorker:
             if p != self.me and m is not None and m.addrs:
                 self.node.peers.add_addrs(p, list(m.addrs))
 
-    def _fetch_timeout(self) -> float:
-        numel = sum(math.prod(s) for _, s in self.layout)
-        return 30.0 + 8 * numel / 10e6  # params + momentum at ≥ 10 MB/s, plus set-up
+    def _fetch_timeout(self, holders: Sequence[str]) -> float:
+        """The whole state (params + momentum, fp32) from the fastest measured holder; the
+        ceiling when no link to a holder is measured (a late joiner's first fetch)."""
+        nbytes = 8 * sum(math.prod(s) for _, s in self.layout)
+        links = self.node.dataplane.links
+        known = [e for h in holders if (e := links.seconds_for(h, nbytes)) is not None]
+        return self.config.deadlines.deadline(min(known) if known else None)
 
     def _load_checkpoint(self) -> State | None:
         if not self.checkpoint_path.exists():

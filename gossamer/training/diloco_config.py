@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gossamer.node import typed_fields
+from gossamer.node import DeadlinePolicy, typed_fields
 from gossamer.training import rounds
 from gossamer.training.aggregate import Aggregation
 from gossamer.training.codecs import get_codec
@@ -37,6 +37,12 @@ class DiLoCoConfig:
     max_round_tokens: int | None = None  # the recipe's bound on one member's round, if known
     verify_owners: bool = True  # a second member re-reduces every part (2x reduce-scatter bytes)
     clip_iterations: int = 1  # centered_clip: moves from the median start (1: CClip's advice)
+    # deadlines of the collective and of state sync: deadline_safety × what the measured links
+    # need for the bytes, never under the floor (a first attempt opens channels) nor over the
+    # ceiling (also the deadline while a link is not measured yet)
+    deadline_floor: float = 10.0
+    deadline_ceiling: float = 300.0
+    deadline_safety: float = 3.0
 
     def __post_init__(self) -> None:
         rounds.RoundPolicy(self.inner_steps, self.min_inner_steps, self.round_seconds)
@@ -46,6 +52,11 @@ class DiLoCoConfig:
             raise ValueError("rounds must be >= 1")
         if self.min_workers < 1:
             raise ValueError("min_workers must be >= 1")
+        self.deadlines  # noqa: B018 (validates the deadline bounds)
+
+    @property
+    def deadlines(self) -> DeadlinePolicy:
+        return DeadlinePolicy(self.deadline_floor, self.deadline_ceiling, self.deadline_safety)
 
     @property
     def aggregation(self) -> Aggregation:

@@ -62,7 +62,14 @@ import torch
 import trio
 
 from gossamer.crdt import CrdtService
-from gossamer.node import CallContext, GossamerError, Refused, Service
+from gossamer.node import (
+    CallContext,
+    DeadlinePolicy,
+    GossamerError,
+    LinkEstimates,
+    Refused,
+    Service,
+)
 from gossamer.node.rpc import rpc
 from gossamer.training.outer import OuterState, state_digest
 
@@ -73,7 +80,9 @@ KEEP = 3  # states a member keeps serving
 MAX_SOURCES = 8
 MAX_CHUNKS_PER_REQUEST = 4096
 MANIFEST_TIMEOUT_S = 5.0
-MIN_RATE_BYTES_PER_S = 10e6  # a source slower than this for a chunk is dropped
+# A chunk's deadline is what the link to that peer did lately (the data plane's measurements
+# of its own transfers, node/dataplane/links.py) under a DeadlinePolicy; a source that misses
+# it for a chunk is dropped.  Unmeasured links get the policy's ceiling.
 BUDGET_SNAPSHOTS = 2.0  # copies of a state one peer may pull at once, and per window after that
 BUDGET_WINDOW_S = 60.0
 MAX_SENDING_PEERS = 8  # peers we upload states to at the same time
@@ -275,8 +284,12 @@ class StateService(Service):
         budget_window: float = BUDGET_WINDOW_S,
         max_sending_peers: int = MAX_SENDING_PEERS,
         clock: Callable[[], float] = time.monotonic,
+        deadlines: DeadlinePolicy | None = None,
     ) -> None:
         self.node = node
+        # a chunk to a peer whose link nothing measured gets the ceiling: a downloader that
+        # stops reading holds one upload that long at most
+        self.deadlines = deadlines or DeadlinePolicy(ceiling=120.0)
         self.keep = keep
         self.budget_snapshots = budget_snapshots
         self.max_sending_peers = max_sending_peers
@@ -426,7 +439,9 @@ class StateService(Service):
         try:
             for i in indices:
                 a, b = spans[i]
-                timeout = 5.0 + (b - a) * 4 / MIN_RATE_BYTES_PER_S
+                timeout = self.deadlines.deadline(
+                    self.node.dataplane.links.seconds_for(peer, 4 * (b - a))
+                )
                 report = await self.node.dataplane.send(
                     peer, f"{tag}/{i}", {"x": snap.flat[a:b]}, timeout=timeout
                 )
@@ -499,6 +514,7 @@ async def fetch_state(
     *,
     expected_layout: Layout | None = None,
     timeout: float = 120.0,
+    deadlines: DeadlinePolicy | None = None,
 ) -> Fetched:
     """Download state ``digest`` from ``holders`` (several at once); verify every chunk and the
     whole. Raises :class:`StateSyncError` if no combination of holders delivers it."""
@@ -540,7 +556,9 @@ async def fetch_state(
             raise StateSyncError("manifest size does not match its layout")
 
         # 2. chunks, dealt round-robin among the sources; a failing source is dropped
-        download = _Download(node, digest, torch.empty(numel, dtype=torch.float32), hashes)
+        download = _Download(
+            node, digest, torch.empty(numel, dtype=torch.float32), hashes, deadlines
+        )
         while download.remaining:
             if not sources:
                 raise StateSyncError(f"every holder of state {digest[:12]} failed")
@@ -575,8 +593,18 @@ async def fetch_state(
 class _Download:
     """Chunks of one state landing in one preallocated vector, from several sources."""
 
-    def __init__(self, node: Any, digest: str, flat: torch.Tensor, hashes: list[str]) -> None:
+    def __init__(
+        self,
+        node: Any,
+        digest: str,
+        flat: torch.Tensor,
+        hashes: list[str],
+        deadlines: DeadlinePolicy | None = None,
+    ) -> None:
         self.node = node
+        self.deadlines = deadlines or DeadlinePolicy()
+        # what each source's chunks took to arrive here (its uplink, our downlink)
+        self.inbound = LinkEstimates()
         self.digest = digest
         self.flat = flat
         self.hashes = hashes
@@ -606,9 +634,18 @@ class _Download:
                 {"digest": self.digest, "chunks": indices, "tag": tag},
                 timeout=MANIFEST_TIMEOUT_S,
             )
+            asked = trio.current_time()
             for i in indices:
                 a, b = self.spans[i]
-                got = await pending[i].wait(5.0 + (b - a) * 4 / MIN_RATE_BYTES_PER_S)
+                nbytes = 4 * (b - a)
+                # measured from this source to us; before its first chunk, our link to it
+                expected = self.inbound.seconds_for(peer, nbytes)
+                if expected is None:
+                    expected = self.node.dataplane.links.seconds_for(peer, nbytes)
+                got = await pending[i].wait(self.deadlines.deadline(expected))
+                now = trio.current_time()
+                self.inbound.observe(peer, got.nbytes, now - asked, now)
+                asked = now
                 actual = await trio.to_thread.run_sync(_sha256, self.flat[a:b])
                 if actual != self.hashes[i]:
                     raise StateSyncError(f"chunk {i} from {peer[-8:]} has the wrong hash")

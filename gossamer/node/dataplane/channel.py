@@ -20,10 +20,11 @@ send waiting for an ACK fails with ChannelClosed.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -226,7 +227,7 @@ class Channel:
         start = time.perf_counter()
         frames = 0
         try:
-            async with self._send_lock:
+            async with self._send_lock, self._send_slot():
                 begin = {"i": msg_id, "t": tag, "s": [spec.to_wire() for spec, _ in items]}
                 try:
                     await self._write_frame(self._sealer.seal(sealing.BEGIN, wire.pack(begin)))
@@ -282,11 +283,28 @@ class Channel:
             await trio.lowlevel.checkpoint()
         return frames
 
+    @contextlib.asynccontextmanager
+    async def _send_slot(self) -> AsyncIterator[None]:
+        """The node's one sending thread slot, taken *before* BEGIN goes out.
+
+        A receiver spends its receiving slot on a message from the moment BEGIN arrives.  When
+        the sender wrote BEGIN first and only then waited for its own slot, four nodes could
+        wait on each other in a ring (A's thread sends to B, whose slot waits for C's data, C's
+        thread sends to D, whose slot waits for A's data): every transfer of the ring stalled
+        until the collective's deadline (found by `gossamer bench adversary`, where attempts
+        of five members failed together).  Holding the slot from BEGIN to the last DATA frame
+        means a receiving slot only ever waits on a sender that is sending to it.
+        """
+        if not self.transport.threaded:
+            yield
+            return
+        async with self._limiters[0]:
+            yield
+
     async def _send_data_in_thread(self, items: list[tuple[BufferSpec, memoryview]]) -> int:
         try:
-            return await trio.to_thread.run_sync(
-                self._send_data_sync, items, limiter=self._limiters[0]
-            )
+            # the send slot is held already (_send_slot): a thread from the default pool
+            return await trio.to_thread.run_sync(self._send_data_sync, items)
         except ChannelClosed as exc:
             self.close_reason = self.close_reason or str(exc)
             await self._shutdown()
