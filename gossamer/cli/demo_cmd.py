@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +35,6 @@ from gossamer.cli.common import CliError, print_json
 from gossamer.node import GossamerError
 
 WORKER_START_TIMEOUT_S = 120.0  # interpreter + torch + libp2p imports on a busy 2-core box
-MAX_LINE = 1 << 20
 
 # Defaults: about 5-7 minutes on a 2-core machine, baseline included (see --help).
 DEFAULT_WORKERS = 4
@@ -224,68 +222,12 @@ class _Ui:
 # ------------------------------------------------------------------------ the swarm
 
 
-class _WorkerProcess:
-    """A worker process and a bounded reader of its JSON-line stdout."""
-
-    def __init__(self, index: int, process: Any) -> None:
-        self.index = index
-        self.process = process
-        self._buffer = bytearray()
-
-    async def events(self) -> Any:
-        """Yield the worker's events until it exits."""
-        while True:
-            newline = self._buffer.find(b"\n")
-            if newline >= 0:
-                line = bytes(self._buffer[:newline])
-                del self._buffer[: newline + 1]
-                if line.startswith(b"{"):
-                    event = json.loads(line)
-                    if event.get("event") == "error":
-                        raise GossamerError(f"worker {self.index}: {event.get('message')}")
-                    yield event
-                continue
-            if len(self._buffer) > MAX_LINE:
-                raise GossamerError(f"worker {self.index} printed an overlong line")
-            chunk = await self.process.stdout.receive_some(65536)
-            if not chunk:
-                return
-            self._buffer += chunk
-
-    async def stop(self, grace: float) -> None:
-        import trio
-
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(grace):
-                await self.process.wait()
-            if self.process.returncode is None:
-                self.process.kill()
-                await self.process.wait()
-
-
-async def _spawn(index: int, argv: list[str], workdir: Path) -> _WorkerProcess:
-    import os
-
-    import trio
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GOSSAMER_")}
-    env["OMP_NUM_THREADS"] = "1"
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "gossamer.training.worker", *argv],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        cwd=workdir,
-        env=env,
-    )
-    return _WorkerProcess(index, process)
-
-
 async def _demo(args: argparse.Namespace, ui: _Ui) -> dict[str, Any]:
     import dataclasses
 
     import trio
 
-    from gossamer.training import DiLoCoConfig, Recipe
+    from gossamer.training import DiLoCoConfig, Recipe, WorkerProcess, spawn_worker
 
     started = time.perf_counter()
     recipe: Recipe = _recipe(args)
@@ -309,7 +251,7 @@ async def _demo(args: argparse.Namespace, ui: _Ui) -> dict[str, Any]:
         "momentum 0.9)"
     )
     n = args.workers
-    workers: list[_WorkerProcess] = []
+    workers: list[WorkerProcess] = []
     state: dict[str, Any] = {
         "loss": {},
         "tps": {},
@@ -336,7 +278,7 @@ async def _demo(args: argparse.Namespace, ui: _Ui) -> dict[str, Any]:
                 "--evaluate",
                 *common,
             ]
-            host = await _spawn(0, host_args, root)
+            host = await spawn_worker(0, host_args, root)
             workers.append(host)
             host_events = host.events()
             with trio.fail_after(WORKER_START_TIMEOUT_S):
@@ -345,7 +287,7 @@ async def _demo(args: argparse.Namespace, ui: _Ui) -> dict[str, Any]:
             ui.say(f"  run {run_id} hosted by worker 0 at {addr}")
             for i in range(1, n):
                 argv = ["--data-dir", str(root / f"w{i}"), "--join", run_id, "--bootstrap", addr]
-                workers.append(await _spawn(i, [*argv, "--shard", str(i), *common], root))
+                workers.append(await spawn_worker(i, [*argv, "--shard", str(i), *common], root))
             train_start = time.perf_counter()
             ui.start_progress(args.rounds)
             async with trio.open_nursery() as nursery:
@@ -416,9 +358,7 @@ async def _next_of(events: Any, kind: str) -> dict[str, Any]:
     raise GossamerError(f"worker exited before '{kind}'")
 
 
-async def _follow(
-    worker: _WorkerProcess, events: Any, state: dict[str, Any], ui: _Ui, n: int
-) -> None:
+async def _follow(worker: Any, events: Any, state: dict[str, Any], ui: _Ui, n: int) -> None:
     async for event in events:
         kind = event.get("event")
         i = worker.index

@@ -27,6 +27,8 @@ _EXPORTS = {
     "StateService": "gossamer.training.statesync",
     "result_summary": "gossamer.training.worker",
     "run_worker": "gossamer.training.worker",
+    "spawn_worker": "gossamer.training.worker",
+    "WorkerProcess": "gossamer.training.worker",
 }
 
 __all__, __getattr__, __dir__ = lazy_face(__name__, _EXPORTS)

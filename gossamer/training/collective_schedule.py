@@ -54,9 +54,7 @@ def _check_scope(scope: object) -> None:
     if scope in (JOIN, PROBE):
         return
     if isinstance(scope, bool) or not isinstance(scope, int) or scope < 0:
-        raise ValueError(
-            f"scope must be an attempt number, {JOIN!r} or {PROBE!r}, not {scope!r}"
-        )
+        raise ValueError(f"scope must be an attempt number, {JOIN!r} or {PROBE!r}, not {scope!r}")
 
 
 def _number(text: str) -> int:

@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -30,9 +32,10 @@ from gossamer.training.diloco_results import TrainResult
 from gossamer.training.recipe import Recipe
 from gossamer.training.sdk import open_run, run_config_of
 
-__all__ = ["result_summary", "run_worker"]
+__all__ = ["WorkerProcess", "result_summary", "run_worker", "spawn_worker"]
 
 CONFIG_WAIT_S = 30.0
+MAX_LINE = 1 << 20  # of a child's JSON events
 
 
 def _shard_of(peer_id: str, shards: int) -> int:
@@ -140,8 +143,69 @@ def result_summary(result: TrainResult, eval_loss: float | None = None) -> dict[
         "bytes_received_state": result.bytes_received_state,
         "tokens": sum(r.tokens for r in result.records),
         "steps": sum(r.steps for r in result.records),
+        # where a round's time went: inner steps vs. the all-reduce, outer step and parity
+        "seconds_inner": sum(r.seconds_inner for r in result.records),
+        "seconds_sync": sum(r.seconds_sync for r in result.records),
         "eval_loss": eval_loss,
     }
+
+
+# ----------------------------------------------------------------- the parent's side
+
+
+class WorkerProcess:
+    """A worker process and a bounded reader of its JSON-line stdout."""
+
+    def __init__(self, index: int, process: Any) -> None:
+        self.index = index
+        self.process = process
+        self._buffer = bytearray()
+
+    async def events(self) -> Any:
+        """Yield the worker's events until it exits."""
+        while True:
+            newline = self._buffer.find(b"\n")
+            if newline >= 0:
+                line = bytes(self._buffer[:newline])
+                del self._buffer[: newline + 1]
+                if line.startswith(b"{"):
+                    event = json.loads(line)
+                    if event.get("event") == "error":
+                        raise GossamerError(f"worker {self.index}: {event.get('message')}")
+                    yield event
+                continue
+            if len(self._buffer) > MAX_LINE:
+                raise GossamerError(f"worker {self.index} printed an overlong line")
+            chunk = await self.process.stdout.receive_some(65536)
+            if not chunk:
+                return
+            self._buffer += chunk
+
+    async def stop(self, grace: float) -> None:
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(grace):
+                await self.process.wait()
+            if self.process.returncode is None:
+                self.process.kill()
+                await self.process.wait()
+
+
+async def spawn_worker(
+    index: int, argv: list[str], workdir: Path, env: Mapping[str, str] | None = None
+) -> WorkerProcess:
+    """Start ``python -m gossamer.training.worker *argv`` in ``workdir``; ``GOSSAMER_*`` of this
+    process's environment are not passed on (``env`` adds variables)."""
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("GOSSAMER_")}
+    child_env["OMP_NUM_THREADS"] = "1"
+    child_env.update(env or {})
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "gossamer.training.worker", *argv],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        cwd=workdir,
+        env=child_env,
+    )
+    return WorkerProcess(index, process)
 
 
 # ------------------------------------------------------------------------ child process
@@ -167,6 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--exit-with-stdin", action="store_true")
     ap.add_argument("--no-dht", action="store_true")
     ap.add_argument("--log-level", default="warning")
+    ap.add_argument(
+        "--shape",
+        default="",
+        help="this node's link (node/shaper.py), e.g. up_mbit=100,latency_ms=50",
+    )
     # tests: stall inside the all-reduce of this round (announced with a "stalling" event)
     ap.add_argument("--stall-round", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -177,8 +246,6 @@ def main(argv: list[str] | None = None) -> int:
 
         def watch() -> None:
             sys.stdin.read()
-            import os
-
             os._exit(0)
 
         threading.Thread(target=watch, daemon=True).start()
@@ -192,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             "dataplane_listen": "127.0.0.1:0",
             "mdns": False,
             "log_level": args.log_level,
+            "shape": args.shape or None,
         },
     )
     hooks: dict[str, Any] = {}
@@ -204,7 +272,10 @@ def main(argv: list[str] | None = None) -> int:
 
         hooks["on_attempt"] = on_attempt
 
+    nodes: list[Any] = []
+
     def ready(node: Any, run: Any, recipe: Recipe, config: DiLoCoConfig) -> None:
+        nodes.append(node)
         _emit(
             "ready",
             peer_id=node.peer_id,
@@ -234,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         _emit("error", message=f"{type(exc).__name__}: {exc}")
         raise
-    _emit("result", **result_summary(result, loss))
+    link = nodes[0].shaper.stats() if nodes and nodes[0].shaper.active else None
+    _emit("result", **result_summary(result, loss), link=link)
     return 0
 
 

@@ -34,6 +34,7 @@ from gossamer.node import wire
 from gossamer.node.dataplane import sealing
 from gossamer.node.dataplane.tensors import BufferSpec
 from gossamer.node.dataplane.transports import (
+    RECEIVE_SLICE_S,
     STALL_TIMEOUT_S,
     SocketTransport,
     Transport,
@@ -390,9 +391,7 @@ class Channel:
         delivery: Delivery = await self._claim(self.peer_id, msg_id, tag, specs)
         try:
             if self.transport.threaded:
-                outcome = await trio.to_thread.run_sync(
-                    self._receive_payload_sync, msg_id, specs, delivery, limiter=self._limiters[1]
-                )
+                outcome = await self._receive_payload_threaded(msg_id, specs, delivery)
             else:
                 outcome = await self._receive_payload(msg_id, specs, delivery)
         except BaseException as exc:
@@ -467,41 +466,88 @@ class Channel:
                 return done.value
 
     # The same reading, for a worker thread on a direct socket.
+    #
+    # The node has one receiving thread slot (DataPlane._thread_limiters).  A thread keeps it
+    # only while bytes flow and for one slice at most: when the sender pauses it returns to
+    # the event loop, which waits for the socket without the slot, and after a slice it queues
+    # again behind the node's other receives (trio's limiter is FIFO).  So a sender that
+    # stalls inside a message (a hostile peer, a dead one) or trickles (a slow link) costs the
+    # node's other receives nothing; a sender silent for the stall timeout is gone.
 
-    def _read_header_sync(self) -> tuple[bytes, int, int]:
-        header = bytearray(sealing.HEADER.size)
-        try:
-            self.transport.receive_into_sync(memoryview(header))  # type: ignore[attr-defined]
-        except EOFError as exc:
-            raise TruncatedTransfer(f"channel ended inside a message: {exc}") from None
-        return _parse_frame_header(bytes(header))
-
-    def _read_sealed_sync(self, size: int) -> memoryview:
-        if len(self._in) < size:
-            self._in = bytearray(size)
-        view = memoryview(self._in)[:size]
-        try:
-            self.transport.receive_into_sync(view)  # type: ignore[attr-defined]
-        except EOFError as exc:
-            raise TruncatedTransfer(f"channel ended inside a frame: {exc}") from None
-        self.bytes_received += size
-        return view
-
-    def _receive_payload_sync(
+    async def _receive_payload_threaded(
         self, msg_id: int, specs: list[BufferSpec], delivery: Delivery
     ) -> str | None:
+        transport = self.transport
+        assert isinstance(transport, SocketTransport)
         parser = self._payload_parser(msg_id, specs, delivery)
-        request = next(parser)
+        reading = _Reading(next(parser))
         while True:
-            if request is None:
-                trio.from_thread.check_cancelled()  # a frame boundary
-                reply: Any = self._read_header_sync()
-            else:
-                reply = self._read_sealed_sync(request)
+            async with self._limiters[1]:
+                # the slot is held here already: a thread from the default pool
+                progressed = await trio.to_thread.run_sync(self._pump_sync, parser, reading)
+            if reading.done:
+                return reading.result
+            if progressed:
+                continue  # a full slice: queue again behind the others
+            with trio.move_on_after(transport.stall_timeout) as scope:
+                await transport.wait_readable()
+            if scope.cancelled_caught:
+                raise TruncatedTransfer(
+                    f"the sender sent nothing for {transport.stall_timeout:g} s inside a message"
+                )
+
+    def _pump_sync(self, parser: Generator[int | None, Any, str | None], reading: _Reading) -> bool:
+        """Worker thread: feed ``parser`` from the socket until the sender pauses or the slice
+        ends; True when it returned after a slice (bytes kept flowing) or finished."""
+        transport = self.transport
+        assert isinstance(transport, SocketTransport)
+        until = time.monotonic() + RECEIVE_SLICE_S
+        while True:
+            if reading.view is None:
+                if reading.request is None:
+                    trio.from_thread.check_cancelled()  # a frame boundary
+                    reading.start(memoryview(bytearray(sealing.HEADER.size)))
+                else:
+                    if len(self._in) < reading.request:
+                        self._in = bytearray(reading.request)
+                    reading.start(memoryview(self._in)[: reading.request])
+            assert reading.view is not None
+            before = reading.got
             try:
-                request = parser.send(reply)
-            except StopIteration as done:
-                return done.value
+                reading.got = transport.receive_some_into_sync(reading.view, reading.got, until)
+            except EOFError as exc:
+                where = "a message" if reading.request is None else "a frame"
+                raise TruncatedTransfer(f"channel ended inside {where}: {exc}") from None
+            if reading.got < len(reading.view):
+                # paused (nothing new: False) or out of slice (True)
+                return reading.got > before and time.monotonic() >= until
+            view, reading.view = reading.view, None
+            if reading.request is None:
+                reply: Any = _parse_frame_header(bytes(view))
+            else:
+                self.bytes_received += len(view)
+                reply = view
+            try:
+                reading.request = parser.send(reply)
+            except StopIteration as finished:
+                reading.done, reading.result = True, finished.value
+                return True
+            if time.monotonic() >= until:
+                return True
+
+
+@dataclass
+class _Reading:
+    """Where a threaded receive stands between the worker thread's slices."""
+
+    request: int | None  # the parser's: None for a frame header, else a body's size
+    view: memoryview | None = None  # what is being filled
+    got: int = 0
+    done: bool = False
+    result: str | None = None
+
+    def start(self, view: memoryview) -> None:
+        self.view, self.got = view, 0
 
 
 def _parse_frame_header(header: bytes) -> tuple[bytes, int, int]:

@@ -77,9 +77,7 @@ class LinkEstimates:
             peer: {
                 "rtt_ms": None if e.rtt_s is None else round(e.rtt_s * 1000, 3),
                 "mbit_s": (
-                    None
-                    if not e.seconds_per_byte
-                    else round(8 / e.seconds_per_byte / 1e6, 3)
+                    None if not e.seconds_per_byte else round(8 / e.seconds_per_byte / 1e6, 3)
                 ),
                 "samples": e.samples,
             }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from typing import TYPE_CHECKING
 
 import trio
@@ -20,14 +21,18 @@ if TYPE_CHECKING:
     from gossamer.node.host import Stream
     from gossamer.node.shaper import Shaper
 
-STALL_TIMEOUT_S = 30.0  # a peer that reads nothing for this long is gone
+STALL_TIMEOUT_S = 30.0  # a peer that reads (or sends) nothing for this long is gone
+# A receiving worker thread gives its slot back when the sender pauses this long, or after it
+# held it for a slice, so a paused or slow sender never keeps the node's other receives waiting.
+RECEIVE_IDLE_S = 0.02
+RECEIVE_SLICE_S = 0.05
 
 
 class Transport:
     """A reliable byte pipe: a direct socket or a libp2p stream."""
 
     path = ""
-    threaded = False  # offers send_all_sync / receive_into_sync for worker threads
+    threaded = False  # offers send_all_sync / receive_some_into_sync for worker threads
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         raise NotImplementedError
@@ -63,6 +68,10 @@ class SocketTransport(Transport):
         # trio already uses, without the GIL, and bounds a stalled peer.
         self._raw = socket.socket(fileno=os.dup(stream.socket.fileno()))
         self._raw.settimeout(stall_timeout)
+        # and one for the receiving thread, which returns whenever the sender pauses
+        self._raw_in = socket.socket(fileno=os.dup(stream.socket.fileno()))
+        self._raw_in.settimeout(RECEIVE_IDLE_S)
+        self.stall_timeout = stall_timeout
 
     def send_all_sync(self, data: bytes | bytearray | memoryview) -> None:
         try:
@@ -70,16 +79,25 @@ class SocketTransport(Transport):
         except OSError as exc:  # TimeoutError included: the peer stopped reading
             raise ChannelClosed(f"direct data connection broke: {exc!r}") from None
 
-    def receive_into_sync(self, view: memoryview) -> None:
-        got = 0
+    def receive_some_into_sync(self, view: memoryview, got: int, until: float) -> int:
+        """Worker thread: fill ``view`` from offset ``got``; return the new offset, early when
+        the sender pauses for ``RECEIVE_IDLE_S`` or ``time.monotonic()`` passes ``until``."""
         while got < len(view):
             try:
-                n = self._raw.recv_into(view[got:])
+                n = self._raw_in.recv_into(view[got:])
+            except TimeoutError:
+                return got
             except OSError as exc:
                 raise EOFError(f"direct data connection broke: {exc!r}") from None
             if n == 0:
                 raise EOFError(f"direct data connection ended after {got} of {len(view)} bytes")
             got += n
+            if time.monotonic() >= until:
+                return got
+        return got
+
+    async def wait_readable(self) -> None:
+        await trio.lowlevel.wait_readable(self._socket)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         try:
@@ -115,6 +133,7 @@ class SocketTransport(Transport):
 
     async def aclose(self) -> None:
         self._raw.close()
+        self._raw_in.close()
         await self._stream.aclose()
 
 

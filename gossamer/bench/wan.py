@@ -1,0 +1,196 @@
+"""``gossamer bench wan``: DiLoCo through emulated home links, 4 workers in 4 processes.
+
+Every worker is a ``python -m gossamer.training.worker`` process whose node shapes its own
+traffic (``--shape``, node/shaper.py): the real bytes of its libp2p connections and data-plane
+sockets are paced to the point's rate, up and down, and delayed by its one-way latency.  Points
+(``--points``): ``unshaped`` (loopback, the reference of the same config), then
+``RATE_MBIT:LATENCY_MS`` pairs (default 100 Mbit/s and 20 Mbit/s, both 50 ms one way).
+
+Per point and mode: ``utilisation`` = time in inner steps ÷ time in rounds (inner + sync, summed
+over the rounds of every worker: start-up and the wait for the others to join are not rounds),
+``comm_fraction`` = 1 − utilisation, ``wall_s`` (the first worker ready → the last result),
+``eval_loss`` of worker 0's final state (same tokens at every point), ``peak_mbit_s`` (the
+highest uplink rate over any 1 s that any worker's shaper measured), ``bytes_total`` (what the
+workers' all-reduces sent).  ``blocking_comm_fraction`` is the blocking mode's comm fraction at
+the first shaped point: the issue asks for a config where it is ≥ 0.3.
+
+Mode: ``blocking`` (every member waits for the whole all-reduce), the only overlap mode built so
+far; streaming and eager are the next step (issue 14), and this bench is their reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+START_TIMEOUT_S = 180.0  # interpreter + torch + libp2p imports of 4 processes on 2 cores
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--H", type=int, default=10, help="inner steps per round")
+    parser.add_argument("--codec", default="int4")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--width", type=int, default=256, help="d_model of the built-in GPT")
+    parser.add_argument("--context", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=2, help="sequences per inner step")
+    parser.add_argument(
+        "--points",
+        default="unshaped,100:50,20:50",
+        help="comma-separated: unshaped | RATE_MBIT:ONE_WAY_LATENCY_MS",
+    )
+
+
+def _parse_points(text: str) -> list[tuple[str, str]]:
+    """(name, shape spec) per point; the spec is what ``--shape`` of a worker takes."""
+    points = []
+    for item in (p.strip() for p in text.split(",")):
+        if not item:
+            continue
+        if item == "unshaped":
+            points.append(("unshaped", ""))
+            continue
+        rate, sep, latency = item.partition(":")
+        try:
+            mbit, ms = float(rate), float(latency or 0)
+        except ValueError:
+            raise ValueError(
+                f"a point is 'unshaped' or RATE_MBIT:LATENCY_MS, not {item!r}"
+            ) from None
+        if not sep or mbit <= 0 or ms < 0:
+            raise ValueError(f"a point is 'unshaped' or RATE_MBIT:LATENCY_MS, not {item!r}")
+        spec = f"up_mbit={mbit:g},down_mbit={mbit:g},latency_ms={ms:g}"
+        points.append((f"{mbit:g}mbit_{ms:g}ms", spec))
+    if not points:
+        raise ValueError("no points to measure")
+    return points
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import trio
+
+    from gossamer.training import DiLoCoConfig, Recipe
+
+    points = _parse_points(args.points)
+    recipe = Recipe(
+        n_layer=args.layers,
+        n_head=4,
+        d_model=args.width,
+        context=args.context,
+        batch_size=args.batch,
+        schedule_steps=args.rounds * args.H,
+        shards=args.workers,
+    )
+    config = DiLoCoConfig(
+        inner_steps=args.H,
+        rounds=args.rounds,
+        codec=args.codec,
+        min_workers=args.workers,
+        join_timeout=120.0,
+    )
+    results: dict[str, Any] = {}
+    for name, spec in points:
+        results[name] = {"blocking": trio.run(_one_point, recipe, config, args.workers, spec)}
+    shaped = [name for name, spec in points if spec]
+    reference = results.get("unshaped", {}).get("blocking")
+    if reference is not None:
+        for name in shaped:
+            row = results[name]["blocking"]
+            row["wall_ratio_vs_unshaped"] = round(row["wall_s"] / reference["wall_s"], 3)
+            row["loss_ratio_vs_unshaped"] = round(row["eval_loss"] / reference["eval_loss"], 4)
+    return {
+        "bench": "wan",
+        "workers": args.workers,
+        "rounds": args.rounds,
+        "H": args.H,
+        "codec": args.codec,
+        "model": {"n_layer": args.layers, "d_model": args.width, "context": args.context},
+        "n_params": recipe.model().num_params(),
+        "points": results,
+        "blocking_comm_fraction": (
+            results[shaped[0]]["blocking"]["comm_fraction"] if shaped else None
+        ),
+        "goal": {"blocking_comm_fraction_min": 0.3, "overlapped_utilisation_min": 0.95},
+        "modes_built": ["blocking"],
+        "method": (
+            f"{args.workers} worker processes on 127.0.0.1, each node's traffic shaped by "
+            "its own link shaper (rate up and down, one-way latency); real run document, "
+            "real all-reduce over the encrypted data plane"
+        ),
+    }
+
+
+async def _one_point(recipe: Any, config: Any, n: int, shape: str) -> dict[str, Any]:
+    import trio
+
+    from gossamer.training import spawn_worker
+
+    with tempfile.TemporaryDirectory(prefix="gossamer-bench-wan-") as tmp:
+        root = Path(tmp)
+        common = ["--no-dht", "--exit-with-stdin", "--log-level", "error"]
+        if shape:
+            common += ["--shape", shape]
+        workers: list[Any] = []
+        results: dict[int, dict[str, Any]] = {}
+        try:
+            host = await spawn_worker(
+                0,
+                [
+                    "--data-dir", str(root / "w0"), "--host", "wan",
+                    "--recipe", json.dumps(dataclasses.asdict(recipe)),
+                    "--config", json.dumps(config.to_dict()),
+                    "--shard", "0", "--evaluate", *common,
+                ],
+                root,
+            )  # fmt: skip
+            workers.append(host)
+            host_events = host.events()
+            with trio.fail_after(START_TIMEOUT_S):
+                ready = await _next(host_events, "ready")
+            started = time.perf_counter()
+            for i in range(1, n):
+                argv = [
+                    "--data-dir", str(root / f"w{i}"), "--join", ready["run_id"],
+                    "--bootstrap", ready["addrs"][0], "--shard", str(i), *common,
+                ]  # fmt: skip
+                workers.append(await spawn_worker(i, argv, root))
+
+            async def collect(i: int, events: Any) -> None:
+                results[i] = await _next(events, "result")
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(collect, 0, host_events)
+                for i in range(1, n):
+                    nursery.start_soon(collect, i, workers[i].events())
+            wall = time.perf_counter() - started
+        finally:
+            for worker in workers:
+                await worker.stop(grace=10.0)
+    inner = sum(r["seconds_inner"] for r in results.values())
+    sync = sum(r["seconds_sync"] for r in results.values())
+    links = [r["link"] for r in results.values() if r.get("link")]
+    utilisation = inner / max(1e-9, inner + sync)
+    return {
+        "utilisation": round(utilisation, 4),
+        "comm_fraction": round(1 - utilisation, 4),
+        "wall_s": round(wall, 1),
+        "eval_loss": results[0]["eval_loss"],
+        "peak_mbit_s": max((link["peak_up_mbit"] for link in links), default=None),
+        "bytes_total": sum(r["bytes_sent_collective"] for r in results.values()),
+        "rounds_committed": min(len(r["rounds"]) for r in results.values()),
+        "bit_identical": len({r["final_digest"] for r in results.values()}) == 1,
+        "shape": shape or "unshaped",
+    }
+
+
+async def _next(events: Any, kind: str) -> dict[str, Any]:
+    async for event in events:
+        if event.get("event") == kind:
+            return event
+    raise RuntimeError(f"a worker exited before its {kind!r} event")
