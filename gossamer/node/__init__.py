@@ -14,6 +14,7 @@ _EXPORTS = {
     "PeerBudget": "gossamer.node.budgets",
     "parse_multiaddr": "gossamer.node.addresses",
     "NodeConfig": "gossamer.node.config",
+    "BULK_BYTES": "gossamer.node.dataplane.links",
     "DeadlinePolicy": "gossamer.node.dataplane.links",
     "LinkEstimates": "gossamer.node.dataplane.links",
     "LinkShape": "gossamer.node.shaper",

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 import trio
 
-from gossamer.node import DeadlinePolicy, GossamerError
+from gossamer.node import BULK_BYTES, DeadlinePolicy, GossamerError
 from gossamer.training.aggregate import Aggregation
 from gossamer.training.codecs import Codec, ErrorFeedback, get_codec
 from gossamer.training.collective_exchange import AttemptState, PieceExchange
@@ -142,15 +142,19 @@ class AllReduce:
         members = await agree(self.links, JOIN, self.members, self.join_deadline)
         self.node.dataplane.drop(scope_prefix(self.key, JOIN))
         try:
-            await self._probe(members)
+            await self._probe(members, self._bytes_per_peer(flat, members))
             return await self._attempts(members, flat, weight, start)
         finally:
             self.node.dataplane.drop(scope_prefix(self.key, PROBE))
 
-    async def _probe(self, members: list[str]) -> None:
+    async def _probe(self, members: list[str], per_peer: int) -> None:
         """Measure the links to members no transfer has measured yet (their deadline would
-        otherwise be the ceiling): one bulk send each, all at once like a reduce-scatter's.
-        The receiver only acknowledges it (an unclaimed arrival, dropped afterwards)."""
+        otherwise be the ceiling): one bulk send each, all at once like a reduce-scatter's,
+        as large as a phase sends each member (at most PROBE_BYTES).  A phase too small to be a
+        bulk transfer needs no rate: its deadline is the floor.  The receiver only acknowledges
+        the probe (an unclaimed arrival, dropped afterwards)."""
+        if per_peer < BULK_BYTES:
+            return
         links = self.node.dataplane.links
         unmeasured = [
             p
@@ -159,7 +163,7 @@ class AllReduce:
         ]
         if not unmeasured:
             return
-        payload = {"x": torch.zeros(PROBE_BYTES, dtype=torch.uint8)}
+        payload = {"x": torch.zeros(min(PROBE_BYTES, per_peer), dtype=torch.uint8)}
         deadline = trio.current_time() + self.deadlines.floor
         tag = scope_prefix(self.key, PROBE) + self.me[-16:]
         failed = await self.links.send_all(unmeasured, tag, payload, deadline)
@@ -217,17 +221,26 @@ class AllReduce:
             members = next_members
         raise CollectiveError(f"all-reduce {self.key} did not commit in {MAX_ATTEMPTS} attempts")
 
+    def _bytes_per_peer(self, flat: torch.Tensor, members: list[str]) -> int:
+        """What we send each member in one phase, encoded: our contribution to its part, and a
+        second copy for the part it verifies when parts are verified."""
+        volume = 2.0 if self.verify and len(members) >= 3 else 1.0
+        sample = flat[: min(flat.numel(), 1 << 16)]
+        per_elem = self.codec.encode(sample).nbytes / max(1, sample.numel())
+        return int(volume * per_elem * flat.numel() / max(1, len(members)))
+
     def _timeout(self, flat: torch.Tensor, members: list[str]) -> float:
         """One phase's deadline: what the measured links to the members need for the bytes we
         send each of them in a phase (our contribution to its part, a second copy for its
         verifier when parts are verified), times the policy's safety, within its bounds."""
         if self.phase_timeout is not None:
             return self.phase_timeout
-        volume = 2.0 if self.verify and len(members) >= 3 else 1.0
-        sample = flat[: min(flat.numel(), 1 << 16)]
-        per_elem = self.codec.encode(sample).nbytes / max(1, sample.numel())
-        per_peer = int(volume * per_elem * flat.numel() / len(members))
+        per_peer = self._bytes_per_peer(flat, members)
         links = self.node.dataplane.links
+        if per_peer < BULK_BYTES:
+            # a small message's time is its round trip; the floor covers an unmeasured one
+            rtts = [links.rtt(p) for p in members if p != self.me]
+            return self.deadlines.deadline(max((r for r in rtts if r is not None), default=0.0))
         return self.deadlines.worst(
             [links.seconds_for(p, per_peer) for p in members if p != self.me]
         )

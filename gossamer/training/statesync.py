@@ -64,6 +64,7 @@ import trio
 from gossamer.crdt import CrdtService
 from gossamer.node import (
     CallContext,
+    DeadlineExceeded,
     DeadlinePolicy,
     GossamerError,
     LinkEstimates,
@@ -614,6 +615,32 @@ class _Download:
         self.delivered: Counter[str] = Counter()
         self.received_bytes = 0
 
+    def _expected(self, peer: str, nbytes: int) -> float | None:
+        """Seconds a chunk from ``peer`` should take: measured from it to us; before its first
+        chunk, our measured link to it; else like the slowest source measured so far."""
+        expected = self.inbound.seconds_for(peer, nbytes)
+        if expected is None:
+            expected = self.node.dataplane.links.seconds_for(peer, nbytes)
+        if expected is None:
+            others = [self.inbound.seconds_for(p, nbytes) for p in self.delivered]
+            expected = max((e for e in others if e is not None), default=None)
+        return expected
+
+    async def _wait_chunk(self, peer: str, pending: Any, nbytes: int, asked: float) -> Any:
+        """The chunk, or DeadlineExceeded once it is later than the deadline of what it should
+        take; re-judged every second, so a source measured by nothing yet is compared with the
+        other sources as soon as they deliver (a stalled one does not keep the ceiling)."""
+        while True:
+            deadline = asked + self.deadlines.deadline(self._expected(peer, nbytes))
+            now = trio.current_time()
+            if now >= deadline:
+                pending.cancel()
+                raise DeadlineExceeded(
+                    f"chunk from {peer[-8:]} later than {deadline - asked:.3g} s"
+                )
+            with trio.move_on_after(min(1.0, deadline - now)):
+                return await pending.wait()
+
     async def pull(self, peer: str, indices: list[int]) -> None:
         """Ask ``peer`` for ``indices``; receive them zero-copy and check each one's hash."""
         if not indices:
@@ -637,12 +664,7 @@ class _Download:
             asked = trio.current_time()
             for i in indices:
                 a, b = self.spans[i]
-                nbytes = 4 * (b - a)
-                # measured from this source to us; before its first chunk, our link to it
-                expected = self.inbound.seconds_for(peer, nbytes)
-                if expected is None:
-                    expected = self.node.dataplane.links.seconds_for(peer, nbytes)
-                got = await pending[i].wait(self.deadlines.deadline(expected))
+                got = await self._wait_chunk(peer, pending[i], 4 * (b - a), asked)
                 now = trio.current_time()
                 self.inbound.observe(peer, got.nbytes, now - asked, now)
                 asked = now
