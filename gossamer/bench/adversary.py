@@ -136,7 +136,7 @@ def _hostile_worker_class() -> Any:
         attack = "none"
         _first: torch.Tensor | None = None
 
-        async def all_reduce(self, r: int, digest: str, delta: Any, tokens: int) -> Any:
+        async def all_reduce(self, r: int, delta: Any, tokens: int, **kw: Any) -> Any:
             if self._first is None:
                 self._first = delta.clone()
             if self.attack == "scaled":
@@ -150,7 +150,7 @@ def _hostile_worker_class() -> Any:
                 delta = self._first.clone()
             elif self.attack == "inflated_weight":
                 delta, tokens = -delta, 10**15  # a weight the screen's norm test cannot see
-            return await super().all_reduce(r, digest, delta.contiguous(), tokens)
+            return await super().all_reduce(r, delta.contiguous(), tokens, **kw)
 
     return HostileWorker
 

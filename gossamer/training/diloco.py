@@ -47,6 +47,7 @@ from gossamer.training.codecs import ErrorFeedback, get_codec
 from gossamer.training.collective import AllReduceResult, CollectiveError, all_reduce
 from gossamer.training.collective_schedule import keys_prefix
 from gossamer.training.diloco_config import DiLoCoConfig
+from gossamer.training.diloco_overlap import OverlappedRounds
 from gossamer.training.diloco_results import RoundRecord, TrainResult
 from gossamer.training.diloco_state import State, flat_pseudo_gradient, outer_step, unflatten
 from gossamer.training.inner import InnerLoop
@@ -135,42 +136,58 @@ class DiLoCoWorker:
         self.node.dataplane.guard(self.collective_prefix, lambda p: self.run.charter.may_join(p))
         try:
             state = await self.enter()
-            while state is not None and not self._finished(state.round):
-                r = state.round
-                # 1. inner steps until the round closes
-                steps, tokens, loss, inner_seconds = await self.inner_steps(r)
-                if self._behind(r):  # most of the run finished round r without us: catch up
-                    self._write_entry(r, "failed", None)
-                    state = await self.enter()
-                    continue
-                sync_start = time.perf_counter()
-                self._write_entry(r, "syncing", state.digest)
-                # 2. pseudo-gradient: where the inner steps went, sign-flipped like a gradient
-                delta = await trio.to_thread.run_sync(
-                    flat_pseudo_gradient, state.params, self.inner.parameters()
-                )
-                # 3. all-reduce among the round's members (tokens-weighted mean)
-                try:
-                    result = await self.all_reduce(r, state.digest, delta, tokens)
-                except CollectiveError as exc:
-                    log.warning("round %d: dropped from the all-reduce (%s); re-entering", r, exc)
-                    self._write_entry(r, "failed", None)
-                    state = await self.enter()
-                    continue
-                # 4. outer step: every member adds the same numbers in the same order
-                avg = unflatten(result.tensor, state.params)
-                state = await trio.to_thread.run_sync(outer_step, state, avg)
-                await trio.to_thread.run_sync(self.inner.load, state.params)
-                # 5. parity: publish our digest, compare with the others; re-fetch if we diverged
-                state, verdict = await self.check_parity(state, result.members)
-                self._record(
-                    r, steps, tokens, loss, result, inner_seconds, sync_start, state, verdict
-                )
-                await trio.to_thread.run_sync(self._save_checkpoint, state)
+            if self.config.overlap == "none":
+                state = await self._train_blocking(state)
+            else:
+                state = await OverlappedRounds(self).train(state)
             return self._result(state)
         finally:
             self.node.dataplane.guard(self.collective_prefix, None)
             self._undo_listener()
+
+    async def _train_blocking(self, state: State | None) -> State | None:
+        """Rounds in which every member waits for the whole all-reduce (``overlap = "none"``)."""
+        while state is not None and not self._finished(state.round):
+            r = state.round
+            # 1. inner steps until the round closes
+            steps, tokens, loss, inner_seconds = await self.inner_steps(r)
+            if self._behind(r):  # most of the run finished round r without us: catch up
+                self._write_entry(r, "failed", None)
+                state = await self.enter()
+                continue
+            sync_start = time.perf_counter()
+            self._write_entry(r, "syncing", state.digest)
+            # 2. pseudo-gradient: where the inner steps went, sign-flipped like a gradient
+            delta = await trio.to_thread.run_sync(
+                flat_pseudo_gradient, state.params, self.inner.parameters()
+            )
+            # 3. all-reduce among the round's members (tokens-weighted mean)
+            try:
+                result = await self.all_reduce(r, delta, tokens)
+            except CollectiveError as exc:
+                log.warning("round %d: dropped from the all-reduce (%s); re-entering", r, exc)
+                self._write_entry(r, "failed", None)
+                state = await self.enter()
+                continue
+            # 4. outer step: every member adds the same numbers in the same order
+            avg = unflatten(result.tensor, state.params)
+            state = await trio.to_thread.run_sync(outer_step, state, avg)
+            await trio.to_thread.run_sync(self.inner.load, state.params)
+            # 5. parity: publish our digest, compare with the others; re-fetch if we diverged
+            state, verdict = await self.check_parity(state, result.members)
+            self._record(
+                r,
+                steps,
+                tokens,
+                loss,
+                result,
+                inner_seconds,
+                time.perf_counter() - sync_start,
+                state,
+                verdict,
+            )
+            await trio.to_thread.run_sync(self._save_checkpoint, state)
+        return state
 
     # ------------------------------------------------------------------ entering the run
 
@@ -297,14 +314,26 @@ class DiLoCoWorker:
         return steps, tokens, sum(losses) / len(losses), seconds
 
     async def all_reduce(
-        self, r: int, digest: str, delta: torch.Tensor, tokens: int
+        self,
+        r: int,
+        delta: torch.Tensor,
+        tokens: int,
+        *,
+        fragment: int | None = None,
+        error_feedback: ErrorFeedback | None = None,
+        last_of_round: bool = True,
     ) -> AllReduceResult:
+        """Round ``r``'s all-reduce of ``delta`` (of one ``fragment`` of the model, if given:
+        its key is ``<run>/<r>/f<fragment>`` and ``error_feedback`` its own; standing is kept
+        once per round, by the round's ``last_of_round`` exchange)."""
         entries, live = self._view()
         # peers that kept missing rounds (never contributing, or put out for lying) wait out
         # their back-off instead of costing this round its join deadline (training/standing.py)
         members = [
             p
-            for p in rounds.round_members(entries, r, self.me, live)
+            for p in rounds.round_members(
+                entries, r, self.me, live, overlapped=self.config.overlap != "none"
+            )
             if p == self.me or not self.standing.skipped(p, r)
         ]
         self._learn_addrs(members)
@@ -312,21 +341,23 @@ class DiLoCoWorker:
         if wait is None:
             wait = max(10.0, 2.0 * self._last_inner_seconds)
         hook = self.hooks.get("on_attempt")
+        key = f"{self.run.run_id}/{r}" if fragment is None else f"{self.run.run_id}/{r}/f{fragment}"
         result = await all_reduce(
             self.node,
-            f"{self.run.run_id}/{r}",
+            key,
             members,
             delta,
             float(tokens),
             codec=self.codec,
-            error_feedback=self.error_feedback,
+            error_feedback=self.error_feedback if fragment is None else error_feedback,
             join_deadline=trio.current_time() + wait,
             on_attempt=None if hook is None else (lambda a, m: hook(r, a, m)),
             aggregation=self.config.aggregation,
             verify=self.config.verify_owners,
             deadlines=self.config.deadlines,
         )
-        self.standing.record(r, members, result.members)
+        if last_of_round:
+            self.standing.record(r, members, result.members)
         self.standing.record_lone_exclusions(r, [owner for owner, _ in result.lone_exclusions])
         for peer, why in result.refused.items():
             log.warning("round %d: refused the contribution of %s: %s", r, peer, why)
@@ -337,7 +368,23 @@ class DiLoCoWorker:
     async def check_parity(
         self, state: State, members: tuple[str, ...]
     ) -> tuple[State, rounds.ParityVerdict]:
-        """Publish our digest for round state.round; compare with the members' (bounded wait)."""
+        """Publish our digest for round state.round; compare with the members' (bounded wait);
+        re-fetch the majority's state into the model if ours differs."""
+        verdict = await self.parity_verdict(state, members)
+        if verdict.ok:
+            return state, verdict
+        fixed = await self.refetch(state.round, verdict)
+        if fixed is None:
+            self._write_entry(state.round, "failed", None)
+            again = await self.enter()
+            return (again if again is not None else state), verdict
+        await trio.to_thread.run_sync(self.inner.load, fixed.params)
+        await self._publish(fixed)
+        self.on_event({"event": "state", "source": "refetch", "round": state.round})
+        return fixed, verdict
+
+    async def parity_verdict(self, state: State, members: tuple[str, ...]) -> rounds.ParityVerdict:
+        """Publish ``state`` (round state.round) and compare digests with ``members``'."""
         await self._publish(state)
         r = state.round
         deadline = trio.current_time() + self.config.parity_timeout
@@ -351,15 +398,18 @@ class DiLoCoWorker:
         if len(digests.keys() - {self.me}) == 0:
             digests = rounds.parity_digests(entries, r, live)
         verdict = rounds.parity(self.me, state.digest, digests)
-        if verdict.ok:
-            return state, verdict
-        log.warning(
-            "parity: our state %s differs from the majority's %s (%d of %d); re-fetching",
-            state.digest[:12],
-            verdict.digest[:12],
-            len(verdict.holders),
-            verdict.compared,
-        )
+        if not verdict.ok:
+            log.warning(
+                "parity: our state %s differs from the majority's %s (%d of %d); re-fetching",
+                state.digest[:12],
+                verdict.digest[:12],
+                len(verdict.holders),
+                verdict.compared,
+            )
+        return verdict
+
+    async def refetch(self, r: int, verdict: rounds.ParityVerdict) -> State | None:
+        """The majority's state of round ``r`` from its holders (None: it could not be had)."""
         self.refetches += 1
         self._learn_addrs(verdict.holders)
         try:
@@ -372,16 +422,10 @@ class DiLoCoWorker:
                 deadlines=self.config.deadlines,
             )
         except StateSyncError as exc:
-            log.warning("parity re-fetch failed (%s); re-entering the run", exc)
-            self._write_entry(r, "failed", None)
-            again = await self.enter()
-            return (again if again is not None else state), verdict
+            log.warning("parity re-fetch of round %d failed (%s); re-entering the run", r, exc)
+            return None
         self.bytes_received_state += fetched.bytes_received
-        fixed = State(fetched.params, fetched.outer, verdict.digest)
-        await trio.to_thread.run_sync(self.inner.load, fixed.params)
-        await self._publish(fixed)
-        self.on_event({"event": "state", "source": "refetch", "round": r})
-        return fixed, verdict
+        return State(fetched.params, fetched.outer, verdict.digest)
 
     # ------------------------------------------------------------------ helpers
 
@@ -467,10 +511,14 @@ class DiLoCoWorker:
         return position
 
     async def _wait_doc(self, timeout: float) -> None:
-        """Until the run document changes (or ``timeout`` passes)."""
-        self._changed = trio.Event()
+        """Until the run document changes (or ``timeout`` passes). Several tasks may wait at
+        once (an overlapped round's parity check beside the next round's): they share the
+        event until a change sets it."""
+        if self._changed.is_set():
+            self._changed = trio.Event()
+        event = self._changed
         with trio.move_on_after(timeout):
-            await self._changed.wait()
+            await event.wait()
 
     def _learn_addrs(self, peers: Any) -> None:
         members = self.doc.members()
@@ -521,24 +569,31 @@ class DiLoCoWorker:
         loss: float,
         result: AllReduceResult,
         inner_seconds: float,
-        sync_start: float,
+        sync_seconds: float,
         state: State,
         verdict: rounds.ParityVerdict,
+        *,
+        bytes_sent: int | None = None,
+        members: tuple[str, ...] | None = None,
+        attempts: int | None = None,
+        refused: Mapping[str, str] | None = None,
     ) -> None:
+        """Record round ``r`` (the overrides: an overlapped round's totals over its
+        fragments' exchanges, ``result`` being the last of them)."""
         record = RoundRecord(
             round=r,
             steps=steps,
             tokens=tokens,
             loss=loss,
-            members=result.members,
-            attempts=result.attempts,
-            bytes_sent=result.bytes_sent,
+            members=result.members if members is None else members,
+            attempts=result.attempts if attempts is None else attempts,
+            bytes_sent=result.bytes_sent if bytes_sent is None else bytes_sent,
             seconds_inner=inner_seconds,
-            seconds_sync=time.perf_counter() - sync_start,
+            seconds_sync=sync_seconds,
             digest=state.digest,
             parity_ok=verdict.ok,
             parity_compared=verdict.compared,
-            refused=dict(result.refused),
+            refused=dict(result.refused if refused is None else refused),
         )
         self.records.append(record)
         with contextlib.suppress(GossamerError):
@@ -556,9 +611,9 @@ class DiLoCoWorker:
                 "steps": steps,
                 "tokens": tokens,
                 "loss": loss,
-                "members": len(result.members),
-                "attempts": result.attempts,
-                "bytes_sent": result.bytes_sent,
+                "members": len(record.members),
+                "attempts": record.attempts,
+                "bytes_sent": record.bytes_sent,
                 "bytes_sent_total": self.bytes_sent,
                 "tokens_per_s": tokens / max(1e-9, inner_seconds),
                 "seconds_inner": round(inner_seconds, 3),

@@ -11,6 +11,9 @@ from gossamer.node import DeadlinePolicy, typed_fields
 from gossamer.training import rounds
 from gossamer.training.aggregate import Aggregation
 from gossamer.training.codecs import get_codec
+from gossamer.training.fragments import FragmentSchedule
+
+OVERLAP_MODES = ("none", "streaming", "eager")
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,15 @@ class DiLoCoConfig:
     deadline_floor: float = 10.0
     deadline_ceiling: float = 300.0
     deadline_safety: float = 3.0
+    # overlapping the exchange with inner steps (training/diloco_overlap.py): "none" (every
+    # member waits for the whole all-reduce), "streaming" (Streaming DiLoCo: fragments
+    # exchanged at staggered offsets, merged θ ← α·θ_local + (1−α)·θ_global) or "eager" (the
+    # whole exchange overlaps the next round; the outer step is taken at once with our fresh
+    # pseudo-gradient and corrected when the average arrives)
+    overlap: str = "none"
+    fragments: int | None = None  # streaming: P; None: about 3 blocks each (fragments.py)
+    sync_delay: int = 1  # streaming: τ, inner steps an exchange overlaps before it is merged
+    merge_alpha: float = 0.5  # streaming: α of the merge (0: take the global fragment)
 
     def __post_init__(self) -> None:
         rounds.RoundPolicy(self.inner_steps, self.min_inner_steps, self.round_seconds)
@@ -53,6 +65,21 @@ class DiLoCoConfig:
         if self.min_workers < 1:
             raise ValueError("min_workers must be >= 1")
         self.deadlines  # noqa: B018 (validates the deadline bounds)
+        if self.overlap not in OVERLAP_MODES:
+            raise ValueError(
+                f"overlap must be one of {', '.join(OVERLAP_MODES)}, not {self.overlap!r}"
+            )
+        if self.overlap != "none":
+            if self.min_inner_steps not in (None, self.inner_steps) or self.round_seconds:
+                raise ValueError(
+                    f"overlap {self.overlap!r} needs rounds of exactly inner_steps steps "
+                    "(no min_inner_steps below it, no round_seconds)"
+                )
+            FragmentSchedule(self.inner_steps, self.fragments or 1, self.sync_delay)
+        if self.fragments is not None and self.fragments < 1:
+            raise ValueError("fragments must be >= 1")
+        if not 0.0 <= self.merge_alpha < 1.0:
+            raise ValueError("merge_alpha must be in [0, 1)")
 
     @property
     def deadlines(self) -> DeadlinePolicy:

@@ -26,7 +26,7 @@ class InnerLoop(Protocol):
         ...
 
     def load(self, params: Mapping[str, torch.Tensor]) -> None:
-        """Copy the agreed parameters into the model."""
+        """Copy these parameters into the model: all of them, or some (one fragment's)."""
         ...
 
     def close(self) -> None: ...
@@ -118,8 +118,12 @@ class LocalInnerLoop:
 
     @torch.no_grad()
     def load(self, params: Mapping[str, torch.Tensor]) -> None:
-        for name, p in self._params.items():
-            p.copy_(params[name].to(p.device, p.dtype))
+        unknown = params.keys() - self._params.keys()
+        if unknown:
+            raise KeyError(f"not parameters of this model: {sorted(unknown)[:5]}")
+        for name, t in params.items():
+            p = self._params[name]
+            p.copy_(t.to(p.device, p.dtype))
 
     def close(self) -> None:
         return None

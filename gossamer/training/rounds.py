@@ -164,7 +164,9 @@ def run_position(entries: Entries, live: Live = _always) -> RunPosition:
     return RunPosition(step, digest, holders, finished)
 
 
-def round_members(entries: Entries, step: int, me: str, live: Live = _always) -> list[str]:
+def round_members(
+    entries: Entries, step: int, me: str, live: Live = _always, *, overlapped: bool = False
+) -> list[str]:
     """Who takes part in round ``step``'s all-reduce, as this member sees it (sorted, with us).
 
     Every live member that declared the round: in it (training, syncing) or announced for it
@@ -173,10 +175,18 @@ def round_members(entries: Entries, step: int, me: str, live: Live = _always) ->
     re-fetching) still contributes a valid pseudo-gradient, and leaving it out on some replicas
     but not others would only split the membership agreement; parity after the outer step
     catches a member that really started from other bits.
+
+    ``overlapped`` (streaming and eager rounds): a member still at ``(step − 1, syncing)`` is
+    in round ``step`` too — it trains round ``step`` while its last exchange of round
+    ``step − 1`` is on the wire, and writes ``(step, training)`` only once that one is merged.
     """
     out = {me}
     for p, e in entries.items():
-        if e.step == step and e.status in ("joined", *ACTIVE) and live(p):
+        if not live(p):
+            continue
+        in_round = e.step == step and e.status in ("joined", *ACTIVE)
+        finishing_last = overlapped and e.step == step - 1 and e.status == "syncing"
+        if in_round or finishing_last:
             out.add(p)
     return sorted(out)
 
