@@ -33,7 +33,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +119,7 @@ class DiLoCoWorker:
         self._changed = trio.Event()
         self._undo_listener = self.doc.on_change(lambda roots, author: self._changed.set())
         self._last_inner_seconds = 0.0
+        self.state_round: int | None = None  # the round of the last state we published
         self._fresh = State.of(*self._fresh_state())
 
     # ------------------------------------------------------------------ the loop
@@ -223,6 +224,11 @@ class DiLoCoWorker:
             mine = entries.get(self.me)
             if plan.round is not None and (mine is None or mine.step < plan.round):
                 self._write_entry(plan.round, "joined", None)
+                # live at once: the others count us in round plan.round's first exchange only
+                # if our heartbeat is fresh (an overlapped round starts it a step after the
+                # state we are waiting for appears)
+                with contextlib.suppress(GossamerError):
+                    self.doc.heartbeat()
             await self._wait_doc(1.0)
 
     async def _state_with(
@@ -322,17 +328,26 @@ class DiLoCoWorker:
         fragment: int | None = None,
         error_feedback: ErrorFeedback | None = None,
         last_of_round: bool = True,
+        known: Collection[str] = (),
     ) -> AllReduceResult:
         """Round ``r``'s all-reduce of ``delta`` (of one ``fragment`` of the model, if given:
         its key is ``<run>/<r>/f<fragment>`` and ``error_feedback`` its own; standing is kept
-        once per round, by the round's ``last_of_round`` exchange)."""
+        once per round, by the round's ``last_of_round`` exchange). ``known``: the members of
+        our last exchange, candidates whatever the run document says of them (an overlapped
+        round starts its exchanges before the others' new entries reach us)."""
         entries, live = self._view()
+        overlapped = self.config.overlap != "none"
+        still_in = [
+            p
+            for p in known
+            if live(p) and (e := entries.get(p)) is not None and e.status not in ("failed", "done")
+        ]
         # peers that kept missing rounds (never contributing, or put out for lying) wait out
         # their back-off instead of costing this round its join deadline (training/standing.py)
         members = [
             p
-            for p in rounds.round_members(
-                entries, r, self.me, live, overlapped=self.config.overlap != "none"
+            for p in sorted(
+                {*rounds.round_members(entries, r, self.me, live, overlapped=overlapped), *still_in}
             )
             if p == self.me or not self.standing.skipped(p, r)
         ]
@@ -356,6 +371,10 @@ class DiLoCoWorker:
             verify=self.config.verify_owners,
             deadlines=self.config.deadlines,
         )
+        if overlapped and len(members) > 1 and result.members == (self.me,):
+            # the others averaged this exchange without us (we came too late to its start):
+            # alone, our state would drift from theirs; re-enter the run instead
+            raise CollectiveError(f"{key}: the others of {len(members) - 1} averaged without us")
         if last_of_round:
             self.standing.record(r, members, result.members)
         self.standing.record_lone_exclusions(r, [owner for owner, _ in result.lone_exclusions])
@@ -370,6 +389,7 @@ class DiLoCoWorker:
     ) -> tuple[State, rounds.ParityVerdict]:
         """Publish our digest for round state.round; compare with the members' (bounded wait);
         re-fetch the majority's state into the model if ours differs."""
+        await self._publish(state)
         verdict = await self.parity_verdict(state, members)
         if verdict.ok:
             return state, verdict
@@ -384,8 +404,8 @@ class DiLoCoWorker:
         return fixed, verdict
 
     async def parity_verdict(self, state: State, members: tuple[str, ...]) -> rounds.ParityVerdict:
-        """Publish ``state`` (round state.round) and compare digests with ``members``'."""
-        await self._publish(state)
+        """Compare the digest of ``state`` (published already) with ``members``' digests of
+        its round (waiting a bounded time for them)."""
         r = state.round
         deadline = trio.current_time() + self.config.parity_timeout
         while trio.current_time() < deadline:
@@ -456,6 +476,7 @@ class DiLoCoWorker:
             make_snapshot, state.params, state.outer, state.digest
         )
         self.server.publish(snapshot)
+        self.state_round = state.round
         done = self.config.rounds is not None and state.round >= self.config.rounds
         self._write_entry(state.round, "done" if done else "training", state.digest)
         with contextlib.suppress(GossamerError):

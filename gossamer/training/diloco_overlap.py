@@ -61,12 +61,11 @@ Tensors = dict[str, torch.Tensor]
 
 
 class _Restart(Exception):
-    """The session must end: re-enter the run, or go on from the majority's ``state``."""
+    """The session must end: re-enter the run (our entry says we failed ``round``)."""
 
-    def __init__(self, round_: int, state: State | None, why: str) -> None:
+    def __init__(self, round_: int, why: str) -> None:
         super().__init__(why)
         self.round = round_
-        self.state = state
 
 
 @dataclass
@@ -152,14 +151,8 @@ class OverlappedRounds:
                 state = await self._session(state)
             except _Restart as restart:
                 log.warning("round %d: %s", restart.round, restart)
-                if restart.state is not None:
-                    state = restart.state
-                    await trio.to_thread.run_sync(w.inner.load, state.params)
-                    await w._publish(state)
-                    w.on_event({"event": "state", "source": "refetch", "round": state.round})
-                else:
-                    w._write_entry(restart.round, "failed", None)
-                    state = await w.enter()
+                w._write_entry(restart.round, "failed", None)
+                state = await w.enter()
         return state
 
     async def _session(self, state: State) -> State:
@@ -172,6 +165,7 @@ class OverlappedRounds:
         self.staged: dict[int, dict[int, _Exchange]] = {}
         self.stats: dict[int, _RoundStats] = {}
         self.failure: _Restart | None = None
+        self.known: tuple[str, ...] = ()  # the members of our last merged exchange
         self.clock = 0  # inner steps taken in this session
         self.tokens_since = [0] * len(self.fragments)
         # eager: the last round's average and our part in it
@@ -287,6 +281,7 @@ class OverlappedRounds:
                 fragment=None if len(self.fragments) == 1 else ex.fragment,
                 error_feedback=self.feedback[ex.fragment],
                 last_of_round=last,
+                known=self.known,
             )
             s = self.hyper
             params, outer = await trio.to_thread.run_sync(
@@ -317,7 +312,7 @@ class OverlappedRounds:
     async def _merge(self, ex: _Exchange) -> None:
         del self.pending[ex.fragment]
         if ex.error is not None or ex.result is None or ex.params is None:
-            raise _Restart(ex.round, None, ex.error or "exchange failed")
+            raise _Restart(ex.round, ex.error or "exchange failed")
         assert ex.new_buffers is not None
         live = self.w.inner.parameters()
         new_global = ex.params
@@ -330,6 +325,7 @@ class OverlappedRounds:
         self.globals.update(new_global)
         self.buffers.update(ex.new_buffers)
         result = ex.result
+        self.known = result.members
         if self.mode == "eager":
             self.last_average, self.last_own = result.tensor, ex.delta
             if self.w.me in result.members and result.total_weight > 0:
@@ -370,11 +366,6 @@ class OverlappedRounds:
         w = self.w
         members = tuple(sorted(stats.members))
         verdict = await w.parity_verdict(state, members)
-        if not verdict.ok:
-            fixed = await w.refetch(state.round, verdict)
-            why = "parity: our state differs from the majority's"
-            self.failure = _Restart(state.round, fixed, why)
-            return
         if stats.last is not None:
             loss = sum(stats.losses) / len(stats.losses) if stats.losses else math.nan
             wall = stats.wall_seconds or (time.perf_counter() - stats.started)
@@ -393,4 +384,11 @@ class OverlappedRounds:
                 attempts=stats.attempts,
                 refused=stats.refused,
             )
-        await trio.to_thread.run_sync(w._save_checkpoint, state)
+        if verdict.ok:
+            await trio.to_thread.run_sync(w._save_checkpoint, state)
+            return
+        # the others are exchanges ahead of the state we would re-fetch now: entering the run
+        # afresh (announce the next round, download its state) meets them again, where
+        # restarting this round from the re-fetched state would average alone
+        w.refetches += 1
+        self.failure = _Restart(state.round, "parity: our state differs from the majority's")

@@ -176,16 +176,18 @@ def round_members(
     but not others would only split the membership agreement; parity after the outer step
     catches a member that really started from other bits.
 
-    ``overlapped`` (streaming and eager rounds): a member still at ``(step − 1, syncing)`` is
-    in round ``step`` too — it trains round ``step`` while its last exchange of round
-    ``step − 1`` is on the wire, and writes ``(step, training)`` only once that one is merged.
+    ``overlapped`` (streaming and eager rounds): a member still in round ``step − 1``
+    (training or syncing) is in round ``step`` too. It writes ``(step, training)`` only once
+    its last exchange of round ``step − 1`` is merged, a step or so before its first exchange
+    of round ``step`` starts — too late for the others' views: leaving it out would let two
+    members that have not yet seen each other's new entries each average alone.
     """
     out = {me}
     for p, e in entries.items():
         if not live(p):
             continue
         in_round = e.step == step and e.status in ("joined", *ACTIVE)
-        finishing_last = overlapped and e.step == step - 1 and e.status == "syncing"
+        finishing_last = overlapped and e.step == step - 1 and e.status in ACTIVE
         if in_round or finishing_last:
             out.add(p)
     return sorted(out)

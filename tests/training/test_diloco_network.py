@@ -67,9 +67,10 @@ async def test_three_workers_stay_bit_identical_and_match_the_reference(node_con
     assert [r.digest for r in results[0].records] == reference_digests(recipe, config, ids)
 
 
-async def test_a_late_joiner_downloads_the_state_and_converges(node_config):
+@pytest.mark.parametrize("overlap", ["none", "streaming", "eager"])
+async def test_a_late_joiner_downloads_the_state_and_converges(node_config, overlap):
     recipe = dataclasses.replace(TINY, shards=3)
-    config = DiLoCoConfig(inner_steps=6, rounds=10)
+    config = DiLoCoConfig(inner_steps=6, rounds=10, overlap=overlap)
     async with swarm(node_config, 3, recipe, config) as members:
         late_model = dataclasses.replace(recipe, seed=7).model()  # not the run's init
         workers = [
@@ -91,7 +92,10 @@ async def test_a_late_joiner_downloads_the_state_and_converges(node_config):
                 )
                 nursery.start_soon(one, 2)
     early, late = results[0], results[2]
-    assert late.entered_by == ["download"] and late.bytes_received_state > 0  # type: ignore[union-attr]
+    # an overlapped round's first exchange starts a step after its state appears: a joiner
+    # that announced itself just then may miss it, and enters again at the next round
+    assert set(late.entered_by) == {"download"} and late.bytes_received_state > 0  # type: ignore[union-attr]
+    assert len(late.entered_by) == 1 or overlap != "none"  # type: ignore[union-attr]
     joined_at = late.records[0].round  # type: ignore[union-attr]
     assert 3 <= joined_at < 10
     by_round = {r.round: r.digest for r in early.records}  # type: ignore[union-attr]
@@ -122,9 +126,10 @@ async def test_a_slow_worker_contributes_fewer_steps_instead_of_stalling_the_rou
 
 
 class _Diverging(DiLoCoWorker):
-    """Flips one bit of its state after the outer step of round 1 (a faulty member)."""
+    """Flips one bit of its state after the outer step of round 1 (a faulty member): every
+    mode's parity check (parity_verdict) sees the flipped state."""
 
-    async def check_parity(self, state, members):
+    async def parity_verdict(self, state, members):
         if state.round == 2 and not getattr(self, "_flipped", False):
             self._flipped = True
             params = {k: v.clone() for k, v in state.params.items()}
@@ -133,14 +138,14 @@ class _Diverging(DiLoCoWorker):
                 params[name].view(-1)[0], torch.tensor(float("inf"))
             )
             state = State.of(params, state.outer)
-            self.inner.load(state.params)
-        return await super().check_parity(state, members)
+        return await super().parity_verdict(state, members)
 
 
-async def test_a_member_whose_state_diverges_refetches_it(node_config, caplog):
+@pytest.mark.parametrize("overlap", ["none", "streaming", "eager"])
+async def test_a_member_whose_state_diverges_refetches_it(node_config, caplog, overlap):
     caplog.set_level(logging.WARNING, logger="gossamer.training.diloco")
     recipe = dataclasses.replace(TINY, shards=3)
-    config = DiLoCoConfig(inner_steps=5, rounds=4, min_workers=3)
+    config = DiLoCoConfig(inner_steps=5, rounds=4, min_workers=3, overlap=overlap)
     async with swarm(node_config, 3, recipe, config) as members:
         workers = [
             (_Diverging if i == 2 else DiLoCoWorker)(node, run, recipe.inner_loop(i), config)
