@@ -145,7 +145,7 @@ class _Diverging(DiLoCoWorker):
 async def test_a_member_whose_state_diverges_refetches_it(node_config, caplog, overlap):
     caplog.set_level(logging.WARNING, logger="gossamer.training.diloco")
     recipe = dataclasses.replace(TINY, shards=3)
-    config = DiLoCoConfig(inner_steps=5, rounds=4, min_workers=3, overlap=overlap)
+    config = DiLoCoConfig(inner_steps=5, rounds=6, min_workers=3, overlap=overlap)
     async with swarm(node_config, 3, recipe, config) as members:
         workers = [
             (_Diverging if i == 2 else DiLoCoWorker)(node, run, recipe.inner_loop(i), config)
@@ -154,9 +154,17 @@ async def test_a_member_whose_state_diverges_refetches_it(node_config, caplog, o
         results = await train_all(workers)
     faulty = results[2]
     assert faulty.refetches == 1
-    assert [r.parity_ok for r in faulty.records] == [True, False, True, True]
-    for r in range(4):  # after the re-fetch, everyone holds the same bits again
-        assert len({res.records[r].digest for res in results}) == 1
+    verdicts = [r.parity_ok for r in faulty.records]
+    if overlap == "none":  # re-fetched in place: every round recorded
+        assert verdicts == [True, False, True, True, True, True]
+    else:  # the others are exchanges ahead: it re-enters the run (downloads a later state)
+        assert verdicts[:2] == [True, False] and all(verdicts[2:]) and len(verdicts) >= 3
+        assert faulty.entered_by == ["fresh", "download"]
+    by_round = {r.round: r.digest for r in results[0].records}
+    for record in faulty.records:  # after the re-fetch, it holds the others' bits again
+        if record.parity_ok:
+            assert record.digest == by_round[record.round]
+    assert len({res.final_digest for res in results}) == 1
     assert any("re-fetching" in rec.getMessage() for rec in caplog.records)
 
 
