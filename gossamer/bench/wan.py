@@ -42,34 +42,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=2, help="sequences per inner step")
     parser.add_argument(
         "--points",
-        default="unshaped,100:50,20:50",
-        help="comma-separated: unshaped | RATE_MBIT:ONE_WAY_LATENCY_MS",
+        default="unshaped,100:50,20:50,100:50:slow4",
+        help="comma-separated: unshaped | RATE_MBIT:ONE_WAY_LATENCY_MS[:slow4] (slow4: the "
+        "last worker's link 4x slower than the others')",
+    )
+    parser.add_argument(
+        "--modes", default="blocking,streaming,eager", help="overlap modes to measure"
     )
 
 
-def _parse_points(text: str) -> list[tuple[str, str]]:
-    """(name, shape spec) per point; the spec is what ``--shape`` of a worker takes."""
+def _shape_spec(mbit: float, ms: float) -> str:
+    return f"up_mbit={mbit:g},down_mbit={mbit:g},latency_ms={ms:g}"
+
+
+def _parse_points(text: str) -> list[tuple[str, str, str]]:
+    """(name, shape of every worker, shape of the last worker) per point."""
     points = []
     for item in (p.strip() for p in text.split(",")):
         if not item:
             continue
         if item == "unshaped":
-            points.append(("unshaped", ""))
+            points.append(("unshaped", "", ""))
             continue
-        rate, sep, latency = item.partition(":")
+        parts = item.split(":")
+        bad = f"a point is 'unshaped' or RATE_MBIT:LATENCY_MS[:slow4], not {item!r}"
+        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "slow4"):
+            raise ValueError(bad)
         try:
-            mbit, ms = float(rate), float(latency or 0)
+            mbit, ms = float(parts[0]), float(parts[1])
         except ValueError:
-            raise ValueError(
-                f"a point is 'unshaped' or RATE_MBIT:LATENCY_MS, not {item!r}"
-            ) from None
-        if not sep or mbit <= 0 or ms < 0:
-            raise ValueError(f"a point is 'unshaped' or RATE_MBIT:LATENCY_MS, not {item!r}")
-        spec = f"up_mbit={mbit:g},down_mbit={mbit:g},latency_ms={ms:g}"
-        points.append((f"{mbit:g}mbit_{ms:g}ms", spec))
+            raise ValueError(bad) from None
+        if mbit <= 0 or ms < 0:
+            raise ValueError(bad)
+        spec = _shape_spec(mbit, ms)
+        if len(parts) == 3:
+            points.append(
+                (f"{mbit:g}mbit_{ms:g}ms_one_at_{mbit / 4:g}", spec, _shape_spec(mbit / 4, ms))
+            )
+        else:
+            points.append((f"{mbit:g}mbit_{ms:g}ms", spec, spec))
     if not points:
         raise ValueError("no points to measure")
     return points
+
+
+MODES = {"blocking": "none", "streaming": "streaming", "eager": "eager"}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -94,16 +111,44 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         min_workers=args.workers,
         join_timeout=120.0,
     )
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or any(m not in MODES for m in modes):
+        raise ValueError(f"--modes takes a list of {', '.join(MODES)}")
     results: dict[str, Any] = {}
-    for name, spec in points:
-        results[name] = {"blocking": trio.run(_one_point, recipe, config, args.workers, spec)}
-    shaped = [name for name, spec in points if spec]
-    reference = results.get("unshaped", {}).get("blocking")
-    if reference is not None:
-        for name in shaped:
-            row = results[name]["blocking"]
-            row["wall_ratio_vs_unshaped"] = round(row["wall_s"] / reference["wall_s"], 3)
-            row["loss_ratio_vs_unshaped"] = round(row["eval_loss"] / reference["eval_loss"], 4)
+    for name, spec, last_spec in points:
+        results[name] = {}
+        for mode in modes:
+            cfg = dataclasses.replace(config, overlap=MODES[mode])
+            row = trio.run(_one_point, recipe, cfg, args.workers, spec, last_spec)
+            results[name][mode] = row
+        base = results[name].get("blocking")
+        for mode, row in results[name].items():
+            if base is not None and mode != "blocking":
+                row["loss_ratio_vs_blocking"] = round(row["eval_loss"] / base["eval_loss"], 4)
+                if row["peak_mbit_s"] and base["peak_mbit_s"]:
+                    row["peak_ratio_vs_blocking"] = round(
+                        row["peak_mbit_s"] / base["peak_mbit_s"], 3
+                    )
+                row["wall_ratio_vs_blocking"] = round(row["wall_s"] / base["wall_s"], 3)
+    reference = results.get("unshaped", {})
+    for name, spec, _ in points:
+        if not spec:
+            continue
+        for mode, row in results[name].items():
+            ref = reference.get(mode)
+            if ref is not None:
+                row["wall_ratio_vs_unshaped"] = round(row["wall_s"] / ref["wall_s"], 3)
+                row["loss_ratio_vs_unshaped"] = round(row["eval_loss"] / ref["eval_loss"], 4)
+    shaped = [name for name, spec, last in points if spec and spec == last]
+    first = results[shaped[0]] if shaped else {}
+    overlapped = {m: r for m, r in first.items() if m != "blocking"}
+    best = max(overlapped, key=lambda m: overlapped[m]["utilisation"], default=None)
+    fragments = None
+    if "streaming" in modes:
+        from gossamer.training.fragments import partition
+
+        model = recipe.model()
+        fragments = len(partition({n: p.numel() for n, p in model.named_parameters()}))
     return {
         "bench": "wan",
         "workers": args.workers,
@@ -112,30 +157,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "codec": args.codec,
         "model": {"n_layer": args.layers, "d_model": args.width, "context": args.context},
         "n_params": recipe.model().num_params(),
+        "streaming_fragments": fragments,
         "points": results,
-        "blocking_comm_fraction": (
-            results[shaped[0]]["blocking"]["comm_fraction"] if shaped else None
-        ),
-        "goal": {"blocking_comm_fraction_min": 0.3, "overlapped_utilisation_min": 0.95},
-        "modes_built": ["blocking"],
+        "blocking_comm_fraction": first.get("blocking", {}).get("comm_fraction"),
+        "best_overlapped_mode": best,
+        "best_overlapped_utilisation": None if best is None else overlapped[best]["utilisation"],
+        "goal": {
+            "blocking_comm_fraction_min": 0.3,
+            "overlapped_utilisation_min": 0.95,
+            "loss_ratio_vs_blocking_max": 1.01,
+            "streaming_peak_ratio_max": None if fragments is None else round(1 / fragments, 3),
+        },
+        "modes": modes,
         "method": (
             f"{args.workers} worker processes on 127.0.0.1, each node's traffic shaped by "
             "its own link shaper (rate up and down, one-way latency); real run document, "
-            "real all-reduce over the encrypted data plane"
+            "real all-reduce over the encrypted data plane; utilisation = time in inner steps "
+            "/ time in rounds, summed over workers (the slow4 point: over the fast workers)"
         ),
     }
 
 
-async def _one_point(recipe: Any, config: Any, n: int, shape: str) -> dict[str, Any]:
+async def _one_point(
+    recipe: Any, config: Any, n: int, shape: str, last_shape: str
+) -> dict[str, Any]:
     import trio
 
     from gossamer.training import spawn_worker
 
     with tempfile.TemporaryDirectory(prefix="gossamer-bench-wan-") as tmp:
         root = Path(tmp)
-        common = ["--no-dht", "--exit-with-stdin", "--log-level", "error"]
-        if shape:
-            common += ["--shape", shape]
+        base = ["--no-dht", "--exit-with-stdin", "--log-level", "error"]
+        common = [*base, "--shape", shape] if shape else base
         workers: list[Any] = []
         results: dict[int, dict[str, Any]] = {}
         try:
@@ -157,7 +210,8 @@ async def _one_point(recipe: Any, config: Any, n: int, shape: str) -> dict[str, 
             for i in range(1, n):
                 argv = [
                     "--data-dir", str(root / f"w{i}"), "--join", ready["run_id"],
-                    "--bootstrap", ready["addrs"][0], "--shard", str(i), *common,
+                    "--bootstrap", ready["addrs"][0], "--shard", str(i),
+                    *([*base, "--shape", last_shape] if i == n - 1 and last_shape else common),
                 ]  # fmt: skip
                 workers.append(await spawn_worker(i, argv, root))
 
@@ -172,8 +226,10 @@ async def _one_point(recipe: Any, config: Any, n: int, shape: str) -> dict[str, 
         finally:
             for worker in workers:
                 await worker.stop(grace=10.0)
-    inner = sum(r["seconds_inner"] for r in results.values())
-    sync = sum(r["seconds_sync"] for r in results.values())
+    # with one slow link, what it costs the others: the fast workers' utilisation
+    counted = [i for i in results if not (last_shape != shape and i == n - 1)]
+    inner = sum(results[i]["seconds_inner"] for i in counted)
+    sync = sum(results[i]["seconds_sync"] for i in counted)
     links = [r["link"] for r in results.values() if r.get("link")]
     utilisation = inner / max(1e-9, inner + sync)
     return {
@@ -186,6 +242,8 @@ async def _one_point(recipe: Any, config: Any, n: int, shape: str) -> dict[str, 
         "rounds_committed": min(len(r["rounds"]) for r in results.values()),
         "bit_identical": len({r["final_digest"] for r in results.values()}) == 1,
         "shape": shape or "unshaped",
+        **({"last_worker_shape": last_shape} if last_shape != shape else {}),
+        "overlap": config.overlap,
     }
 
 

@@ -75,6 +75,12 @@ def register(subparsers: Any) -> None:
         choices=("small", "tiny"),
         help="small: 4 layers, d=128, context 128 (0.84M params); tiny: for a quick look",
     )
+    parser.add_argument(
+        "--overlap",
+        default="none",
+        choices=("none", "streaming", "eager"),
+        help="overlap the exchange with inner steps (default none; docs/diloco.md)",
+    )
     parser.add_argument("--no-baseline", action="store_true", help="skip the DDP baseline")
     parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
     parser.set_defaults(handler=cmd_demo)
@@ -237,6 +243,7 @@ async def _demo(args: argparse.Namespace, ui: _Ui) -> dict[str, Any]:
         codec=args.codec,
         min_workers=args.workers,
         join_timeout=120.0,
+        overlap=args.overlap,
     )
     info = await trio.to_thread.run_sync(_corpus_info, recipe)
     ui.say(

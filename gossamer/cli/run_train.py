@@ -47,6 +47,12 @@ def add_parsers(run_sub: Any) -> None:
         metavar="PEER_ID",
         help="a peer admitted to a restricted run (repeatable; see also `run invite`)",
     )
+    host.add_argument(
+        "--overlap",
+        choices=("none", "streaming", "eager"),
+        help="overlap the exchange with inner steps (default: the run file's [diloco] overlap, "
+        "else none; see docs/diloco.md for choosing one)",
+    )
     _add_worker_args(host)
     host.set_defaults(handler=cmd_host)
 
@@ -126,12 +132,20 @@ def cmd_host(args: argparse.Namespace) -> int:
     if args.allow and args.access == "open":
         raise CliError("--allow only matters with --access restricted")
     access = args.access or ("restricted" if args.allow else None)
+    diloco = run_file.diloco
+    if args.overlap is not None:
+        import dataclasses
+
+        try:
+            diloco = dataclasses.replace(diloco, overlap=args.overlap)
+        except ValueError as exc:
+            raise CliError(f"--overlap {args.overlap}: {exc}") from None
     try:
         return _train(
             args,
             host=run_file.name,
             recipe=run_file.recipe,
-            config=run_file.diloco,
+            config=diloco,
             access=access,
             allow=args.allow,
         )
@@ -226,7 +240,7 @@ class _Progress:
         self.console.print(f"[bold]run[/bold] {run.run_id}  (this worker: {node.peer_id})")
         self.console.print(
             f"  model: GPT {recipe.n_layer} layers, d={recipe.d_model}, context {recipe.context}"
-            f"; DiLoCo H={config.inner_steps}, codec {config.codec}, "
+            f"; DiLoCo H={config.inner_steps}, codec {config.codec}, overlap {config.overlap}, "
             f"{config.rounds or '∞'} rounds"
         )
         if addrs:
