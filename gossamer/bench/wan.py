@@ -14,8 +14,10 @@ highest uplink rate over any 1 s that any worker's shaper measured), ``bytes_tot
 workers' all-reduces sent).  ``blocking_comm_fraction`` is the blocking mode's comm fraction at
 the first shaped point: the issue asks for a config where it is ≥ 0.3.
 
-Mode: ``blocking`` (every member waits for the whole all-reduce), the only overlap mode built so
-far; streaming and eager are the next step (issue 14), and this bench is their reference.
+Modes (``--modes``): ``blocking`` (every member waits for the whole all-reduce), ``streaming``
+and ``eager`` (training/diloco_overlap.py), each with ``loss_ratio_vs_blocking`` and
+``peak_ratio_vs_blocking``. The ``slow4`` point puts the last worker's link at a quarter of
+the others' and reports the fast workers' utilisation (what the slow link costs them).
 """
 
 from __future__ import annotations
