@@ -305,19 +305,16 @@ class DiLoCoWorker:
             now = time.perf_counter()
             if now - last_event > 0.5 or steps == 1:
                 last_event = now
-                self.on_event(
-                    {
-                        "event": "step",
-                        "round": r,
-                        "step": steps,
-                        "loss": loss,
-                        "tokens_per_s": tokens / max(1e-9, now - start),
-                    }
-                )
+                self._step_event(r, steps, loss, tokens / max(1e-9, now - start))
         seconds = time.perf_counter() - start
         self._last_inner_seconds = seconds
         self.tokens_total += tokens
         return steps, tokens, sum(losses) / len(losses), seconds
+
+    def _step_event(self, r: int, step: int, loss: float, tokens_per_s: float) -> None:
+        self.on_event(
+            {"event": "step", "round": r, "step": step, "loss": loss, "tokens_per_s": tokens_per_s}
+        )
 
     async def all_reduce(
         self,

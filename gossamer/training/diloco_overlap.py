@@ -205,15 +205,7 @@ class OverlappedRounds:
             done_in_round += 1
             if now - last_event > 0.5 or done_in_round == 1:
                 last_event = now
-                w.on_event(
-                    {
-                        "event": "step",
-                        "round": t,
-                        "step": done_in_round,
-                        "loss": loss,
-                        "tokens_per_s": stats.tokens / max(1e-9, stats.inner_seconds),
-                    }
-                )
+                w._step_event(t, done_in_round, loss, stats.tokens / max(1e-9, stats.inner_seconds))
             await self._merge_ready()
             for p in self.schedule.starting_after(done_in_round):
                 await self._wait_merged(p)
