@@ -52,6 +52,23 @@ def parse_level(level: int | str) -> int:
         raise ValueError(f"unknown log level {level!r} (debug, info, warning, error)") from None
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted, not the stream it was at
+    setup: a caller that swaps stderr (pytest's capture, a daemon redirecting its output) and
+    closes the old one would otherwise turn every later record into a "Logging error"."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def setup_logging(
     level: int | str = logging.INFO, *, libp2p_level: int | str | None = None
 ) -> None:
@@ -71,7 +88,7 @@ def setup_logging(
     else:
         libp2p_numeric = parse_level(libp2p_level)
 
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(_CompactFormatter())
     setattr(handler, _MARK, True)
 

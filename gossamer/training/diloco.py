@@ -205,6 +205,7 @@ class DiLoCoWorker:
                 entries.get(self.me),
                 is_host=self.doc.is_host(),
                 checkpoint_round=None if checkpoint is None else checkpoint.round,
+                lead=1 if self.config.overlap == "none" else 2,
             )
             if plan.action == "finished":
                 log.info("run %s is finished (round %s)", self.run.run_id[:12], plan.round)

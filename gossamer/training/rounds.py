@@ -257,6 +257,7 @@ def plan_entry(
     *,
     is_host: bool,
     checkpoint_round: int | None,
+    lead: int = 1,
 ) -> EntryPlan:
     """What a member that is not yet training should do next.
 
@@ -265,7 +266,10 @@ def plan_entry(
       our checkpoint or fresh model has that digest, otherwise downloaded from ``holders``.
       We may enter the run's current round r only if we announced ourselves for r before it
       started (our entry is ``(r, joined)``); otherwise the others may already be averaging.
-    * ``announce(r)``: write ``(r, joined)`` and wait for round r (the next one) to start.
+    * ``announce(r)``: write ``(r, joined)`` and wait for round r to start: ``lead`` rounds after
+      the current one. Overlapped rounds (streaming, eager) start their first exchange a few
+      steps after their state appears, so a newcomer announcing for the next round gives its
+      entry less than a round to reach everyone; they announce two rounds ahead.
     * ``resume(round)``: nobody live holds state; continue from our checkpoint.
     * ``gather``: nobody holds state and we have no checkpoint, but we are a host: start the run
       from our own fresh state (after waiting for the run's minimum number of workers).
@@ -284,4 +288,4 @@ def plan_entry(
         return EntryPlan("start", r, position.digest, position.holders)
     if my_entry is not None and my_entry.step > r:
         return EntryPlan("wait", my_entry.step)  # announced already; the run is not there yet
-    return EntryPlan("announce", r + 1)
+    return EntryPlan("announce", r + max(1, lead))

@@ -114,6 +114,12 @@ def test_plan_entry():
     assert rounds.plan_entry(empty, None, is_host=True, checkpoint_round=None).action == "gather"
     assert rounds.plan_entry(empty, None, is_host=False, checkpoint_round=3).action == "resume"
     assert rounds.plan_entry(empty, None, is_host=False, checkpoint_round=None).action == "wait"
+    # overlapped rounds: two rounds ahead; the round in between passes without the newcomer
+    ahead = rounds.plan_entry(running, None, is_host=False, checkpoint_round=None, lead=2)
+    assert (ahead.action, ahead.round) == ("announce", 8)
+    early = E(C, 8, "joined")
+    assert rounds.plan_entry(nxt, early, is_host=False, checkpoint_round=None).action == "wait"
+    assert rounds.round_members({A: E(A, 7, "training", "d7"), C: early}, 7, A) == [A]
     finished = rounds.RunPosition(10, "d10", (A,), finished=True)
     assert rounds.plan_entry(finished, None, is_host=False, checkpoint_round=None).action == (
         "finished"
