@@ -49,6 +49,9 @@ class Aggregation:
     max_weight: float | None = None  # the recipe's bound on one round's tokens, when known
     trim: float = 0.2  # trimmed_mean: the fraction dropped at each end
     clip_iterations: int = 1  # centered_clip (CClip: one move from a good start suffices)
+    # the robust rules also refuse a contribution pointing away from the others'
+    # (collective_plan.screen); off where honest pseudo-gradients need not share a direction
+    direction_screen: bool = True
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:

@@ -284,8 +284,8 @@ class PieceExchange:
                     state.refused[peer] = f"undecodable contribution: {exc}"
             # what each contributor is believed to weigh (a claim of 10^15 tokens is not)
             admitted = admitted_weights({p: weights[p] for p in pieces}, self.aggregation)
-            robust = self.aggregation.rule != "mean"
-            refusals = screen(pieces, weights=admitted, direction=robust)
+            direction = self.aggregation.rule != "mean" and self.aggregation.direction_screen
+            refusals = screen(pieces, weights=admitted, direction=direction)
             bound = self.aggregation.max_weight
             if bound is not None:
                 # the recipe's bound on one round is exact: an honest member never claims more

@@ -92,6 +92,12 @@ class DiLoCoConfig:
             weights=self.weights,
             max_weight=None if self.max_round_tokens is None else float(self.max_round_tokens),
             clip_iterations=self.clip_iterations,
+            # a streaming member's pseudo-gradient carries its own gap to the global state (the
+            # α-merge keeps part of it), so honest ones need not share a direction: measured, an
+            # honest member's cosine with the median fell to −0.96 while the others' stayed at
+            # +0.94 (a member back from a crash has no gap yet). Norms are still screened and
+            # the rule still bounds what one contribution moves.
+            direction_screen=self.overlap != "streaming",
         )
 
     @property

@@ -146,6 +146,12 @@ def result_summary(result: TrainResult, eval_loss: float | None = None) -> dict[
         # where a round's time went: inner steps vs. the all-reduce, outer step and parity
         "seconds_inner": sum(r.seconds_inner for r in result.records),
         "seconds_sync": sum(r.seconds_sync for r in result.records),
+        # per round, in round order: [inner, sync] seconds (the first and last rounds of an
+        # overlapped run differ from the rest: nothing to wait for yet, every exchange to wait for)
+        "round_seconds": [
+            [round(r.seconds_inner, 3), round(r.seconds_sync, 3)]
+            for r in sorted(result.records, key=lambda r: r.round)
+        ],
         "eval_loss": eval_loss,
     }
 

@@ -207,3 +207,44 @@ async def test_state_sync_from_several_peers_survives_a_lying_one(nodes, monkeyp
             )
         with pytest.raises(statesync.StateSyncError):
             await statesync.fetch_state(joiner, "0" * 64, ids[:2], timeout=10)
+
+
+@pytest.mark.parametrize("overlap", ["none", "streaming", "eager"])
+async def test_a_whole_run_restarts_from_its_checkpoints(node_config, tmp_path, overlap):
+    """Every member stops after round 2 (a crash of the whole run); a new run of the same
+    members resumes from their checkpoints, in agreement, and trains to the end."""
+    recipe = dataclasses.replace(TINY, shards=3)
+    config = DiLoCoConfig(inner_steps=6, rounds=6, min_workers=3, overlap=overlap)
+    dirs = [tmp_path / f"ck{i}" for i in range(3)]
+    stop_at = 3  # the round of the last state published: S_3 (rounds 0–2 trained)
+
+    def workers_of(members, should_stop=None):
+        return [
+            DiLoCoWorker(
+                node,
+                run,
+                SlowInner(recipe.inner_loop(i), 0.03),  # rounds longer than the doc's spread
+                config,
+                checkpoint_dir=dirs[i],
+                should_stop=None if should_stop is None else (lambda i=i: should_stop(i)),
+            )
+            for i, (node, run) in enumerate(members)
+        ]
+
+    async with swarm(node_config, 3, recipe, config) as members:
+        first: list[DiLoCoWorker] = []
+        first += workers_of(members, lambda i: (first[i].state_round or 0) >= stop_at)
+        before = await train_all(first)
+    saved = {res.final_digest for res in before}
+    # blocking rounds stop before round 3, overlapped ones once round 3's exchanges are in
+    resume_at = stop_at if overlap == "none" else stop_at + 1
+    assert len(saved) == 1 and {res.state.round for res in before} == {resume_at}  # type: ignore[union-attr]
+    async with swarm(node_config, 3, recipe, config) as members:
+        after = await train_all(workers_of(members))
+    for res in after:
+        assert res.entered_by == ["checkpoint"]
+        assert sorted(r.round for r in res.records) == list(range(resume_at, 6))
+        assert all(r.parity_ok and len(r.members) == 3 for r in res.records)
+    assert len({res.final_digest for res in after}) == 1
+    first_back = min(after[0].records, key=lambda r: r.round)
+    assert first_back.digest not in saved  # it trained on from the saved state, not from scratch
