@@ -121,6 +121,7 @@ class AllReduce:
         # owner/verifier disagreements of this all-reduce's attempts: member -> whom it
         # disagreed with (two different members put it out, see collective_membership.decide)
         self.dispute_partners: dict[str, set[str]] = {}
+        self.split_forgiven: set[str] = set()  # peers whose split view we overlooked once
         self.lone_exclusions: tuple[tuple[str, str], ...] = ()
 
     @property
@@ -345,10 +346,19 @@ class AllReduce:
             mismatched=sorted(state.mismatched),
             proofs=state.proofs[:MAX_PROOFS],
         )
-        statuses = await exchange_statuses(self.links, schedule, mine, ag_deadline)
+        split: set[str] = set()
+        statuses = await exchange_statuses(self.links, schedule, mine, ag_deadline, split)
         commit, proposal, disputes, lone = decide(
             members, statuses, schedule.verifier_of, self.dispute_partners
         )
+        # A peer whose agreement ended on another membership (a member died between the
+        # agreement's rounds) is no liar: keep it for the next agreement, which both of us
+        # then run from the same candidates. Once per peer and all-reduce, so a member that
+        # keeps claiming other memberships cannot keep the round from committing.
+        forgiven = {p for p in split if p not in self.split_forgiven}
+        self.split_forgiven |= forgiven
+        if forgiven and not commit:
+            proposal = sorted(set(proposal) | forgiven)
         self.lone_exclusions = lone
         for a, b in disputes:
             self.dispute_partners.setdefault(a, set()).add(b)

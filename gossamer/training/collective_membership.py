@@ -89,7 +89,7 @@ class Status:
             *(p for v in contributors.values() for p in v),
         ]
         if not all(isinstance(p, str) and p in known for p in names):
-            raise ValueError("status names peers outside the attempt")
+            raise SplitView("status names peers outside the attempt")
         return cls(
             raw["ok"],
             missing,
@@ -259,15 +259,27 @@ class MembershipAgreement:
         return self.proposal
 
 
+class SplitView(ValueError):
+    """A status naming peers outside our attempt: its sender agreed on another membership."""
+
+
 async def exchange_statuses(
-    links: Links, schedule: AllReduceSchedule, mine: Status, not_before: float | None = None
+    links: Links,
+    schedule: AllReduceSchedule,
+    mine: Status,
+    not_before: float | None = None,
+    split: set[str] | None = None,
 ) -> dict[str, Status]:
     """Send our status to every other member and collect theirs (ours included), by one deadline.
 
     ``not_before``: the attempt's own last deadline (its all-gather's). A member that is done
     early waits for the others' statuses until then at least: a verifier, or an owner that
     waited out a late piece, may still be working within the attempt's deadlines, and it is
-    no more silent than they allow."""
+    no more silent than they allow.
+
+    ``split``: filled with the peers whose status named peers outside the attempt (their
+    membership agreement ended elsewhere: a member died between its rounds); their status is
+    left out like a malformed one."""
     statuses = {links.me: mine}
     payload = {"s": mine.pack()}
     timeout = _message_timeout(links)
@@ -284,6 +296,12 @@ async def exchange_statuses(
             continue
         try:
             statuses[peer] = Status.unpack(bytes(received["s"]), schedule.members)
+        except SplitView as exc:
+            log.info(
+                "all-reduce %s: %s agreed on another membership: %s", links.key, peer[-8:], exc
+            )
+            if split is not None:
+                split.add(peer)
         except (ValueError, GossamerError, msgpack.ExtraData) as exc:
             log.warning("all-reduce %s: bad status from %s: %s", links.key, peer[-8:], exc)
     for status in statuses.values():
@@ -316,8 +334,12 @@ async def agree(
     # A member's first round may end as late as its own join deadline (it waits that long for
     # a candidate that never answers), and members start their all-reduces up to a join window
     # apart: a later round waits as long as that window, or the member that started last,
-    # still in its first round, would be dropped by the others and kept by itself.
-    window = short if deadline is None else max(short, deadline - trio.current_time())
+    # still in its first round, would be dropped by the others and kept by itself. Plus one
+    # message's time: that member's first round ends at *its* join deadline, set a little
+    # after ours if it spent longer before the agreement (encoding, a busy event loop) —
+    # measured in overlapped rounds, where a member that waited out a candidate we had
+    # already left out reached us milliseconds late and each of us kept only itself.
+    window = short if deadline is None else max(short, deadline - trio.current_time()) + short
     while not agreement.done:
         round_ = agreement.round
         tag = str(Tag.view(links.key, scope, round_))

@@ -110,6 +110,9 @@ class DiLoCoWorker:
         self.server = StateService.attach(node)
         self.layout = layout_of(inner.parameters())
         self.standing = Standing()
+        # overlapped rounds: what each exchange taught us of the others' standing, applied
+        # only once every member has certainly finished that round (see all_reduce)
+        self._standing_lessons: list[tuple[int, int, Callable[[], None]]] = []
         self.records: list[RoundRecord] = []
         self.entered_by: list[str] = []
         self.bytes_sent = 0
@@ -335,6 +338,8 @@ class DiLoCoWorker:
         round starts its exchanges before the others' new entries reach us)."""
         entries, live = self._view()
         overlapped = self.config.overlap != "none"
+        if overlapped:
+            self._apply_standing_lessons(before=r - 1)
         still_in = [
             p
             for p in known
@@ -373,14 +378,37 @@ class DiLoCoWorker:
             # the others averaged this exchange without us (we came too late to its start):
             # alone, our state would drift from theirs; re-enter the run instead
             raise CollectiveError(f"{key}: the others of {len(members) - 1} averaged without us")
+        lone = [owner for owner, _ in result.lone_exclusions]
+        lessons: list[Callable[[], None]] = []
         if last_of_round:
-            self.standing.record(r, members, result.members)
-        self.standing.record_lone_exclusions(r, [owner for owner, _ in result.lone_exclusions])
+            candidates, committed = list(members), result.members
+            lessons.append(lambda: self.standing.record(r, candidates, committed))
+        lessons.append(lambda: self.standing.record_lone_exclusions(r, lone))
+        if overlapped:
+            # Another member may still have this round's exchange on the wire while we start
+            # the next round's: a skip we applied now and it did not yet would split the two
+            # candidate lists (each then puts the other out). Every member has finished all
+            # of round r's exchanges before it starts any of round r+2's (a fragment's next
+            # exchange waits for its last), so lessons of round r count from round r+2 on.
+            self._standing_lessons += [(r, fragment or 0, lesson) for lesson in lessons]
+        else:
+            for lesson in lessons:
+                lesson()
         for peer, why in result.refused.items():
             log.warning("round %d: refused the contribution of %s: %s", r, peer, why)
             self.on_event({"event": "refused", "round": r, "peer": peer, "reason": why})
         self.bytes_sent += result.bytes_sent
         return result
+
+    def _apply_standing_lessons(self, *, before: int) -> None:
+        """Apply the queued standing lessons of rounds < ``before``, in (round, fragment)
+        order: the same order on every member that saw the same exchanges."""
+        due = sorted(
+            (x for x in self._standing_lessons if x[0] < before), key=lambda x: (x[0], x[1])
+        )
+        self._standing_lessons = [x for x in self._standing_lessons if x[0] >= before]
+        for _, _, lesson in due:
+            lesson()
 
     async def check_parity(
         self, state: State, members: tuple[str, ...]

@@ -152,7 +152,11 @@ async def test_a_member_whose_state_diverges_refetches_it(node_config, caplog, o
     config = DiLoCoConfig(inner_steps=5, rounds=6, min_workers=3, overlap=overlap)
     async with swarm(node_config, 3, recipe, config) as members:
         workers = [
-            (_Diverging if i == 2 else DiLoCoWorker)(node, run, recipe.inner_loop(i), config)
+            # rounds of a few ms would let the others publish round r+1 before our parity check
+            # of round r reads the run document (an entry holds only a member's latest digest)
+            (_Diverging if i == 2 else DiLoCoWorker)(
+                node, run, SlowInner(recipe.inner_loop(i), 0.02), config
+            )
             for i, (node, run) in enumerate(members)
         ]
         results = await train_all(workers)

@@ -251,7 +251,7 @@ class Channel:
             await event.wait()
         finally:
             self._acks.pop(msg_id, None)
-        (verdict,) = slot
+        verdict = slot[0] if slot else ChannelClosed(f"data channel closed: {self.close_reason}")
         if isinstance(verdict, BaseException):
             raise verdict
         return SendReport(total, time.perf_counter() - start, self.path, frames)
@@ -379,6 +379,8 @@ class Channel:
         if waiting is None:
             return  # the sender gave up on it already
         event, slot = waiting
+        if slot:
+            return  # decided already (a second ACK for one message, or the channel closed)
         if ack.get("ok") is True:
             slot.append(None)
         else:
