@@ -110,9 +110,12 @@ class DiLoCoWorker:
         self.server = StateService.attach(node)
         self.layout = layout_of(inner.parameters())
         self.standing = Standing()
-        # overlapped rounds: what each exchange taught us of the others' standing, applied
-        # only once every member has certainly finished that round (see all_reduce)
-        self._standing_lessons: list[tuple[int, int, Callable[[], None]]] = []
+        # what each exchange taught us of the others' standing, (round, fragment, candidates
+        # or None, committed, lone owners): overlapped rounds apply it only once every member
+        # has certainly finished that round (see all_reduce)
+        self._standing_lessons: list[
+            tuple[int, int, list[str] | None, tuple[str, ...], list[str]]
+        ] = []
         self.records: list[RoundRecord] = []
         self.entered_by: list[str] = []
         self.bytes_sent = 0
@@ -379,21 +382,16 @@ class DiLoCoWorker:
             # alone, our state would drift from theirs; re-enter the run instead
             raise CollectiveError(f"{key}: the others of {len(members) - 1} averaged without us")
         lone = [owner for owner, _ in result.lone_exclusions]
-        lessons: list[Callable[[], None]] = []
-        if last_of_round:
-            candidates, committed = list(members), result.members
-            lessons.append(lambda: self.standing.record(r, candidates, committed))
-        lessons.append(lambda: self.standing.record_lone_exclusions(r, lone))
-        if overlapped:
-            # Another member may still have this round's exchange on the wire while we start
-            # the next round's: a skip we applied now and it did not yet would split the two
-            # candidate lists (each then puts the other out). Every member has finished all
-            # of round r's exchanges before it starts any of round r+2's (a fragment's next
-            # exchange waits for its last), so lessons of round r count from round r+2 on.
-            self._standing_lessons += [(r, fragment or 0, lesson) for lesson in lessons]
-        else:
-            for lesson in lessons:
-                lesson()
+        candidates = list(members) if last_of_round else None
+        self._standing_lessons.append((r, fragment or 0, candidates, result.members, lone))
+        if not overlapped:
+            # Overlapped: another member may still have this round's exchange on the wire
+            # while we start the next round's; a skip we applied now and it did not yet would
+            # split the two candidate lists (each then puts the other out). Every member has
+            # finished all of round r's exchanges before it starts any of round r+2's (a
+            # fragment's next exchange waits for its last), so there lessons of round r count
+            # from round r+2 on (applied at the top of this method).
+            self._apply_standing_lessons(before=r + 1)
         for peer, why in result.refused.items():
             log.warning("round %d: refused the contribution of %s: %s", r, peer, why)
             self.on_event({"event": "refused", "round": r, "peer": peer, "reason": why})
@@ -407,8 +405,10 @@ class DiLoCoWorker:
             (x for x in self._standing_lessons if x[0] < before), key=lambda x: (x[0], x[1])
         )
         self._standing_lessons = [x for x in self._standing_lessons if x[0] >= before]
-        for _, _, lesson in due:
-            lesson()
+        for r, _, candidates, committed, lone in due:
+            if candidates is not None:
+                self.standing.record(r, candidates, committed)
+            self.standing.record_lone_exclusions(r, lone)
 
     async def check_parity(
         self, state: State, members: tuple[str, ...]

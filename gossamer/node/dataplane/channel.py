@@ -251,7 +251,7 @@ class Channel:
             await event.wait()
         finally:
             self._acks.pop(msg_id, None)
-        verdict = slot[0] if slot else ChannelClosed(f"data channel closed: {self.close_reason}")
+        verdict = slot[0]  # the first verdict: an ACK, or the close that came before it
         if isinstance(verdict, BaseException):
             raise verdict
         return SendReport(total, time.perf_counter() - start, self.path, frames)
