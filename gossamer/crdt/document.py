@@ -14,7 +14,7 @@ get wrong are done here, deterministically, from per-writer keys:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +75,9 @@ class RoundEntry:
     updated: float | None = None
     hash: str | bytes | None = None
     tokens: int | None = None
+    # the digests of the states it held in its latest rounds, (step, hash): a member whose
+    # entry moved on still answers for the rounds others check parity of
+    recent: tuple[tuple[int, str | bytes], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -276,6 +279,7 @@ class RunDocument:
                 updated=value.get("t"),
                 hash=value.get("hash"),
                 tokens=value.get("tokens"),
+                recent=tuple((int(s), h) for s, h in value.get("recent", ())),
             )
         return out
 
@@ -316,13 +320,17 @@ class RunDocument:
         *,
         hash: str | bytes | None = None,
         tokens: int | None = None,
+        recent: Sequence[tuple[int, str | bytes]] = (),
     ) -> Envelope:
-        """Declare our participation in ``step`` (forward only: see rules.py)."""
+        """Declare our participation in ``step`` (forward only: see rules.py); ``recent``:
+        the (step, digest) of the states we held in our latest rounds."""
         value: dict[str, Any] = {"step": int(step), "status": status, "t": self._clock()}
         if hash is not None:
             value["hash"] = hash
         if tokens is not None:
             value["tokens"] = int(tokens)
+        if recent:
+            value["recent"] = [[int(s), h] for s, h in recent]
         return self._write(("rounds", self.peer_id, value))
 
     def set_round_status(
@@ -336,6 +344,7 @@ class RunDocument:
             status,
             hash=hash if hash is not None else mine.hash,
             tokens=tokens if tokens is not None else mine.tokens,
+            recent=mine.recent,
         )
 
     def plan_round(

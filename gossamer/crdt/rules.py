@@ -10,7 +10,7 @@ Keys (root, key → value; writer):
   "joined"}``; that peer
 * ``members``   ``<peer>/hb``        → heartbeat time (float); that peer
 * ``rounds``    ``<peer>``           → ``{"step": int, "status": str, "t", "hash",
-  "tokens"}``; that peer
+  "tokens", "recent": [[step, hash], ...]}``; that peer
 * ``rounds``    ``<host>/plan``      → ``{"step": int, "members": [peer], "deadline",
   "t"}``; that host
 * ``fragments`` ``<peer>/<fragment>`` → ``{"step": int, "status": str, "t"}``; that peer
@@ -61,6 +61,7 @@ MAX_CLUSTER = 1_000_000
 SMALL_VALUE_BYTES = 64 << 10
 MAX_ADDRS = 16
 MAX_PLAN_MEMBERS = 10_000
+MAX_RECENT_DIGESTS = 8  # a round entry's history of (step, state digest)
 
 
 class RuleViolation(Exception):
@@ -131,6 +132,10 @@ def _opt(record: dict[str, Any], name: str, check: Any, what: str) -> None:
         _need(check(record[name]), what)
 
 
+def _short_hash(v: Any) -> bool:
+    return isinstance(v, str | bytes) and len(v) <= 128
+
+
 def _nonneg_int(v: Any) -> bool:
     return _is_int(v) and v >= 0
 
@@ -181,8 +186,21 @@ def check_value(root: str, key: str, value: Any, size: int, *, max_config_bytes:
         _need(
             value.get("status") in _STATUS_RANK, f"round 'status' must be one of {ROUND_STATUSES}"
         )
-        _opt(value, "hash", lambda v: isinstance(v, str | bytes) and len(v) <= 128, "bad hash")
+        _opt(value, "hash", _short_hash, "bad hash")
         _opt(value, "tokens", _nonneg_int, "round 'tokens' must be a non-negative integer")
+        _opt(
+            value,
+            "recent",
+            lambda v: (
+                isinstance(v, list)
+                and len(v) <= MAX_RECENT_DIGESTS
+                and all(
+                    isinstance(x, list) and len(x) == 2 and _nonneg_int(x[0]) and _short_hash(x[1])
+                    for x in v
+                )
+            ),
+            f"round 'recent' must be at most {MAX_RECENT_DIGESTS} [step, hash] pairs",
+        )
     elif root == "fragments":
         _need(isinstance(value, dict), "a fragment entry is a map")
         _need(_nonneg_int(value.get("step")), "fragment 'step' must be a non-negative integer")

@@ -122,7 +122,12 @@ def decide(
 
     A status speaks only for its sender, so no lone member can veto a round:
 
-    * a member that sent no status is out;
+    * a member that sent no status (it died, or its status was lost) blocks nothing by its
+      silence: what it would have said about others is not heard, and the statuses we have
+      decide. It is left out of a retry. (A status that reached only some members before its
+      sender died must not split their decisions: those that heard it would commit and the
+      others retry alone. The parts it owed are judged by the others' words, as for any
+      owner, except that a part even one member lacks puts a silent owner out.)
     * an owner whose part two or more members lack is out, and so is one that says its own
       part failed; a part that only one member lacks puts *that member* out (it cannot
       complete; the owner served everyone else), never the owner;
@@ -143,7 +148,8 @@ def decide(
     The round commits when nobody is out and nothing is disputed.
     """
     full = set(members)
-    out = {p for p in members if p not in statuses}
+    silent = {p for p in members if p not in statuses}
+    out: set[str] = set()
     lacking: dict[str, set[str]] = {}
     for sender, status in statuses.items():
         for owner in status.missing_parts:
@@ -153,7 +159,9 @@ def decide(
     for owner, claimants in sorted(lacking.items()):
         if owner in out:
             continue
-        if owner in claimants or len(claimants) >= 2:
+        if owner in silent or owner in claimants or len(claimants) >= 2:
+            # a silent owner cannot say it served the claimant: its silence and a missing
+            # part put it out, never the one member that lacks it (it may have died mid-part)
             out.add(owner)
         else:
             out.update(claimants)
@@ -207,7 +215,10 @@ def decide(
             if len(owners - out - {contributor}) == 1
         )
     )
-    return Decision(not out and not disputes, sorted(full - out), tuple(sorted(disputes)), lone)
+    commit = not out and not disputes
+    return Decision(
+        commit, sorted(full if commit else full - out - silent), tuple(sorted(disputes)), lone
+    )
 
 
 @dataclass

@@ -61,6 +61,8 @@ from gossamer.training.statesync import (
     make_snapshot,
 )
 
+RECENT_DIGESTS = 4  # rounds of digest history in our round entry (overlap: 2 in flight)
+
 log = logging.getLogger(__name__)
 
 __all__ = ["DiLoCoWorker"]
@@ -126,6 +128,9 @@ class DiLoCoWorker:
         self._undo_listener = self.doc.on_change(lambda roots, author: self._changed.set())
         self._last_inner_seconds = 0.0
         self.state_round: int | None = None  # the round of the last state we published
+        # (round, digest) of the states we published lately, in our round entry: a member
+        # that checks round r's parity after we moved on still compares with us
+        self._recent_digests: list[tuple[int, str]] = []
         self._fresh = State.of(*self._fresh_state())
 
     # ------------------------------------------------------------------ the loop
@@ -381,6 +386,7 @@ class DiLoCoWorker:
             # the others averaged this exchange without us (we came too late to its start):
             # alone, our state would drift from theirs; re-enter the run instead
             raise CollectiveError(f"{key}: the others of {len(members) - 1} averaged without us")
+        self.standing.note_veterans(result.members)
         lone = [owner for owner, _ in result.lone_exclusions]
         candidates = list(members) if last_of_round else None
         self._standing_lessons.append((r, fragment or 0, candidates, result.members, lone))
@@ -444,6 +450,18 @@ class DiLoCoWorker:
         if len(digests.keys() - {self.me}) == 0:
             digests = rounds.parity_digests(entries, r, live)
         verdict = rounds.parity(self.me, state.digest, digests)
+        if verdict.compared < len(set(members) | {self.me}):
+            log.info(
+                "parity of round %d: compared %d of %d members' digests (the others: %s)",
+                r,
+                verdict.compared,
+                len(set(members) | {self.me}),
+                {
+                    p[-8:]: (e.step, e.status, live(p)) if (e := entries.get(p)) else None
+                    for p in members
+                    if p not in digests and p != self.me
+                },
+            )
         if not verdict.ok:
             log.warning(
                 "parity: our state %s differs from the majority's %s (%d of %d); re-fetching",
@@ -503,6 +521,8 @@ class DiLoCoWorker:
         )
         self.server.publish(snapshot)
         self.state_round = state.round
+        kept = [x for x in self._recent_digests if x[0] != state.round]
+        self._recent_digests = [*kept[-(RECENT_DIGESTS - 1) :], (state.round, state.digest)]
         done = self.config.rounds is not None and state.round >= self.config.rounds
         self._write_entry(state.round, "done" if done else "training", state.digest)
         with contextlib.suppress(GossamerError):
@@ -510,7 +530,9 @@ class DiLoCoWorker:
 
     def _write_entry(self, step: int, status: str, digest: str | None) -> None:
         try:
-            self.doc.enter_round(step, status, hash=digest, tokens=self.tokens_total)
+            self.doc.enter_round(
+                step, status, hash=digest, tokens=self.tokens_total, recent=self._recent_digests
+            )
         except GossamerError as exc:  # e.g. a forward-only rule after a restart
             log.info("could not write round entry (%d, %s): %s", step, status, exc)
 

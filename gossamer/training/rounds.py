@@ -73,6 +73,7 @@ class Entry(Protocol):
     step: int
     status: str
     hash: Any
+    recent: tuple[tuple[int, Any], ...]  # (step, digest) of the states it held lately
 
 
 Entries = Mapping[str, Entry]
@@ -201,12 +202,20 @@ def others_closing(entries: Entries, step: int, me: str) -> bool:
 
 
 def parity_digests(entries: Entries, step: int, live: Live = _always) -> dict[str, str]:
-    """The state digests live members published for round ``step``."""
+    """The state digests live members published for round ``step``: in their entry, or in
+    its history if they moved on (overlapped rounds: a member may publish round r+1 before
+    another reads the document to check round r)."""
     out = {}
     for p, e in entries.items():
+        if not live(p):
+            continue
         h = _hash_str(e.hash)
-        if e.step == step and e.status in WITH_STATE and h is not None and live(p):
+        if e.step == step and e.status in WITH_STATE and h is not None:
             out[p] = h
+        elif e.step > step:
+            earlier = [_hash_str(d) for s, d in e.recent if s == step]
+            if earlier and earlier[-1] is not None:
+                out[p] = earlier[-1]
     return out
 
 

@@ -54,6 +54,11 @@ class Standing:
                 skip = min(self.max_skip, 2 ** max(1, missed - self.grace))
                 self.skip_until[owner] = round_ + 1 + skip
 
+    def note_veterans(self, committed: Collection[str]) -> None:
+        """The members of an all-reduce we just committed: veterans at once (what counts in
+        parity must not wait for the round's lessons, which overlapped rounds apply late)."""
+        self.veterans |= set(committed)
+
     def record(self, round_: int, candidates: Collection[str], committed: Collection[str]) -> None:
         """Round ``round_``'s all-reduce was proposed to ``candidates`` and committed with
         ``committed``."""

