@@ -228,8 +228,13 @@ class MembershipAgreement:
     The rule: the proposal is sorted and deduplicated. The agreement is over after
     :data:`AGREEMENT_ROUNDS` rounds, or before a round once the proposal is only ``me`` or no
     longer holds ``me``. In a round ``me`` sends its proposal to every other peer in it (the
-    :attr:`peers`) and keeps the intersection of its proposal with every view it heard; a peer
-    that sent no view, or a view without ``me``, counts as the proposal without that peer.
+    :attr:`peers`) and keeps the intersection of its proposal with every view it heard; a view
+    without ``me`` counts as the proposal without that peer, and so does no view at all —
+    except in the last round, where silence drops nobody. (The last round spreads what the
+    first learned; a peer that dies during it, after sending its view to some members and not
+    to others, would otherwise stay with the first and be dropped by the others — a split
+    that costs every member a re-entry. Kept by all, the dead peer only costs the attempt
+    that follows, whose statuses put it out.)
     """
 
     me: str
@@ -253,8 +258,11 @@ class MembershipAgreement:
     def counted_views(self, views: Views) -> list[set[str]]:
         """The sets the round intersects: the proposal, then one per peer, as the rule counts it."""
         counted = [set(self.proposal)]
+        last = self.round == AGREEMENT_ROUNDS - 1
         for peer in self.peers:
             view = views.get(peer)
+            if view is None and last:
+                continue
             if view is None or self.me not in view:
                 counted.append(set(self.proposal) - {peer})
             else:
@@ -333,10 +341,11 @@ async def agree(
 
     Every member runs the same two rounds of :class:`MembershipAgreement`, with no early exit:
     in each it sends its current set (a sorted list of peer ids) to the peers in it and
-    intersects what it hears back; a peer that does not answer by the deadline (``deadline``
-    for the first round if given, else a fresh one) is left out.  Round 2 spreads what round 1
+    intersects what it hears back; a peer that does not answer the first round by the deadline
+    (``deadline`` if given, else a fresh one) is left out.  Round 2 spreads what round 1
     learned, so a peer that reached only some members before it died is dropped by all of
-    them.  (A member that stopped after round 1 because its views agreed would leave the others
+    them; silence in round 2 drops nobody (see :class:`MembershipAgreement`).  (A member
+    that stopped after round 1 because its views agreed would leave the others
     waiting for it in round 2.)  Two faults within one exchange can still split the views; the
     attempt's status exchange then fails and the next attempt agrees again.
     """

@@ -324,6 +324,22 @@ def test_round_two_spreads_what_round_one_learned():
     assert a.proposal == b.proposal == ["a", "b"]
 
 
+def test_silence_in_the_last_round_drops_nobody():
+    # c answered everyone in round 1, then died having sent its round-2 view to a only: the
+    # last round's silence must not split a (heard c) from b (did not)
+    a = MembershipAgreement("a", ["a", "b", "c"])
+    b = MembershipAgreement("b", ["a", "b", "c"])
+    full = {"a", "b", "c"}
+    a.on_views({"b": full, "c": full})
+    b.on_views({"a": full, "c": full})
+    a.on_views({"b": full, "c": full})
+    b.on_views({"a": full})
+    assert a.proposal == b.proposal == ["a", "b", "c"]  # the attempt's statuses put c out
+    # a view without me still drops its sender in the last round
+    d = MembershipAgreement("a", ["a", "b", "c"], round=1)
+    assert d.on_views({"b": {"b", "c"}}) == ["a", "c"]
+
+
 @given(member_sets, st.data())
 def test_members_that_all_answer_agree_on_the_live_ones(members, data):
     # every member may start from a different view (each a superset of the live members);
