@@ -108,11 +108,10 @@ async def start_child(nursery, data_dir, run_id: str, bootstrap: str, *extra: st
             "streaming",
             marks=pytest.mark.xfail(
                 reason=(
-                    "known bug, about 1 run in 4 (was 2 in 3 before silent members stopped "
-                    "blocking a commit): a member that dies between the two rounds of a "
-                    "fragment's membership agreement can leave the survivors with different "
-                    "memberships; each ends that exchange alone and re-enters, and the "
-                    "survivors' records then differ"
+                    "known bug, about 1 run in 3 (was 2 in 3 before silent members stopped "
+                    "blocking a commit): in the round the member dies, a later fragment's "
+                    "exchange can start with one survivor still counting it and the other not; "
+                    "each ends that join alone and re-enters, and their records then differ"
                 ),
                 strict=False,
             ),
