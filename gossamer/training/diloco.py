@@ -450,16 +450,15 @@ class DiLoCoWorker:
         if len(digests.keys() - {self.me}) == 0:
             digests = rounds.parity_digests(entries, r, live)
         verdict = rounds.parity(self.me, state.digest, digests)
-        if verdict.compared < len(set(members) | {self.me}):
+        unheard = [p for p in members if p not in digests and p != self.me]
+        if unheard:
             log.info(
-                "parity of round %d: compared %d of %d members' digests (the others: %s)",
+                "parity of round %d: compared %d digests; none from %s",
                 r,
                 verdict.compared,
-                len(set(members) | {self.me}),
                 {
                     p[-8:]: (e.step, e.status, live(p)) if (e := entries.get(p)) else None
-                    for p in members
-                    if p not in digests and p != self.me
+                    for p in unheard
                 },
             )
         if not verdict.ok:

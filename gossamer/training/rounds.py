@@ -213,9 +213,9 @@ def parity_digests(entries: Entries, step: int, live: Live = _always) -> dict[st
         if e.step == step and e.status in WITH_STATE and h is not None:
             out[p] = h
         elif e.step > step:
-            earlier = [_hash_str(d) for s, d in e.recent if s == step]
-            if earlier and earlier[-1] is not None:
-                out[p] = earlier[-1]
+            earlier = next((_hash_str(d) for s, d in reversed(e.recent) if s == step), None)
+            if earlier is not None:
+                out[p] = earlier
     return out
 
 

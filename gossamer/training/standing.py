@@ -63,7 +63,7 @@ class Standing:
         """Round ``round_``'s all-reduce was proposed to ``candidates`` and committed with
         ``committed``."""
         done = set(committed)
-        self.veterans |= done
+        self.note_veterans(done)
         for peer in done:
             self.misses.pop(peer, None)
             self.skip_until.pop(peer, None)
